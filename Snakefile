@@ -1,0 +1,26 @@
+# DiffCredit: Shapley values of a diffusion model's global property for its data contributors.
+# Stages: data -> full model -> prune -> recover -> plan -> per-coalition utilities -> Shapley values -> bundle.
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/model.smk"
+include: "workflow/rules/coalitions.smk"
+include: "workflow/rules/aggregate.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/bundle.smk"
+
+
+rule all:
+    input:
+        default_targets(),
+    default_target: True

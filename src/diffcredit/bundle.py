@@ -1,0 +1,86 @@
+"""Result bundles: a byte-reproducible tar.gz of a run's results, with SHA-256 checksums to verify it.
+
+The archive is reproducible: members are sorted, and owners, permissions and timestamps are fixed, so the same
+results give the same archive bytes (and checksum) on any machine.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import tarfile
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+ARCHIVE = "results.tar.gz"
+CHECKSUMS = "SHA256SUMS"
+
+
+def sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def make_bundle(files: Mapping[str, str | Path], out_dir: str | Path, metadata: Mapping | None = None) -> Path:
+    """Archive `files` (name in the archive -> path) with a MANIFEST.json into `out_dir`; returns the checksum file.
+
+    `out_dir` receives ``results.tar.gz`` and ``SHA256SUMS`` (one line per archived file and one for the archive, in
+    ``sha256sum`` format, so ``sha256sum -c`` verifies the archive in place).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    missing = [str(path) for path in files.values() if not Path(path).is_file()]
+    if missing:
+        raise FileNotFoundError(f"cannot bundle missing files: {', '.join(missing)}")
+    sums = {name: sha256(path) for name, path in sorted(files.items())}
+    manifest = json.dumps({"files": sums, "metadata": dict(metadata or {})}, indent=1, sort_keys=True).encode()
+
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{ARCHIVE}.")
+    try:
+        with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz:
+            with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                _add(tar, "MANIFEST.json", manifest)
+                for name, path in sorted(files.items()):
+                    _add(tar, name, Path(path).read_bytes())
+        os.replace(tmp, out_dir / ARCHIVE)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+    lines = [f"{sums[name]}  {name}" for name in sorted(sums)] + [f"{sha256(out_dir / ARCHIVE)}  {ARCHIVE}"]
+    checksums = out_dir / CHECKSUMS
+    checksums.write_text("\n".join(lines) + "\n")
+    return checksums
+
+
+def verify_bundle(out_dir: str | Path) -> list[str]:
+    """Check the archive against SHA256SUMS and every member against the manifest; returns the problems found."""
+    out_dir = Path(out_dir)
+    expected = dict(reversed(line.split("  ", 1)) for line in (out_dir / CHECKSUMS).read_text().splitlines() if line)
+    problems = []
+    if sha256(out_dir / ARCHIVE) != expected.get(ARCHIVE):
+        problems.append(f"{ARCHIVE}: checksum differs from {CHECKSUMS}")
+    with tarfile.open(out_dir / ARCHIVE, "r:gz") as tar:
+        manifest = json.loads(tar.extractfile("MANIFEST.json").read())
+        for name, digest in manifest["files"].items():
+            member = tar.extractfile(name)
+            if member is None:
+                problems.append(f"{name}: missing from the archive")
+            elif hashlib.sha256(member.read()).hexdigest() != digest or expected.get(name) != digest:
+                problems.append(f"{name}: checksum differs")
+    return problems
+
+
+def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(payload), 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(payload))

@@ -1,0 +1,274 @@
+"""The workflow's stages as package functions: paths and settings in, files out.
+
+Each Snakemake rule's script reads its `snakemake` object and calls one function here, so every stage runs and is tested
+without Snakemake. Outputs are written atomically (temporary name, then rename) so that a killed job leaves nothing
+half-written for the next run to trust.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from diffcredit.contributors import ContributorData, load_source, split_heldout, write_manifest
+from diffcredit.seeds import derive_seed
+from diffcredit.utility import UtilitySettings, UtilityStore, evaluate_coalitions, write_json_atomic
+
+
+def model_config(data: ContributorData, overrides: dict | None = None) -> dict:
+    """The UNet config for `data`'s image shape: the digits default with the user's overrides on top."""
+    from diffcredit.models import digits_unet_config
+
+    _, channels, height, width = data.images.shape
+    if height != width:
+        raise ValueError(f"images are {height}x{width}: the UNet needs square images; crop or resize them first")
+    return {**digits_unet_config(sample_size=height, channels=channels), **(overrides or {})}
+
+
+def prepare_data(
+    *, source: str, path: str | None, manifest: str | None, heldout_fraction: float, seed: int,
+    train_out: str, heldout_out: str, contributors_out: str,
+) -> None:
+    """Load the contributors' data and hold out a real reference set (stratified per contributor)."""
+    data = load_source(source, path=path, manifest=manifest)
+    train, heldout = split_heldout(data, heldout_fraction, seed=derive_seed(seed, "heldout-split"))
+    train.save(train_out)
+    heldout.save(heldout_out)
+    write_manifest(train, contributors_out)
+
+
+def train_full(
+    *, train_data: str, out: str, stats_out: str, unet: dict, schedule: dict, seed: int, **training
+) -> None:
+    """Train the full model (the grand coalition) from scratch."""
+    from diffcredit.models import build_model, save_model
+    from diffcredit.training import train
+
+    data = ContributorData.load(train_data)
+    model = build_model(model_config(data, unet), seed=derive_seed(seed, "full-init"))
+    result = train(model, data.images, schedule=schedule, seed=derive_seed(seed, "full-train"), **training)
+    save_model(model, out)
+    _write_stats(stats_out, result, stage="train_full")
+
+
+def prune_model(
+    *, full_model: str, train_data: str, out: str, stats_out: str, ratio: float, importance: str, schedule: dict,
+    seed: int,
+) -> None:
+    """Prune the full model once (torch-pruning)."""
+    from diffcredit.models import count_parameters, load_model, save_model
+    from diffcredit.pruning import prune
+
+    model = load_model(full_model)
+    before = count_parameters(model)
+    tic = time.perf_counter()
+    images = ContributorData.load(train_data).images if importance != "magnitude" else None
+    pruned = prune(model, ratio, importance=importance, images=images, seed=derive_seed(seed, "prune"),
+                   schedule=schedule)
+    seconds = time.perf_counter() - tic
+    save_model(pruned, out)
+    write_json_atomic(stats_out, {"stage": "prune", "seconds": seconds, "parameters_before": before,
+                                  "parameters_after": count_parameters(pruned), "ratio": ratio,
+                                  "importance": importance})
+
+
+def recover(
+    *, pruned_model: str, train_data: str, out: str, stats_out: str, schedule: dict, seed: int, **training
+) -> None:
+    """Fine-tune the pruned model on all data, the starting point of every coalition's sparsified fine-tune."""
+    from diffcredit.models import load_model, save_model
+    from diffcredit.training import train
+
+    data = ContributorData.load(train_data)
+    model = load_model(pruned_model)
+    if training["steps"] > 0:
+        result = train(model, data.images, schedule=schedule, seed=derive_seed(seed, "recover"), **training)
+    else:
+        result = None
+    save_model(model, out)
+    _write_stats(stats_out, result, stage="recover")
+
+
+def prepare_reference(
+    *, train_data: str, heldout_data: str, out: str, seed: int, extractor: str | None, classifier_steps: int,
+    feature_dim: int,
+) -> None:
+    """Fit the feature extractor (unless a local one is given) and cache the reference statistics."""
+    from diffcredit.properties import prepare_reference as prepare
+
+    train, heldout = ContributorData.load(train_data), ContributorData.load(heldout_data)
+    with _atomic_dir(out) as tmp:
+        prepare(tmp, train_images=train.images, train_labels=train.labels, reference_images=heldout.images,
+                seed=derive_seed(seed, "feature-extractor"), feature_dim=feature_dim,
+                classifier_steps=classifier_steps, extractor=extractor)
+
+
+def plan_table(
+    *, plan: str, contributors: list[str], seed: int, budget: int, main_estimator: str, lds_subsets: int,
+    alpha: float, agreement_coalitions: int,
+) -> pd.DataFrame:
+    """The coalitions of a named plan: an estimator's, the LDS held-out subsets, or the retrained agreement prefix."""
+    from diffcredit.coalitions import plan as plan_coalitions
+    from diffcredit.evaluation import heldout_subsets
+
+    if plan == "lds":
+        subsets = heldout_subsets(contributors, lds_subsets, alpha=alpha, seed=seed)
+        return pd.DataFrame({"coalition": [f"s{i:06d}" for i in range(len(subsets))],
+                             "members": [",".join(s) for s in subsets], "estimator": "lds"})
+    if plan == "agreement":
+        # A prefix of the estimation plan, so its coalition ids and utilities line up with the estimation's.
+        return plan_coalitions(contributors, main_estimator, budget, seed).head(agreement_coalitions)
+    return plan_coalitions(contributors, plan, budget, seed)
+
+
+def write_plan(spec: dict, out: str) -> None:
+    from diffcredit.coalitions import write_coalitions
+
+    write_coalitions(plan_table(**spec), out)
+
+
+def coalition_utilities(
+    *, coalitions: str, batch: list[str], train_data: str, reference: str, start_model: str | None, store: str,
+    out: str, repeats: int, settings: dict, keep_dir: str | None = None, log=print,
+) -> None:
+    """Measure v(S) for the coalitions `batch` of a plan; finished measurements come from the store."""
+    from diffcredit.coalitions import read_coalitions
+
+    plan = read_coalitions(coalitions)
+    rows = plan[plan["coalition"].isin(batch)]
+    missing = sorted(set(batch) - set(rows["coalition"]))
+    if missing:
+        raise ValueError(f"coalitions {missing[:5]} are not in {coalitions}: the plan changed; rerun the plan rule")
+    data = ContributorData.load(train_data)
+    table = evaluate_coalitions(
+        rows,
+        repeats=repeats,
+        data=data,
+        settings=UtilitySettings(model_config=model_config(data, settings.pop("unet", None)), **settings),
+        start_model=start_model,
+        store=UtilityStore(store),
+        reference_dir=reference,
+        keep_dir=Path(keep_dir) if keep_dir else None,
+        log=log,
+    )
+    _write_table_atomic(table, out)
+
+
+def collect_utilities(batches: list[str], out: str) -> pd.DataFrame:
+    """Concatenate the batch tables of one plan into its utilities table (`coalition`, `utility`, ...)."""
+    table = pd.concat([pd.read_csv(path, sep="\t") for path in batches], ignore_index=True)
+    _write_table_atomic(table, out)
+    return table
+
+
+def aggregate(
+    *, coalitions: str, utilities: str, contributors: str, confidence: float, seed: int, values_out: str,
+    convergence_out: str, figure_out: str,
+) -> None:
+    """Shapley values (or the plan's estimator's values) with intervals, their convergence, and a figure."""
+    from diffcredit.coalitions import read_coalitions, read_contributors
+    from diffcredit.figures import plot_values
+    from diffcredit.shapley import aggregate as estimate
+    from diffcredit.shapley import read_utilities
+
+    measured = read_utilities(utilities)
+    result = estimate(read_coalitions(coalitions), measured, contributors=read_contributors(contributors),
+                      confidence=confidence, seed=seed)
+    _write_table_atomic(result.table, values_out, sep=",")
+    _write_table_atomic(result.convergence, convergence_out)
+    prop = measured["property"].iloc[0] if "property" in measured else "utility"
+    estimator = result.table["estimator"].iloc[0] if "estimator" in result.table else ""
+    plot_values(result.table, figure_out, confidence=confidence,
+                title=f"{estimator} values of {prop} (oriented: higher is better); "
+                      f"sum = {result.table['value'].sum():.4g}")
+
+
+def sample_figure(
+    *, heldout_data: str, full_model: str, recovered_model: str, utilities: str, coalitions: str, store: str,
+    schedule: dict, inference_steps: int, seed: int, out: str, n: int = 32,
+) -> None:
+    """Real images beside samples of the full and recovered models and of the ∅, N and singleton coalitions."""
+    from diffcredit.coalitions import member_sets, read_coalitions
+    from diffcredit.figures import plot_sample_panels
+    from diffcredit.models import load_model
+    from diffcredit.sampling import generate
+
+    panels = {"real (held out)": ContributorData.load(heldout_data).images[:n]}
+    for label, directory in (("full model", full_model), ("pruned + recovered", recovered_model)):
+        panels[label] = generate(load_model(directory), n, seed=derive_seed(seed, "generation-noise"),
+                                 inference_steps=inference_steps, schedule=schedule)
+    members = member_sets(read_coalitions(coalitions))
+    measured = pd.read_csv(utilities, sep="\t").drop_duplicates("coalition")
+    measured["size"] = measured["coalition"].map(lambda c: len(members[c]))
+    largest = measured["size"].max()
+    chosen = pd.concat([measured[measured["size"] == 0], measured[measured["size"] == largest],
+                        measured[measured["size"] == 1].head(2)])
+    for coalition, record, size in zip(chosen["coalition"], chosen["record"], chosen["size"]):
+        label = "∅ (untrained)" if size == 0 else ("all contributors" if size == largest
+                                                  else "only " + ",".join(members[coalition]))
+        preview = UtilityStore(store).path(record).with_suffix(".npz")
+        with np.load(preview) as samples:
+            panels[f"{label}, fine-tuned" if size else label] = samples["samples"][:n]
+    plot_sample_panels(panels, out)
+
+
+def bundle(files: dict[str, str], checksums_out: str, *, config: dict) -> None:
+    """Archive `files` with the run's config and package versions; writes the archive beside `checksums_out`."""
+    from importlib.metadata import version
+
+    from diffcredit.bundle import make_bundle
+
+    packages = ("diffcredit", "torch", "diffusers", "torch-pruning", "clean-fid", "numpy", "pandas", "snakemake")
+    make_bundle(files, Path(checksums_out).parent,
+                          metadata={"config": config, "versions": {p: version(p) for p in packages}})
+
+
+def set_threads(threads: int) -> None:
+    """Let torch use the cores the scheduler gave this job, no more."""
+    import torch
+
+    torch.set_num_threads(max(1, int(threads)))
+
+
+def _write_stats(path: str, result, *, stage: str) -> None:
+    payload = {"stage": stage}
+    if result is not None:
+        payload.update(seconds=result.seconds, steps=result.steps, device=result.device,
+                       final_loss=float(np.mean(result.losses[-50:])) if result.losses else None)
+    write_json_atomic(path, payload)
+
+
+def _write_table_atomic(table: pd.DataFrame, path: str, sep: str = "\t") -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        table.to_csv(tmp, sep=sep, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def _atomic_dir(path: str | Path):
+    """Yield a temporary sibling folder and move it to `path` only if the block finishes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)

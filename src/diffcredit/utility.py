@@ -1,0 +1,290 @@
+"""The utility of a coalition, v(S): train the model on S's items, generate with shared noise, score a property.
+
+Three ways to get the model of a coalition (Lu, Lin, Kim & Lee 2025), with one generation and scoring path:
+
+- ``sft``: start from the pruned model recovered on all data and fine-tune k steps on S (sparsified fine-tuning);
+- ``finetune``: start from the full model and fine-tune k steps on S;
+- ``retrain``: train a fresh model on S with the full recipe (the ground truth the other two approximate).
+
+v(∅) is the untrained model's, as in the paper, and so the same in every mode.
+
+Each measured coalition is stored as one small JSON record keyed by (settings fingerprint, member set, repeat) and
+written atomically. A killed job therefore loses at most the coalition in progress, and a coalition shared by two plans,
+two budgets or two batchings is computed once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from diffcredit.contributors import ContributorData
+from diffcredit.seeds import derive_seed
+
+MODES = ("sft", "finetune", "retrain")
+
+
+@dataclass(frozen=True)
+class UtilitySettings:
+    """Everything that determines v(S) besides the data and the starting model."""
+
+    mode: str
+    steps: int
+    batch_size: int
+    lr: float
+    model_config: dict
+    schedule: dict
+    property: str
+    seed: int
+    optimizer: str = "adam"
+    grad_clip: float | None = 1.0
+    ema_decay: float | None = None
+    n_samples: int = 512
+    inference_steps: int = 50
+    sampler: str = "ddim"
+    property_options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown utility mode {self.mode!r}: choose one of {', '.join(MODES)}")
+
+    def fingerprint(self, start_model: str | Path | None = None) -> str:
+        """A digest of the settings and the starting model's weights: records of other settings never match."""
+        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode())
+        if start_model is not None:
+            for weights in sorted(Path(start_model).glob("*.safetensors")):
+                digest.update(_file_digest(weights).encode())
+        return digest.hexdigest()[:16]
+
+
+def record_key(fingerprint: str, members: Sequence[str], repeat: int) -> str:
+    """The store key of one measurement: independent of coalition ids, plan and member order."""
+    payload = json.dumps([fingerprint, sorted(members), int(repeat)])
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+class UtilityStore:
+    """A folder of one JSON record per measured (member set, repeat)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+
+    def path(self, key: str) -> Path:
+        return self.directory / key[:2] / f"{key}.json"
+
+    def get(self, key: str) -> dict | None:
+        path = self.path(key)
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def put(self, key: str, record: dict) -> None:
+        write_json_atomic(self.path(key), record)
+
+
+def write_json_atomic(path: str | Path, payload: dict) -> None:
+    """Write JSON next to its destination and rename it into place, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def coalition_model(
+    members: Sequence[str],
+    repeat: int,
+    *,
+    data: ContributorData,
+    settings: UtilitySettings,
+    start_model: str | Path | None,
+    device: str | None = None,
+):
+    """The model standing for coalition `members`, and seconds spent per stage (``load``, ``train``)."""
+    from diffcredit.models import build_model, load_model
+    from diffcredit.training import train
+
+    seconds: dict[str, float] = {}
+    tic = time.perf_counter()
+    if not members:
+        model = build_model(settings.model_config, seed=derive_seed(settings.seed, "untrained-model"))
+    elif settings.mode == "retrain":
+        model = build_model(settings.model_config, seed=derive_seed(settings.seed, "retrain-init", repeat))
+    else:
+        if start_model is None:
+            raise ValueError(f"utility mode {settings.mode!r} needs a starting model directory")
+        model = load_model(start_model)
+    seconds["load"] = time.perf_counter() - tic
+    if members:
+        train(
+            model,
+            data.subset(members).images,
+            steps=settings.steps,
+            batch_size=settings.batch_size,
+            lr=settings.lr,
+            seed=derive_seed(settings.seed, f"{settings.mode}-train", repeat),
+            optimizer=settings.optimizer,
+            ema_decay=settings.ema_decay,
+            grad_clip=settings.grad_clip,
+            schedule=settings.schedule,
+            device=device,
+            log=lambda message: None,
+        )
+        seconds["train"] = time.perf_counter() - tic - seconds["load"]
+    return model, seconds
+
+
+def measure_coalition(
+    members: Sequence[str],
+    repeat: int,
+    *,
+    data: ContributorData,
+    settings: UtilitySettings,
+    start_model: str | Path | None,
+    score: Callable[[np.ndarray], float],
+    higher_is_better: bool,
+    device: str | None = None,
+    keep_dir: Path | None = None,
+) -> tuple[dict, np.ndarray]:
+    """Train, generate and score one coalition; returns its record and its samples."""
+    from diffcredit.models import save_model
+    from diffcredit.properties import oriented
+    from diffcredit.sampling import generate
+    from diffcredit.training import select_device
+
+    model, seconds = coalition_model(
+        members, repeat, data=data, settings=settings, start_model=start_model, device=device
+    )
+    tic = time.perf_counter()
+    samples = generate(
+        model,
+        settings.n_samples,
+        seed=derive_seed(settings.seed, "generation-noise"),
+        inference_steps=settings.inference_steps,
+        sampler=settings.sampler,
+        schedule=settings.schedule,
+        device=device,
+    )
+    seconds["sample"] = time.perf_counter() - tic
+    tic = time.perf_counter()
+    value = float(score(samples))
+    seconds["score"] = time.perf_counter() - tic
+    if keep_dir is not None:
+        save_model(model, keep_dir / "model")
+        np.savez_compressed(keep_dir / "samples.npz", samples=samples)
+    record = {
+        "members": list(members),
+        "repeat": int(repeat),
+        "mode": settings.mode,
+        "property": settings.property,
+        "value": value,
+        "higher_is_better": bool(higher_is_better),
+        "utility": oriented(value, higher_is_better),
+        "n_items": int(data.subset(members).images.shape[0]) if members else 0,
+        "n_samples": settings.n_samples,
+        "seed": settings.seed,
+        "seconds": seconds,
+        "device": str(select_device(device or "auto")),
+    }
+    return record, samples
+
+
+def evaluate_coalitions(
+    coalitions: pd.DataFrame,
+    *,
+    repeats: int,
+    data: ContributorData,
+    settings: UtilitySettings,
+    start_model: str | Path | None,
+    store: UtilityStore,
+    reference_dir: str | Path,
+    device: str | None = None,
+    keep_dir: Path | None = None,
+    preview: int = 64,
+    log: Callable[[str], None] = print,
+) -> pd.DataFrame:
+    """Utilities of every row of `coalitions` (``coalition``, ``members``), one row per (coalition, repeat).
+
+    Stored records are reused; new ones are stored as soon as they are measured. The first `preview` samples of each
+    new measurement are stored beside its record for figures.
+    """
+    from diffcredit.properties import load_property
+
+    prop = load_property(settings.property, reference_dir, **settings.property_options)
+    fingerprint = settings.fingerprint(start_model)
+    rows = []
+    for coalition, members_cell in zip(coalitions["coalition"], coalitions["members"]):
+        members = [m for m in str(members_cell).split(",") if m] if isinstance(members_cell, str) else []
+        for repeat in range(repeats):
+            key = record_key(fingerprint, members, repeat)
+            record = store.get(key)
+            if record is None:
+                keep = keep_dir / coalition / f"repeat{repeat}" if keep_dir is not None else None
+                if keep is not None:
+                    keep.mkdir(parents=True, exist_ok=True)
+                record, samples = measure_coalition(
+                    members,
+                    repeat,
+                    data=data,
+                    settings=settings,
+                    start_model=start_model,
+                    score=prop,
+                    higher_is_better=prop.higher_is_better,
+                    device=device,
+                    keep_dir=keep,
+                )
+                preview_path = store.path(key).with_suffix(".npz")
+                preview_path.parent.mkdir(parents=True, exist_ok=True)
+                _save_npz_atomic(preview_path, samples=samples[:preview])
+                store.put(key, record)
+                log(f"{coalition} repeat {repeat}: {record['property']} = {record['value']:.4g} "
+                    f"({sum(record['seconds'].values()):.1f} s on {record['device']})")
+            else:
+                log(f"{coalition} repeat {repeat}: stored ({record['property']} = {record['value']:.4g})")
+            rows.append(
+                {
+                    "coalition": coalition,
+                    "repeat": repeat,
+                    "utility": record["utility"],
+                    "value": record["value"],
+                    "property": record["property"],
+                    "higher_is_better": record["higher_is_better"],
+                    "n_items": record["n_items"],
+                    "seconds": sum(record["seconds"].values()),
+                    **{f"seconds_{stage}": s for stage, s in record["seconds"].items()},
+                    "device": record["device"],
+                    "record": key,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
+    os.close(fd)
+    try:
+        np.savez_compressed(tmp, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,69 @@
+rule plan:
+    input:
+        contributors=rules.prepare_data.output.contributors,
+    output:
+        f"{RUN}/plans/{{plan}}.tsv",
+    params:
+        spec=plan_spec_of,
+    log:
+        f"{RUN}/logs/plan/{{plan}}.log",
+    benchmark:
+        f"{RUN}/benchmarks/plan/{{plan}}.tsv"
+    conda:
+        ENV
+    resources:
+        runtime=minutes(10),
+        mem_mb=memory(2000),
+    script:
+        "../scripts/plan.py"
+
+
+# One job measures `coalitions_per_job` coalitions (fine-tune -> sample -> score each) in one process, so the ~11 s
+# of imports is paid once per job; each finished coalition is stored at once and never recomputed.
+rule coalition_utilities:
+    input:
+        plan=f"{RUN}/plans/{{plan}}.tsv",
+        train=rules.prepare_data.output.train,
+        reference=rules.reference.output[0],
+        start_model=start_model,
+    output:
+        f"{RUN}/{{mode}}/{{plan}}/batches/{{batch}}.tsv",
+    params:
+        batch=batch_members,
+        repeats=repeats,
+        settings=utility_settings,
+        store=f"{RUN}/{{mode}}/store",
+        keep_dir=keep_dir,
+    log:
+        f"{RUN}/logs/{{mode}}/{{plan}}/{{batch}}.log",
+    benchmark:
+        f"{RUN}/benchmarks/{{mode}}/{{plan}}/{{batch}}.tsv"
+    conda:
+        ENV
+    group:
+        "coalitions"
+    threads: 1
+    resources:
+        runtime=minutes(60),
+        mem_mb=memory(4000),
+        gpu=1,
+    script:
+        "../scripts/coalition_utilities.py"
+
+
+rule collect_utilities:
+    input:
+        batch_files,
+    output:
+        f"{RUN}/{{mode}}/{{plan}}/utilities.tsv",
+    log:
+        f"{RUN}/logs/{{mode}}/{{plan}}/collect_utilities.log",
+    benchmark:
+        f"{RUN}/benchmarks/{{mode}}/{{plan}}/collect_utilities.tsv"
+    conda:
+        ENV
+    resources:
+        runtime=minutes(10),
+        mem_mb=memory(2000),
+    script:
+        "../scripts/collect_utilities.py"

@@ -1,0 +1,150 @@
+# Parse-time helpers: paths, the coalition plans (static, so `snakemake -n` lists every coalition job), settings
+# handed to the scripts, and resources scaled by attempt.
+from functools import lru_cache
+
+from diffcredit import stages
+from diffcredit.contributors import contributor_ids
+
+RUN = f"results/{config['name']}"
+ENV = "../../envs/diffcredit.yaml"
+ESTIMATORS = ("exact", "permutation", "kernelshap", "banzhaf", "loo")
+# Plans that are not estimators: held-out subsets for the LDS, and the estimation prefix that is also retrained.
+EVALUATION_PLANS = ("lds", "agreement")
+START_MODEL = {"sft": f"{RUN}/models/recovered", "finetune": f"{RUN}/models/full", "retrain": []}
+
+
+wildcard_constraints:
+    mode="sft|finetune|retrain",
+    plan="|".join(ESTIMATORS + EVALUATION_PLANS),
+    batch=r"b\d{5}",
+
+
+@lru_cache
+def contributors():
+    data = config["data"]
+    return contributor_ids(data["source"], path=data["path"], manifest=data["manifest"])
+
+
+def plan_spec(plan):
+    """What determines the coalitions of `plan` (see diffcredit.stages.plan_table)."""
+    main = config["estimator"]
+    budget = config["evaluation"]["banzhaf_budget"] if plan == "banzhaf" and main["name"] != "banzhaf" else main["budget"]
+    evaluation = config["evaluation"]
+    return {
+        "plan": plan,
+        "contributors": list(contributors()),
+        "seed": config["seed"],
+        "budget": budget,
+        "main_estimator": main["name"],
+        "lds_subsets": evaluation["lds_subsets"],
+        "alpha": evaluation["alpha"],
+        "agreement_coalitions": evaluation["agreement_coalitions"],
+    }
+
+
+def plan_spec_of(wildcards):
+    return plan_spec(wildcards.plan)
+
+
+@lru_cache
+def plan_table(plan):
+    """The coalitions of `plan`, computed at parse time (deterministic from the seed; prefix-stable)."""
+    return stages.plan_table(**plan_spec(plan))
+
+
+def batches(plan):
+    """Coalition ids of `plan` in jobs of `coalitions_per_job` (fixed boundaries: a larger budget adds jobs)."""
+    ids = list(plan_table(plan)["coalition"])
+    size = config["coalitions_per_job"]
+    return {f"b{i // size:05d}": ids[i : i + size] for i in range(0, len(ids), size)}
+
+
+def batch_members(wildcards):
+    return batches(wildcards.plan)[wildcards.batch]
+
+
+def batch_files(wildcards):
+    return expand(f"{RUN}/{wildcards.mode}/{wildcards.plan}/batches/{{batch}}.tsv", batch=batches(wildcards.plan))
+
+
+def start_model(wildcards):
+    return START_MODEL[wildcards.mode]
+
+
+def repeats(wildcards):
+    return config["evaluation"]["seeds"] if wildcards.mode == "retrain" else config["utility"]["repeats"]
+
+
+def utility_settings(wildcards):
+    """Everything that determines v(S) in `mode` (see diffcredit.utility.UtilitySettings)."""
+    u, t = config["utility"], config["train"]
+    retrain = wildcards.mode == "retrain"
+    return {
+        "mode": wildcards.mode,
+        "steps": t["steps"] if retrain else u["finetune_steps"],
+        "batch_size": t["batch_size"] if retrain else u["batch_size"],
+        "lr": t["lr"] if retrain else u["lr"],
+        "optimizer": t["optimizer"],
+        "grad_clip": t["grad_clip"],
+        "ema_decay": t["ema_decay"] if retrain else None,
+        "unet": config["model"]["unet"],
+        "schedule": config["model"]["schedule"],
+        "property": u["property"],
+        "property_options": u["property_options"],
+        "n_samples": u["n_samples"],
+        "inference_steps": u["inference_steps"],
+        "sampler": u["sampler"],
+        "seed": config["seed"],
+    }
+
+
+def keep_dir(wildcards):
+    keep = config["keep"]["checkpoints"] or config["keep"]["samples"]
+    return f"{RUN}/{wildcards.mode}/{wildcards.plan}/kept" if keep else None
+
+
+def training_settings(section):
+    keys = ("steps", "batch_size", "lr", "optimizer", "ema_decay", "grad_clip")
+    recipe = {**config["train"], **config[section]}
+    return {key: recipe[key] for key in keys}
+
+
+def minutes(base):
+    """Runtime in minutes for attempt 1, doubled on each retry."""
+
+    def runtime(wildcards, attempt):
+        return base * 2 ** (attempt - 1)
+
+    return runtime
+
+
+def memory(base_mb):
+    def mem_mb(wildcards, attempt):
+        return base_mb * attempt
+
+    return mem_mb
+
+
+def values_of(mode, plan):
+    return [f"{RUN}/{mode}/{plan}/{name}" for name in ("shapley.csv", "convergence.tsv", "shapley.png")]
+
+
+def default_targets():
+    main = values_of(config["utility"]["mode"], config["estimator"]["name"])
+    return main + [f"{RUN}/figures/samples.png", f"{RUN}/bundle/SHA256SUMS"]
+
+
+def bundle_files(wildcards):
+    """Name in the bundle -> produced file, for everything a reader needs to check the values."""
+    mode, plan = config["utility"]["mode"], config["estimator"]["name"]
+    files = {
+        "contributors.tsv": f"{RUN}/data/contributors.tsv",
+        "coalitions.tsv": f"{RUN}/plans/{plan}.tsv",
+        "utilities.tsv": f"{RUN}/{mode}/{plan}/utilities.tsv",
+        "samples.png": f"{RUN}/figures/samples.png",
+    }
+    for name in ("shapley.csv", "convergence.tsv", "shapley.png"):
+        files[name] = f"{RUN}/{mode}/{plan}/{name}"
+    for stage in ("full", "pruned", "recovered"):
+        files[f"models/{stage}.json"] = f"{RUN}/models/{stage}.json"
+    return files

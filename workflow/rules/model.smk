@@ -1,0 +1,76 @@
+rule train_full:
+    input:
+        train=rules.prepare_data.output.train,
+    output:
+        model=directory(f"{RUN}/models/full"),
+        stats=f"{RUN}/models/full.json",
+    params:
+        training=training_settings("train"),
+        unet=config["model"]["unet"],
+        schedule=config["model"]["schedule"],
+        seed=config["seed"],
+    log:
+        f"{RUN}/logs/train_full.log",
+    benchmark:
+        f"{RUN}/benchmarks/train_full.tsv"
+    conda:
+        ENV
+    threads: 2
+    resources:
+        runtime=minutes(120),
+        mem_mb=memory(8000),
+        gpu=1,
+    script:
+        "../scripts/train_full.py"
+
+
+rule prune:
+    input:
+        model=rules.train_full.output.model,
+        train=rules.prepare_data.output.train,
+    output:
+        model=directory(f"{RUN}/models/pruned"),
+        stats=f"{RUN}/models/pruned.json",
+    params:
+        prune=config["prune"],
+        schedule=config["model"]["schedule"],
+        seed=config["seed"],
+    log:
+        f"{RUN}/logs/prune.log",
+    benchmark:
+        f"{RUN}/benchmarks/prune.tsv"
+    conda:
+        ENV
+    threads: 2
+    resources:
+        runtime=minutes(20),
+        mem_mb=memory(8000),
+        gpu=1,
+    script:
+        "../scripts/prune.py"
+
+
+rule recover:
+    input:
+        model=rules.prune.output.model,
+        train=rules.prepare_data.output.train,
+    output:
+        model=directory(f"{RUN}/models/recovered"),
+        stats=f"{RUN}/models/recovered.json",
+    params:
+        training=training_settings("recover"),
+        schedule=config["model"]["schedule"],
+        seed=config["seed"],
+    log:
+        f"{RUN}/logs/recover.log",
+    benchmark:
+        f"{RUN}/benchmarks/recover.tsv"
+    conda:
+        ENV
+    threads: 2
+    resources:
+        runtime=minutes(60),
+        mem_mb=memory(8000),
+        gpu=1,
+    script:
+        "../scripts/recover.py"

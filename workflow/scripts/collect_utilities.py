@@ -1,0 +1,8 @@
+"""Concatenate the job tables of one plan into its utilities table."""
+import sys
+
+sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (snakemake is injected)
+
+from diffcredit import stages
+
+stages.collect_utilities(list(snakemake.input), snakemake.output[0])

@@ -1,0 +1,8 @@
+"""Write the coalition plan that the workflow expanded at parse time."""
+import sys
+
+sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (snakemake is injected)
+
+from diffcredit import stages
+
+stages.write_plan(snakemake.params.spec, snakemake.output[0])

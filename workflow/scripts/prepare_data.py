@@ -1,0 +1,18 @@
+"""Load the contributors' data and hold out the real reference set."""
+import sys
+
+sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (snakemake is injected)
+
+from diffcredit import stages
+
+data = snakemake.params.data
+stages.prepare_data(
+    source=data["source"],
+    path=data["path"],
+    manifest=data["manifest"],
+    heldout_fraction=data["heldout_fraction"],
+    seed=snakemake.params.seed,
+    train_out=snakemake.output.train,
+    heldout_out=snakemake.output.heldout,
+    contributors_out=snakemake.output.contributors,
+)

@@ -1,0 +1,17 @@
+"""Prune the full model once."""
+import sys
+
+sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (snakemake is injected)
+
+from diffcredit import stages
+
+stages.set_threads(snakemake.threads)
+stages.prune_model(
+    full_model=snakemake.input.model,
+    train_data=snakemake.input.train,
+    out=snakemake.output.model,
+    stats_out=snakemake.output.stats,
+    schedule=snakemake.params.schedule,
+    seed=snakemake.params.seed,
+    **snakemake.params.prune,
+)

@@ -1,0 +1,20 @@
+"""Real images beside samples of the full, recovered and a few coalitions' models."""
+import sys
+
+sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (snakemake is injected)
+
+from diffcredit import stages
+
+stages.set_threads(snakemake.threads)
+stages.sample_figure(
+    heldout_data=snakemake.input.heldout,
+    full_model=snakemake.input.full,
+    recovered_model=snakemake.input.recovered,
+    utilities=snakemake.input.utilities,
+    coalitions=snakemake.input.plan,
+    store=snakemake.params.store,
+    schedule=snakemake.params.schedule,
+    inference_steps=snakemake.params.inference_steps,
+    seed=snakemake.params.seed,
+    out=snakemake.output[0],
+)

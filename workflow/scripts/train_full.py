@@ -1,0 +1,17 @@
+"""Train the full model (the grand coalition) from scratch."""
+import sys
+
+sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (snakemake is injected)
+
+from diffcredit import stages
+
+stages.set_threads(snakemake.threads)
+stages.train_full(
+    train_data=snakemake.input.train,
+    out=snakemake.output.model,
+    stats_out=snakemake.output.stats,
+    unet=snakemake.params.unet,
+    schedule=snakemake.params.schedule,
+    seed=snakemake.params.seed,
+    **snakemake.params.training,
+)
