@@ -157,8 +157,12 @@ def measure_coalition(
     higher_is_better: bool,
     device: str | None = None,
     keep_dir: Path | None = None,
+    keep: Sequence[str] = (),
 ) -> tuple[dict, np.ndarray]:
-    """Train, generate and score one coalition; returns its record and its samples."""
+    """Train, generate and score one coalition; returns its record and its samples.
+
+    `keep` may name ``checkpoints`` (the coalition's model) and ``samples`` (all its images) to save in `keep_dir`.
+    """
     from diffcredit.models import save_model
     from diffcredit.properties import oriented
     from diffcredit.sampling import generate
@@ -181,9 +185,10 @@ def measure_coalition(
     tic = time.perf_counter()
     value = float(score(samples))
     seconds["score"] = time.perf_counter() - tic
-    if keep_dir is not None:
+    if "checkpoints" in keep:
         save_model(model, keep_dir / "model")
-        np.savez_compressed(keep_dir / "samples.npz", samples=samples)
+    if "samples" in keep:
+        _save_npz_atomic(keep_dir / "samples.npz", samples=samples)
     record = {
         "members": list(members),
         "repeat": int(repeat),
@@ -192,7 +197,7 @@ def measure_coalition(
         "value": value,
         "higher_is_better": bool(higher_is_better),
         "utility": oriented(value, higher_is_better),
-        "n_items": int(data.subset(members).images.shape[0]) if members else 0,
+        "n_items": int(data.counts().reindex(members).sum()),
         "n_samples": settings.n_samples,
         "seed": settings.seed,
         "seconds": seconds,
@@ -212,11 +217,13 @@ def evaluate_coalitions(
     reference_dir: str | Path,
     device: str | None = None,
     keep_dir: Path | None = None,
+    keep: Sequence[str] = (),
     preview: int = 64,
     log: Callable[[str], None] = print,
 ) -> pd.DataFrame:
     """Utilities of every row of `coalitions` (``coalition``, ``members``), one row per (coalition, repeat).
 
+    `keep` names what to keep of each new measurement under `keep_dir` (see `measure_coalition`).
     Stored records are reused; new ones are stored as soon as they are measured. The first `preview` samples of each
     new measurement are stored beside its record for figures.
     """
@@ -231,9 +238,9 @@ def evaluate_coalitions(
             key = record_key(fingerprint, members, repeat)
             record = store.get(key)
             if record is None:
-                keep = keep_dir / coalition / f"repeat{repeat}" if keep_dir is not None else None
-                if keep is not None:
-                    keep.mkdir(parents=True, exist_ok=True)
+                kept = keep_dir / coalition / f"repeat{repeat}" if keep else None
+                if kept is not None:
+                    kept.mkdir(parents=True, exist_ok=True)
                 record, samples = measure_coalition(
                     members,
                     repeat,
@@ -243,7 +250,8 @@ def evaluate_coalitions(
                     score=prop,
                     higher_is_better=prop.higher_is_better,
                     device=device,
-                    keep_dir=keep,
+                    keep_dir=kept,
+                    keep=keep,
                 )
                 preview_path = store.path(key).with_suffix(".npz")
                 preview_path.parent.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ rule coalition_utilities:
         repeats=repeats,
         settings=utility_settings,
         store=f"{RUN}/{{mode}}/store",
+        keep=KEEP,
         keep_dir=keep_dir,
     log:
         f"{RUN}/logs/{{mode}}/{{plan}}/{{batch}}.log",

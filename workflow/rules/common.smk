@@ -98,9 +98,11 @@ def utility_settings(wildcards):
     }
 
 
+KEEP = [what for what, wanted in config["keep"].items() if wanted]
+
+
 def keep_dir(wildcards):
-    keep = config["keep"]["checkpoints"] or config["keep"]["samples"]
-    return f"{RUN}/{wildcards.mode}/{wildcards.plan}/kept" if keep else None
+    return f"{RUN}/{wildcards.mode}/{wildcards.plan}/kept"
 
 
 def training_settings(section):

@@ -25,5 +25,6 @@ stages.coalition_utilities(
     out=snakemake.output[0],
     repeats=snakemake.params.repeats,
     settings=dict(snakemake.params.settings),
+    keep=list(snakemake.params.keep),
     keep_dir=snakemake.params.keep_dir,
 )

@@ -1,0 +1,18 @@
+"""Retrain without each ranking's top contributors (and a random control) and measure the property."""
+import sys
+
+sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (snakemake is injected)
+
+from diffcredit import stages
+
+stages.set_threads(snakemake.threads)
+stages.counterfactual(
+    values={name: snakemake.input[name] for name in snakemake.params.rankings},
+    train_data=snakemake.input.train,
+    reference=snakemake.input.reference,
+    fraction=snakemake.params.fraction,
+    repeats=snakemake.params.repeats,
+    settings=dict(snakemake.params.settings),
+    store=snakemake.params.store,
+    out=snakemake.output[0],
+)
