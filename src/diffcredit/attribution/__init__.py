@@ -1,0 +1,55 @@
+"""Attribution methods other than Shapley values of fine-tuned coalitions, scored on the same footing.
+
+- :mod:`~diffcredit.attribution.dtrak`: D-TRAK (Zheng et al. 2024), projected-gradient similarity to the generations;
+- :mod:`~diffcredit.attribution.inrun`: first-order In-Run Data Shapley (Wang et al. 2024) over one training run;
+- :mod:`~diffcredit.attribution.ensembles`: encoded ensembles (Dai & Gifford 2023), exact leave-one-contributor-out.
+
+Every method returns a ``pd.Series`` of contributor scores indexed by contributor id (in
+:attr:`ContributorData.contributor_ids` order) where higher means more valuable for the credited property, so the LDS
+and counterfactual evaluations treat them like Shapley values. This module holds what the methods share: the per-item
+denoising loss written functionally (for ``torch.func``), summing item scores per contributor, and the values file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from diffcredit.contributors import ContributorData
+from diffcredit.properties.features import write_atomic
+
+Params = dict[str, torch.Tensor]
+
+
+def model_output(model: nn.Module, params: Params, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """The model's prediction with ``params`` swapped in (buffers are the model's own)."""
+    return functional_call(model, params, (noisy, timesteps)).sample
+
+
+def detached_params(model: nn.Module) -> Params:
+    """The trainable parameters as plain tensors, the primal point of ``torch.func`` transforms."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def contributor_totals(item_scores: np.ndarray, data: ContributorData) -> pd.Series:
+    """Sum per-item scores over each contributor's items (contributors in ``data.contributor_ids`` order)."""
+    item_scores = np.asarray(item_scores, dtype=np.float64)
+    if item_scores.shape != (len(data),):
+        raise ValueError(f"need one score per item ({len(data)}), got shape {item_scores.shape}")
+    totals = pd.Series(item_scores).groupby(data.contributors).sum()
+    return totals.reindex(data.contributor_ids).rename_axis("contributor").rename("value")
+
+
+def save_values(scores: pd.Series, out: str | Path, **columns: pd.Series | object) -> None:
+    """Write ``contributor, value[, extra columns...]`` as CSV (the layout of shapley.csv), atomically.
+
+    Extra columns are Series aligned on the contributor index or scalars repeated on every row (e.g. ``seconds``).
+    """
+    table = pd.DataFrame({"value": scores, **columns}, index=scores.index).rename_axis("contributor")
+    table["rank"] = table["value"].rank(ascending=False, method="min").astype(int)
+    write_atomic(Path(out), lambda tmp: table.reset_index().to_csv(tmp, index=False))

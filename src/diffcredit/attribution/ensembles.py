@@ -1,0 +1,207 @@
+"""Encoded ensembles (Dai & Gifford 2023; "Ablation based counterfactuals", 2024): exact leave-one-contributor-out.
+
+Each contributor gets a distinct binary code of length M with M/2 ones; ensemble member m is trained (from scratch)
+on the contributors with a 1 at position m. The ensemble generates by averaging its members' noise predictions at
+every denoising step, from a fixed noise sequence. Dropping every member that saw contributor i leaves an ensemble
+trained without i (the M/2 members with a 0 at i), so with u the oriented property (higher is better)
+
+    value_i = u(full ensemble) − u(ensemble of the members that did not see i),
+
+is a leave-one-out value: positive when i's data improved the property (higher = more valuable). Arbitrary
+coalitions are out of reach: removing k contributors leaves about M·2⁻ᵏ members.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from diffusers.models.unets.unet_2d import UNet2DOutput
+from torch import nn
+
+from diffcredit.attribution import save_values
+from diffcredit.contributors import ContributorData, validate_contributor_id
+from diffcredit.properties import Property, oriented
+from diffcredit.sampling import generate
+from diffcredit.seeds import derive_seed
+
+MAX_DRAWS = 1000
+
+
+def encode(contributors: Sequence[str], n_members: int, seed: int) -> pd.DataFrame:
+    """Distinct codes with ``n_members / 2`` ones per contributor: rows = contributors, columns = members 0..M-1.
+
+    Codes are drawn uniformly without replacement from all C(M, M/2) balanced codes, redrawn (seeded) until every
+    member sees at least one contributor.
+    """
+    contributors = [validate_contributor_id(c) for c in contributors]
+    if len(set(contributors)) != len(contributors):
+        raise ValueError("contributor ids must be distinct; each one gets its own code")
+    n = len(contributors)
+    if n_members < 2 or n_members % 2:
+        raise ValueError(f"n_members={n_members}: use an even number >= 2 (each code has n_members/2 ones)")
+    n_codes = math.comb(n_members, n_members // 2)
+    if n < 2 or n > n_codes:
+        raise ValueError(f"{n} contributors cannot get distinct codes of {n_members} members with {n_members // 2} "
+                         f"ones: need 2 <= contributors <= C({n_members}, {n_members // 2}) = {n_codes}; "
+                         "use more members")
+    rng = np.random.default_rng(derive_seed(seed, "ensemble-codes"))
+    for _ in range(MAX_DRAWS):
+        ranks = rng.choice(n_codes, size=n, replace=False)
+        codes = np.array([_unrank(int(r), n_members) for r in ranks])
+        if codes.any(axis=0).all():
+            return pd.DataFrame(codes, index=pd.Index(contributors, name="contributor"))
+    raise ValueError(f"no draw of {n} codes over {n_members} members left every member with data; "
+                     "use fewer members")
+
+
+def member_contributors(codes: pd.DataFrame, member: int) -> list[str]:
+    """The contributors ensemble member `member` is trained on."""
+    return list(codes.index[codes[member].astype(bool)])
+
+
+def members_without(codes: pd.DataFrame, contributor: str) -> list[int]:
+    """The members that never saw `contributor`: the ensemble left after ablating it."""
+    return [int(m) for m in codes.columns[~codes.loc[contributor].astype(bool)]]
+
+
+class AveragedEnsemble(nn.Module):
+    """Members behind one model interface: the prediction is the mean of the members' predictions.
+
+    Quacks like a ``UNet2DModel`` for :func:`diffcredit.sampling.generate` (``config``, ``forward(x, t).sample``), so
+    the ensemble samples through the same seeded sampler, with the same noise, as any single model.
+    """
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+
+    @property
+    def config(self):
+        return self.members[0].config
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> UNet2DOutput:
+        return UNet2DOutput(sample=torch.stack([m(sample, timestep).sample for m in self.members]).mean(0))
+
+
+def contributor_scores(members: Sequence[nn.Module], codes: pd.DataFrame, prop: Property, **options) -> pd.Series:
+    """Ablation value of each contributor of `codes`; `options` as for :func:`ablation_table`."""
+    return ablation_table(members, codes, prop, **options)["value"]
+
+
+def ablation_table(
+    members: Sequence[nn.Module],
+    codes: pd.DataFrame,
+    prop: Property,
+    *,
+    n_samples: int,
+    seed: int,
+    inference_steps: int = 50,
+    sampler: str = "ddim",
+    schedule: dict[str, Any] | None = None,
+    device: str | None = None,
+    log: Callable[[str], None] = print,
+) -> pd.DataFrame:
+    """Ablation value of each contributor of `codes` (see the module docstring); `members[m]` is member m.
+
+    Returns a table indexed by contributor with ``value`` and the oriented utilities behind it (``utility_full``,
+    ``utility_ablated``) and ``members_left``. Every generation uses the same noise (`seed`).
+    """
+    if len(members) != codes.shape[1]:
+        raise ValueError(f"{len(members)} members given but the codes have {codes.shape[1]} columns")
+
+    def utility(chosen: Sequence[int]) -> float:
+        images = generate(AveragedEnsemble([members[m] for m in chosen]), n_samples, seed=seed,
+                          inference_steps=inference_steps, sampler=sampler, schedule=schedule, device=device)
+        return oriented(prop(images), prop.higher_is_better)
+
+    full = utility(range(len(members)))
+    rows = {}
+    for contributor in codes.index:
+        kept = members_without(codes, contributor)
+        ablated = utility(kept)
+        rows[contributor] = {"value": full - ablated, "utility_full": full, "utility_ablated": ablated,
+                             "members_left": len(kept)}
+        log(f"ensemble without {contributor}: utility {ablated:.4g} (full {full:.4g})")
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("contributor")
+
+
+def write_codes(*, contributors: str, n_members: int, seed: int, out: str) -> None:
+    """The workflow's code stage: the contributors TSV in, ``codes.tsv`` (contributor x member, 0/1) out."""
+    from diffcredit.properties.features import write_atomic
+
+    ids = pd.read_csv(contributors, sep="\t", dtype=str)["contributor"]
+    codes = encode(list(ids), n_members, seed).astype(int)
+    write_atomic(Path(out), lambda tmp: codes.to_csv(tmp, sep="\t"))
+
+
+def read_codes(path: str | Path) -> pd.DataFrame:
+    """The codes written by :func:`write_codes` (contributor x member, bool)."""
+    codes = pd.read_csv(path, sep="\t", index_col="contributor", dtype={"contributor": str})
+    codes.columns = codes.columns.astype(int)
+    return codes.astype(bool)
+
+
+def train_member(
+    *, codes: str, member: int, train_data: str, unet: dict, out: str, seed: int, **training
+) -> None:
+    """Train ensemble member `member` from scratch on its contributors' items and save it.
+
+    `unet` overrides the default architecture as for the full model; `training` goes to
+    :func:`diffcredit.training.train` (steps, batch_size, lr, schedule, ...).
+    """
+    from diffcredit.models import build_model, save_model
+    from diffcredit.stages import model_config
+    from diffcredit.training import train
+
+    data = ContributorData.load(train_data).subset(member_contributors(read_codes(codes), member))
+    model = build_model(model_config(data, unet), seed=derive_seed(seed, "ensemble-init", member))
+    train(model, data.images, seed=derive_seed(seed, "ensemble-train", member), **training)
+    save_model(model, out)
+
+
+def write_values(
+    *, codes: str, members: Sequence[str], reference: str, property: str, property_options: dict, out: str,
+    seed: int, log: Callable[[str], None] = print, **generation,
+) -> pd.DataFrame:
+    """The workflow's ensemble stage: load the members, ablate each contributor, write values.csv.
+
+    `members` are the member model folders in member order; `generation` holds n_samples, inference_steps, sampler,
+    schedule. Noise is the run's generation noise, as for the coalitions.
+    """
+    from diffcredit.models import load_model
+    from diffcredit.properties import load_property
+
+    tic = time.perf_counter()
+    table = ablation_table([load_model(path) for path in members], read_codes(codes),
+                               load_property(property, reference, **property_options),
+                               seed=derive_seed(seed, "generation-noise"), log=log, **generation)
+    seconds = time.perf_counter() - tic
+    log(f"ensemble ablations: {seconds:.1f} s")
+    save_values(table["value"], Path(out), **table.drop(columns="value"), seconds=seconds)
+    return table
+
+
+def _unrank(rank: int, n_members: int) -> np.ndarray:
+    """The `rank`-th length-M 0/1 vector with M/2 ones (codes with a 1 first come first): a bijection from
+    0..C(M, M/2)-1, the combinatorial number system."""
+    code = np.zeros(n_members, dtype=bool)
+    ones = n_members // 2
+    for position in range(n_members):
+        if ones == 0:
+            break
+        with_one = math.comb(n_members - position - 1, ones - 1)  # codes with a 1 here, given the prefix
+        if rank < with_one:
+            code[position] = True
+            ones -= 1
+        else:
+            rank -= with_one
+    return code

@@ -1,0 +1,13 @@
+"""Draw the contributors' ensemble codes (which members train on whom)."""
+import sys
+
+sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (snakemake is injected)
+
+from diffcredit.attribution import ensembles
+
+ensembles.write_codes(
+    contributors=snakemake.input.contributors,
+    n_members=snakemake.params.members,
+    seed=snakemake.params.seed,
+    out=snakemake.output[0],
+)

@@ -1,0 +1,19 @@
+"""Train one ensemble member from scratch on the contributors its code column selects."""
+import sys
+
+sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (snakemake is injected)
+
+from diffcredit import stages
+from diffcredit.attribution import ensembles
+
+stages.set_threads(snakemake.threads)
+ensembles.train_member(
+    codes=snakemake.input.codes,
+    member=int(snakemake.wildcards.member),
+    train_data=snakemake.input.train,
+    unet=snakemake.params.unet,
+    schedule=snakemake.params.schedule,
+    out=snakemake.output[0],
+    seed=snakemake.params.seed,
+    **snakemake.params.training,
+)

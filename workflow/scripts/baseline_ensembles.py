@@ -1,0 +1,20 @@
+"""Ablate each contributor from the encoded ensemble and score the property of its generations."""
+import sys
+
+sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (snakemake is injected)
+
+from diffcredit import stages
+from diffcredit.attribution import ensembles
+
+stages.set_threads(snakemake.threads)
+ensembles.write_values(
+    codes=snakemake.input.codes,
+    members=list(snakemake.input.members),
+    reference=snakemake.input.reference,
+    property=snakemake.params.property,
+    property_options=dict(snakemake.params.property_options),
+    out=snakemake.output[0],
+    schedule=snakemake.params.schedule,
+    seed=snakemake.params.seed,
+    **snakemake.params.generation,
+)
