@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +19,8 @@ from diffcredit.contributors import load_digits, split_heldout
 from diffcredit.models import build_model, count_parameters, digits_unet_config, save_model
 from diffcredit.pruning import prune
 from diffcredit.sampling import generate, save_grid
+from diffcredit.seeds import derive_seed
 from diffcredit.training import train
-
-
-def stream_seed(seed: int, purpose: str) -> int:
-    """An independent seed for one purpose (model init, training, generation...) derived from the run's seed."""
-    return int(np.random.SeedSequence([seed, zlib.crc32(purpose.encode())]).generate_state(1)[0])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,23 +32,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--samples", type=int, default=128, help="generated images per model")
+    parser.add_argument("--samples", type=int, default=64, help="generated images per model")
     parser.add_argument("--heldout", type=float, default=0.2, help="share of each digit kept out of training")
     args = parser.parse_args(argv)
 
-    train_data, heldout = split_heldout(load_digits(), args.heldout, stream_seed(args.seed, "split"))
+    train_data, heldout = split_heldout(load_digits(), args.heldout, derive_seed(args.seed, "split"))
     fit = {"batch_size": args.batch_size, "lr": args.lr, "log_every": 250}
     seconds: dict[str, float] = {}
     samples: dict[str, np.ndarray] = {"real (held out)": heldout.images[: args.samples]}
 
     def sample(label: str, model) -> None:
         start = time.perf_counter()
-        samples[label] = generate(model, args.samples, seed=stream_seed(args.seed, "generation"))
+        samples[label] = generate(model, args.samples, seed=derive_seed(args.seed, "generation"))
         seconds[f"sample_{label}"] = time.perf_counter() - start
 
-    full = build_model(digits_unet_config(), seed=stream_seed(args.seed, "init"))
+    full = build_model(digits_unet_config(), seed=derive_seed(args.seed, "init"))
     seconds["train"] = train(
-        full, train_data.images, steps=args.steps, seed=stream_seed(args.seed, "train"), **fit
+        full, train_data.images, steps=args.steps, seed=derive_seed(args.seed, "train"), **fit
     ).seconds
     save_model(full, args.out / "full")
     sample("full", full)
@@ -65,12 +60,12 @@ def main(argv: list[str] | None = None) -> None:
     sample("pruned", pruned)
 
     seconds["recover"] = train(
-        pruned, train_data.images, steps=args.recover_steps, seed=stream_seed(args.seed, "recover"), **fit
+        pruned, train_data.images, steps=args.recover_steps, seed=derive_seed(args.seed, "recover"), **fit
     ).seconds
     save_model(pruned, args.out / "recovered")
     sample("recovered", pruned)
 
-    save_grid(samples, args.out / "samples.png", nrow=16)
+    save_grid(samples, args.out / "samples.png", nrow=8)
     report = {
         "seconds": {stage: round(value, 2) for stage, value in seconds.items()},
         "parameters": {"full": count_parameters(full), "pruned": count_parameters(pruned)},
