@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+from diffusers import DDPMScheduler
 from torch import nn
 from torch.func import grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -129,7 +131,7 @@ def features(
     projection: Params,
     timesteps: torch.Tensor,
     noise: torch.Tensor,
-    scheduler,
+    scheduler: DDPMScheduler,
     batch_size: int,
 ) -> torch.Tensor:
     """Projected per-image gradients of the D-TRAK loss, float32 [N, dim] (per-example gradients via vmap(grad))."""
@@ -153,7 +155,7 @@ def features(
 def write_values(
     *, model: str, train_data: str, out: str, target: str = "generated", heldout_data: str | None = None,
     n_targets: int = 256, inference_steps: int = 50, sampler: str = "ddim", schedule: dict[str, Any] | None = None,
-    seed: int, log=print, **options,
+    seed: int, log: Callable[[str], None] = print, **options,
 ) -> pd.Series:
     """The workflow's D-TRAK stage: score the training data of `model` against its samples or held-out real images.
 

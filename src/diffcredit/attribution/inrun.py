@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from diffusers import DDPMScheduler
 from torch import nn
 from torch.func import grad, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -133,7 +134,8 @@ def item_scores(
 
 
 def denoising_losses(
-    model: nn.Module, params: Params, clean: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor, scheduler
+    model: nn.Module, params: Params, clean: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor,
+    scheduler: DDPMScheduler,
 ) -> torch.Tensor:
     """Per-item denoising loss ℓ(w, z) [B] at the given (t, ε): the training loss before the batch mean."""
     prediction = model_output(model, params, scheduler.add_noise(clean, noise, timesteps), timesteps)
@@ -142,7 +144,7 @@ def denoising_losses(
 
 def gradient_dots(
     model: nn.Module, params: Params, clean: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor,
-    direction: Params, scheduler,
+    direction: Params, scheduler: DDPMScheduler,
 ) -> torch.Tensor:
     """∇_w ℓ(w, z_i) · `direction` for every item of the batch, in one forward-mode pass.
 
@@ -155,9 +157,11 @@ def gradient_dots(
     return dots
 
 
-def _mean_loss(params: Params, model: nn.Module, clean, timesteps, noise, scheduler) -> torch.Tensor:
-    with sdpa_kernel(SDPBackend.MATH):
-        return denoising_losses(model, params, clean, timesteps, noise, scheduler).mean()
+def _mean_loss(
+    params: Params, model: nn.Module, clean: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor,
+    scheduler: DDPMScheduler,
+) -> torch.Tensor:
+    return denoising_losses(model, params, clean, timesteps, noise, scheduler).mean()
 
 
 def write_values(
