@@ -16,6 +16,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/coalitions.smk"
 include: "workflow/rules/aggregate.smk"
+include: "workflow/rules/baselines.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/bundle.smk"
 

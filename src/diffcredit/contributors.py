@@ -243,6 +243,22 @@ def load_source(
     raise ValueError(f"unknown data source {source!r}; use one of {', '.join(SOURCES)}")
 
 
+def contributor_ids(
+    source: str, path: str | Path | None = None, manifest: str | Path | None = None
+) -> list[str]:
+    """The contributor ids of a source, in the order :func:`load_source` gives them, without decoding images.
+
+    The workflow calls this when it plans coalitions, before any job runs; a folder source is read from its
+    manifest alone (items appear in manifest order, so first appearance there is first appearance in the data).
+    """
+    if source == "folder" and manifest is not None:
+        table = _read_tsv(manifest, ("path", "contributor"))
+        _check_cells(table, manifest, ("path", "contributor"))
+        ids = list(dict.fromkeys(str(cid) for cid in table["contributor"]))
+        return [validate_contributor_id(cid, where=str(manifest)) for cid in ids]
+    return load_source(source, path, manifest).contributor_ids
+
+
 def split_heldout(data: ContributorData, fraction: float, seed: int) -> tuple[ContributorData, ContributorData]:
     """Split into (train, held-out), stratified per contributor.
 

@@ -53,7 +53,8 @@ def train_full(
 
     data = ContributorData.load(train_data)
     model = build_model(model_config(data, unet), seed=derive_seed(seed, "full-init"))
-    result = train(model, data.images, schedule=schedule, seed=derive_seed(seed, "full-train"), **training)
+    result = train(model, data.images, schedule=schedule, seed=derive_seed(seed, "full-train"),
+                   log_every=_log_interval(training["steps"]), **training)
     save_model(model, out)
     _write_stats(stats_out, result, stage="train_full")
 
@@ -89,7 +90,8 @@ def recover(
     data = ContributorData.load(train_data)
     model = load_model(pruned_model)
     if training["steps"] > 0:
-        result = train(model, data.images, schedule=schedule, seed=derive_seed(seed, "recover"), **training)
+        result = train(model, data.images, schedule=schedule, seed=derive_seed(seed, "recover"),
+                       log_every=_log_interval(training["steps"]), **training)
     else:
         result = None
     save_model(model, out)
@@ -176,7 +178,7 @@ def collect_utilities(batches: list[str], out: str) -> pd.DataFrame:
 
 
 def aggregate(
-    *, coalitions: str, utilities: str, contributors: str, confidence: float, seed: int, values_out: str,
+    *, coalitions: str, utilities: str, contributors: str, confidence: float, values_out: str,
     convergence_out: str, figure_out: str,
 ) -> None:
     """Shapley values (or the plan's estimator's values) with intervals, their convergence, and a figure."""
@@ -187,7 +189,7 @@ def aggregate(
 
     measured = read_utilities(utilities)
     result = estimate(read_coalitions(coalitions), measured, contributors=read_contributors(contributors),
-                      confidence=confidence, seed=seed)
+                      confidence=confidence)
     _write_table_atomic(result.table, values_out, sep=",")
     _write_table_atomic(result.convergence, convergence_out)
     prop = measured["property"].iloc[0] if "property" in measured else "utility"
@@ -235,6 +237,11 @@ def bundle(files: dict[str, str], checksums_out: str, *, config: dict) -> None:
     packages = ("diffcredit", "torch", "diffusers", "torch-pruning", "clean-fid", "numpy", "pandas", "snakemake")
     make_bundle(files, Path(checksums_out).parent,
                           metadata={"config": config, "versions": {p: version(p) for p in packages}})
+
+
+def _log_interval(steps: int) -> int:
+    """Report progress about ten times per training run."""
+    return max(1, steps // 10)
 
 
 def set_threads(threads: int) -> None:

@@ -9,7 +9,6 @@ rule aggregate:
         figure=report(f"{RUN}/{{mode}}/{{plan}}/shapley.png", caption="../report/shapley.rst", category="Values"),
     params:
         confidence=config["estimator"]["confidence"],
-        seed=config["seed"],
     log:
         f"{RUN}/logs/{{mode}}/{{plan}}/aggregate.log",
     benchmark:
@@ -43,7 +42,7 @@ rule sample_figure:
         f"{RUN}/benchmarks/sample_figure.tsv"
     conda:
         ENV
-    threads: 2
+    threads: 1
     resources:
         runtime=minutes(10),
         mem_mb=memory(4000),

@@ -1,52 +1,6 @@
-# Non-Shapley attribution baselines, each written as {RUN}/baselines/<method>/values.csv (contributor, value, ...), the
-# layout of shapley.csv, for the LDS and counterfactual evaluations: D-TRAK, In-Run Data Shapley, encoded ensembles.
-# Settings: config["baselines"][<method>] over the defaults below.
-BASELINE_DEFAULTS = {
-    "dtrak": {"projection_dim": 256, "timesteps": 10, "lam": 1.0e-2, "target": "generated", "n_targets": 256,
-              "batch_size": 32},
-    "inrun": {"start": "full", "steps": 200, "batch_size": 64, "lr": 1.0e-2, "optimizer": "sgd",
-              "validation_batch_size": 128},
-    # Members train from scratch with the `train` recipe unless these keys override it (steps, batch_size, lr, ...).
-    "ensembles": {"members": 8},
-}
-BASELINE_START = {"full": f"{RUN}/models/full", "recovered": f"{RUN}/models/recovered"}
-
-
-wildcard_constraints:
-    member=r"\d{2}",
-
-
-def baseline_settings(method):
-    return {**BASELINE_DEFAULTS[method], **config.get("baselines", {}).get(method, {})}
-
-
-def inrun_options():
-    return {key: value for key, value in baseline_settings("inrun").items() if key != "start"}
-
-
-def inrun_start_model(wildcards):
-    return BASELINE_START[baseline_settings("inrun")["start"]]
-
-
-def ensemble_training():
-    """The `train` recipe with config["baselines"]["ensembles"] overrides (all but `members`)."""
-    overrides = {key: value for key, value in baseline_settings("ensembles").items() if key != "members"}
-    return {**training_settings("train"), **overrides}
-
-
-def ensemble_members(wildcards):
-    count = baseline_settings("ensembles")["members"]
-    return expand(f"{RUN}/baselines/ensembles/members/m{{member}}", member=[f"{m:02d}" for m in range(count)])
-
-
-def generation_settings():
-    """How the baselines generate: the coalitions' sampler, sample count and property."""
-    u = config["utility"]
-    return {key: u[key] for key in ("n_samples", "inference_steps", "sampler")}
-
-
-def baseline_values():
-    return expand(f"{RUN}/baselines/{{method}}/values.csv", method=list(BASELINE_DEFAULTS))
+# Non-Shapley attribution baselines, each written as {RUN}/baselines/<method>/values.csv (contributor, value, ...),
+# the layout of shapley.csv, for the LDS and counterfactual evaluations: D-TRAK, In-Run Data Shapley, encoded
+# ensembles. Settings: config["baselines"][<method>] over BASELINE_DEFAULTS (common.smk).
 
 
 rule baselines:
@@ -73,7 +27,7 @@ rule baseline_dtrak:
         f"{RUN}/benchmarks/baselines/dtrak.tsv"
     conda:
         ENV
-    threads: 2
+    threads: 1
     resources:
         runtime=minutes(60),
         mem_mb=memory(8000),
@@ -99,7 +53,7 @@ rule baseline_inrun:
         f"{RUN}/benchmarks/baselines/inrun.tsv"
     conda:
         ENV
-    threads: 2
+    threads: 1
     resources:
         runtime=minutes(60),
         mem_mb=memory(4000),
@@ -147,7 +101,7 @@ rule ensemble_member:
         f"{RUN}/benchmarks/baselines/ensembles/m{{member}}.tsv"
     conda:
         ENV
-    threads: 2
+    threads: 1
     resources:
         runtime=minutes(120),
         mem_mb=memory(8000),
@@ -175,7 +129,7 @@ rule baseline_ensembles:
         f"{RUN}/benchmarks/baselines/ensembles.tsv"
     conda:
         ENV
-    threads: 2
+    threads: 1
     resources:
         runtime=minutes(60),
         mem_mb=memory(8000),

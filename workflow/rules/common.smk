@@ -76,11 +76,15 @@ def repeats(wildcards):
 
 
 def utility_settings(wildcards):
+    return settings_of(wildcards.mode)
+
+
+def settings_of(mode):
     """Everything that determines v(S) in `mode` (see diffcredit.utility.UtilitySettings)."""
     u, t = config["utility"], config["train"]
-    retrain = wildcards.mode == "retrain"
+    retrain = mode == "retrain"
     return {
-        "mode": wildcards.mode,
+        "mode": mode,
         "steps": t["steps"] if retrain else u["finetune_steps"],
         "batch_size": t["batch_size"] if retrain else u["batch_size"],
         "lr": t["lr"] if retrain else u["lr"],
@@ -150,3 +154,68 @@ def bundle_files(wildcards):
     for stage in ("full", "pruned", "recovered"):
         files[f"models/{stage}.json"] = f"{RUN}/models/{stage}.json"
     return files
+
+
+# Rankings compared by the LDS and counterfactuals (evaluate.smk): name -> values table. The main estimator's values
+# are called "shapley" whatever the estimator, so the report's keys stay stable (lds_sft_shapley, lds_loo, ...).
+MAIN = config["estimator"]["name"]
+RANKINGS = {
+    "sft_shapley": f"{RUN}/sft/{MAIN}/shapley.csv",
+    "finetune_shapley": f"{RUN}/finetune/{MAIN}/shapley.csv",
+    "loo": f"{RUN}/sft/loo/shapley.csv",
+    "banzhaf": f"{RUN}/sft/banzhaf/shapley.csv",
+    **{method: f"{RUN}/baselines/{method}/values.csv" for method in config["evaluation"]["baselines"]},
+}
+
+
+def ranking_values(wildcards):
+    return RANKINGS
+
+
+# Attribution baselines (baselines.smk)
+BASELINE_DEFAULTS = {
+    "dtrak": {"projection_dim": 256, "timesteps": 10, "lam": 1.0e-2, "target": "generated", "n_targets": 256,
+              "batch_size": 32},
+    "inrun": {"start": "full", "steps": 200, "batch_size": 64, "lr": 1.0e-2, "optimizer": "sgd",
+              "validation_batch_size": 128},
+    # Members train from scratch with the `train` recipe unless these keys override it (steps, batch_size, lr, ...).
+    "ensembles": {"members": 8},
+}
+BASELINE_START = {"full": f"{RUN}/models/full", "recovered": f"{RUN}/models/recovered"}
+
+
+wildcard_constraints:
+    member=r"\d{2}",
+
+
+def baseline_settings(method):
+    return {**BASELINE_DEFAULTS[method], **config.get("baselines", {}).get(method, {})}
+
+
+def inrun_options():
+    return {key: value for key, value in baseline_settings("inrun").items() if key != "start"}
+
+
+def inrun_start_model(wildcards):
+    return BASELINE_START[baseline_settings("inrun")["start"]]
+
+
+def ensemble_training():
+    """The `train` recipe with config["baselines"]["ensembles"] overrides (all but `members`)."""
+    overrides = {key: value for key, value in baseline_settings("ensembles").items() if key != "members"}
+    return {**training_settings("train"), **overrides}
+
+
+def ensemble_members(wildcards):
+    count = baseline_settings("ensembles")["members"]
+    return expand(f"{RUN}/baselines/ensembles/members/m{{member}}", member=[f"{m:02d}" for m in range(count)])
+
+
+def generation_settings():
+    """How the baselines generate: the coalitions' sampler, sample count and property."""
+    u = config["utility"]
+    return {key: u[key] for key in ("n_samples", "inference_steps", "sampler")}
+
+
+def baseline_values():
+    return expand(f"{RUN}/baselines/{{method}}/values.csv", method=list(BASELINE_DEFAULTS))

@@ -34,7 +34,7 @@ rule reference:
         f"{RUN}/benchmarks/reference.tsv"
     conda:
         ENV
-    threads: 2
+    threads: 1
     resources:
         runtime=minutes(20),
         mem_mb=memory(4000),

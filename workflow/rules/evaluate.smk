@@ -1,19 +1,4 @@
 # `snakemake evaluate`: fidelity of the credited values against retraining from scratch (slow: it retrains).
-from types import SimpleNamespace
-
-MAIN = config["estimator"]["name"]
-# Rankings compared by LDS and counterfactuals: name -> (utility mode, estimator plan). The main estimator's values
-# are called "shapley" whatever the estimator, so the report's keys stay stable (lds_sft_shapley, lds_loo, ...).
-RANKINGS = {
-    "sft_shapley": ("sft", MAIN),
-    "finetune_shapley": ("finetune", MAIN),
-    "loo": ("sft", "loo"),
-    "banzhaf": ("sft", "banzhaf"),
-}
-
-
-def ranking_values(wildcards):
-    return {name: f"{RUN}/{mode}/{plan}/shapley.csv" for name, (mode, plan) in RANKINGS.items()}
 
 
 rule counterfactual:
@@ -26,7 +11,7 @@ rule counterfactual:
     params:
         fraction=config["evaluation"]["counterfactual_fraction"],
         repeats=config["evaluation"]["seeds"],
-        settings=utility_settings(SimpleNamespace(mode="retrain")),
+        settings=settings_of("retrain"),
         store=f"{RUN}/retrain/store",
         rankings=list(RANKINGS),
     log:
@@ -35,7 +20,7 @@ rule counterfactual:
         f"{RUN}/benchmarks/evaluation/counterfactual.tsv"
     conda:
         ENV
-    threads: 2
+    threads: 1
     resources:
         runtime=minutes(240),
         mem_mb=memory(4000),

@@ -15,7 +15,7 @@ rule train_full:
         f"{RUN}/benchmarks/train_full.tsv"
     conda:
         ENV
-    threads: 2
+    threads: 1
     resources:
         runtime=minutes(120),
         mem_mb=memory(8000),
@@ -41,7 +41,7 @@ rule prune:
         f"{RUN}/benchmarks/prune.tsv"
     conda:
         ENV
-    threads: 2
+    threads: 1
     resources:
         runtime=minutes(20),
         mem_mb=memory(8000),
@@ -67,7 +67,7 @@ rule recover:
         f"{RUN}/benchmarks/recover.tsv"
     conda:
         ENV
-    threads: 2
+    threads: 1
     resources:
         runtime=minutes(60),
         mem_mb=memory(8000),

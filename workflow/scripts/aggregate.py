@@ -10,7 +10,6 @@ stages.aggregate(
     utilities=snakemake.input.utilities,
     contributors=snakemake.input.contributors,
     confidence=snakemake.params.confidence,
-    seed=snakemake.params.seed,
     values_out=snakemake.output.values,
     convergence_out=snakemake.output.convergence,
     figure_out=snakemake.output.figure,

@@ -1,0 +1,423 @@
+"""Coalition planning: which coalitions of contributors to evaluate, for each Shapley estimator.
+
+A plan is a table with one row per distinct member set, in plan order:
+
+- ``coalition``: generated id ``c000000``, ``c000001``, ... (a path part for the per-coalition jobs);
+- ``members``: comma-separated contributor ids in the contributors file's order, ``""`` for the empty coalition;
+- ``estimator``: the estimator the plan was made for (the same on every row; ``aggregate`` reads it);
+- sampler columns:
+
+  ============ ===================================================================================================
+  exact        none: all 2^n coalitions in bit-mask order (contributor j is bit j).
+  loo          ``left_out``: the contributor missing from the row ("" for the grand coalition, row 0).
+  banzhaf      ``draw``: index of the Bernoulli(1/2) draw that produced the row; repeated member sets are skipped,
+               so the rows are a uniform sample without replacement of all 2^n coalitions.
+  kernelshap   ``pair``: index of the draw (size s with p(s) ∝ (n-1)/(s(n-s)), then a uniform subset S), which
+               adds S and its complement as consecutive rows; rows 0 and 1 are the empty and the grand coalition.
+               ``samples``: see below (a draw of an already planned pair costs nothing but still counts).
+  permutation  ``permutation``, ``position``: the random permutation that first produced the row and the
+               row's size in it; rows 0 and 1 are the empty and the grand coalition, then each permutation adds
+               the prefixes not planned yet. ``samples``: see below.
+  ============ ===================================================================================================
+
+``samples`` lists the draws (kernelshap pairs, permutation chains) that are complete once the table reaches this
+row, ``;``-separated, each as the comma-separated coalition ids it uses (``S,complement`` or the chain
+``∅,{π1},{π1,π2},…,N``). A draw is recorded on the last new row it needs; a draw that needs no new row waits for
+the next row. Each draw appears exactly once, so estimators average over draws without duplicating member sets.
+
+``budget`` is the number of rows (distinct coalitions, the cost unit) for the sampled estimators; ``exact`` and
+``loo`` ignore it. Randomness is drawn in fixed blocks of draws from ``SeedSequence(seed, spawn_key=(label,
+block))``, so rows never depend on the budget: ``plan(..., budget=m)`` is the first m rows of any larger plan, and
+raising the budget only appends coalition jobs.
+"""
+
+from __future__ import annotations
+
+import graphlib
+import os
+import re
+import tempfile
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+from diffcredit.contributors import validate_contributor_id
+
+ESTIMATORS: tuple[str, ...] = ("exact", "permutation", "kernelshap", "banzhaf", "loo")
+SAMPLER_COLUMNS: dict[str, tuple[str, ...]] = {
+    "exact": (),
+    "loo": ("left_out",),
+    "banzhaf": ("draw",),
+    "kernelshap": ("pair", "samples"),
+    "permutation": ("permutation", "position", "samples"),
+}
+_INTEGER_COLUMNS = frozenset({"draw", "pair", "permutation", "position"})
+MAX_EXACT_CONTRIBUTORS = 16
+# Coalition ids become path parts. Planned ones are c000000, c000001, ...; other tables (e.g. the LDS subsets,
+# s000000, ...) may use other prefixes.
+COALITION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+_STREAM = zlib.crc32(b"diffcredit.coalitions")  # keeps this stream apart from other children of the run seed
+_BLOCK = 256  # draws per random block; fixed, so the plan does not depend on the budget
+_MAX_DRAWS_PER_ROW = 200  # give up (instead of looping) when almost every coalition is already planned
+_TEXT_ROWS = 1024  # member strings are built this many rows at a time
+
+
+def coalition_id(index: int) -> str:
+    """Return the id of the coalition in plan row ``index``."""
+    return f"c{index:06d}"
+
+
+def read_contributors(path: str | os.PathLike[str]) -> list[str]:
+    """Read a TSV with a ``contributor`` column; return the ids in file order, validated and unique."""
+    table = _read_tsv(path)
+    if "contributor" not in table.columns:
+        raise ValueError(f"{path}: no 'contributor' column (columns: {list(table.columns)}); add a header line")
+    ids = [validate_contributor_id(v, where=f"{path} row {r + 1}") for r, v in enumerate(table["contributor"])]
+    _refuse_duplicates(ids, f"{path}: duplicate contributor")
+    return ids
+
+
+def plan(
+    contributors: Sequence[str], estimator: str, budget: int | None, seed: int, **options: object
+) -> pd.DataFrame:
+    """Plan the coalitions to evaluate for ``estimator`` (see the module docstring for the table)."""
+    if options:
+        raise ValueError(f"unknown planning options {sorted(options)}; the samplers take none")
+    ids = list(contributors)
+    for position, value in enumerate(ids):
+        validate_contributor_id(value, where=f"contributor {position + 1}")
+    _refuse_duplicates(ids, "duplicate contributor")
+    if not ids:
+        raise ValueError("no contributors: a plan needs at least one")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    n = len(ids)
+    if estimator == "exact":
+        if n > MAX_EXACT_CONTRIBUTORS:
+            raise ValueError(
+                f"exact Shapley needs 2^{n} coalitions for {n} contributors (limit {MAX_EXACT_CONTRIBUTORS}); "
+                "use a sampled estimator: --estimator kernelshap, permutation or banzhaf with a --budget"
+            )
+        masks = (np.arange(2**n)[:, None] >> np.arange(n)) & 1
+        return _table(ids, estimator, masks.astype(bool), {})
+    if estimator == "loo":
+        masks = ~np.vstack([np.zeros(n, bool), np.eye(n, dtype=bool)])
+        return _table(ids, estimator, masks, {"left_out": [""] + ids})
+    if budget is None or isinstance(budget, bool) or int(budget) != budget or budget < 1:
+        raise ValueError(f"budget must be a positive number of coalitions for {estimator!r}, got {budget!r}")
+    budget = int(budget)
+    if budget > 2**n:
+        raise ValueError(
+            f"budget {budget} exceeds the 2^{n} = {2**n} distinct coalitions of {n} contributors; "
+            "use --estimator exact"
+        )
+    draws = {"banzhaf": _banzhaf_draws, "kernelshap": _kernelshap_draws, "permutation": _permutation_draws}
+    return _collect(ids, estimator, budget, draws[estimator](n, seed))
+
+
+@dataclass(frozen=True)
+class _Draws:
+    """Consecutive draws: the member sets they need in order, the draw of each set, and its sampler columns.
+
+    ``sample`` says whether the draws are recorded in ``samples`` (kernelshap pairs, permutation chains) or are
+    plain rows (banzhaf draws, the leading empty and grand coalition).
+    """
+
+    masks: np.ndarray  # (k, n) bool
+    draw: np.ndarray  # (k,) int, equal for the sets of one draw
+    columns: dict[str, np.ndarray]
+    sample: bool
+
+
+def _blocks(seed: int) -> Iterator[tuple[int, np.random.Generator]]:
+    block = 0
+    while True:
+        yield block, np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_STREAM, block)))
+        block += 1
+
+
+def _permutations(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Return a block of uniform random permutations of range(n), one per row."""
+    return rng.permuted(np.broadcast_to(np.arange(n), (_BLOCK, n)), axis=1)
+
+
+def _bounds(n: int) -> _Draws:
+    """The empty and the grand coalition lead kernelshap and permutation plans (so N fixes the order)."""
+    return _Draws(np.array([[False] * n, [True] * n]), np.array([-2, -1]), {}, sample=False)
+
+
+def _banzhaf_draws(n: int, seed: int) -> Iterator[_Draws]:
+    for block, rng in _blocks(seed):
+        index = block * _BLOCK + np.arange(_BLOCK)
+        yield _Draws(rng.random((_BLOCK, n)) < 0.5, index, {"draw": index}, sample=False)
+
+
+def _kernelshap_draws(n: int, seed: int) -> Iterator[_Draws]:
+    yield _bounds(n)
+    if n < 2:
+        return
+    sizes = np.arange(1, n)
+    p = 1.0 / (sizes * (n - sizes))
+    for block, rng in _blocks(seed):
+        drawn = rng.choice(sizes, size=_BLOCK, p=p / p.sum())
+        mask = np.empty((_BLOCK, n), bool)
+        # the first `size` contributors of a random permutation: a uniform subset of that size
+        mask[np.arange(_BLOCK)[:, None], _permutations(rng, n)] = np.arange(n) < drawn[:, None]
+        index = np.repeat(block * _BLOCK + np.arange(_BLOCK), 2)
+        yield _Draws(np.stack([mask, ~mask], axis=1).reshape(-1, n), index, {"pair": index}, sample=True)
+
+
+def _permutation_draws(n: int, seed: int) -> Iterator[_Draws]:
+    yield _bounds(n)
+    position = np.arange(n + 1)
+    for block, rng in _blocks(seed):
+        for offset, order in enumerate(_permutations(rng, n)):
+            rank = np.empty(n, np.int64)
+            rank[order] = np.arange(n)
+            index = np.full(n + 1, block * _BLOCK + offset)
+            chain = rank[None, :] < position[:, None]  # row s: the first s contributors of the permutation
+            yield _Draws(chain, index, {"permutation": index, "position": position}, sample=True)
+
+
+def _collect(ids: list[str], estimator: str, budget: int, blocks: Iterator[_Draws]) -> pd.DataFrame:
+    """Take the new member sets of the draws in order until ``budget`` rows; record complete samples."""
+    index_of: dict[bytes, int] = {}
+    taken: list[tuple[_Draws, list[int]]] = []
+    samples: dict[int, str] = {}
+    pending: list[str] = []  # complete draws that needed no new row wait for the next one
+    used: list[int] = []
+    added, idle, full = False, 0, False
+    for block in blocks:
+        packed = np.packbits(block.masks, axis=1)
+        keys = packed.view(f"V{packed.shape[1]}").ravel().tolist()
+        ends = np.append(block.draw[1:] != block.draw[:-1], True).tolist()
+        new: list[int] = []
+        taken.append((block, new))
+        for position, (key, end) in enumerate(zip(keys, ends)):
+            row = index_of.get(key)
+            if row is None:
+                if len(index_of) == budget:  # the budget ends inside this draw: it is not complete
+                    full = True
+                    break
+                row = index_of[key] = len(index_of)
+                new.append(position)
+                added = True
+            used.append(row)
+            if not end:
+                continue
+            if block.sample:
+                pending.append(",".join(map(coalition_id, used)))
+            idle = 0 if added else idle + 1
+            if added and pending:
+                samples[len(index_of) - 1] = ";".join(pending)
+                pending = []
+            used, added = [], False
+            if len(index_of) == budget:
+                full = True
+                break
+            if idle > _MAX_DRAWS_PER_ROW * budget:
+                raise ValueError(
+                    f"found only {len(index_of)} distinct coalitions for budget {budget} after {idle} draws "
+                    f"without a new one: almost every coalition of {len(ids)} contributors is planned; "
+                    "use --estimator exact"
+                )
+        if full:
+            break
+    columns: dict[str, object] = {}
+    for name in SAMPLER_COLUMNS[estimator]:
+        if name == "samples":
+            columns[name] = [samples.get(row, "") for row in range(len(index_of))]
+        else:
+            parts = [b.columns.get(name, np.full(len(b.draw), np.nan))[rows] for b, rows in taken]
+            columns[name] = np.concatenate(parts).astype(float)
+    return _table(ids, estimator, np.concatenate([b.masks[rows] for b, rows in taken]), columns)
+
+
+def _table(ids: list[str], estimator: str, masks: np.ndarray, columns: dict[str, object]) -> pd.DataFrame:
+    table = pd.DataFrame(
+        {
+            "coalition": [coalition_id(r) for r in range(len(masks))],
+            "members": _members_text(ids, masks),
+            "estimator": estimator,
+        }
+    )
+    for name, values in columns.items():
+        table[name] = pd.array(values, dtype="Int64") if name in _INTEGER_COLUMNS else values
+    return table
+
+
+def _members_text(ids: list[str], masks: np.ndarray) -> list[str]:
+    """Join the member ids of each mask with commas, by byte masks over one buffer of all ids (ids are ASCII)."""
+    encoded = [f"{name},".encode() for name in ids]
+    width = np.array([len(word) for word in encoded])
+    buffer = np.frombuffer(b"".join(encoded), np.uint8)
+    texts: list[str] = []
+    for start in range(0, len(masks), _TEXT_ROWS):
+        keep = np.repeat(masks[start : start + _TEXT_ROWS], width, axis=1)
+        text = np.broadcast_to(buffer, keep.shape)[keep].tobytes().decode("ascii")
+        ends = np.cumsum(keep.sum(axis=1)).tolist()
+        texts += [text[begin:end][:-1] for begin, end in zip([0, *ends[:-1]], ends)]  # [:-1]: the last comma
+    return texts
+
+
+def write_coalitions(table: pd.DataFrame, path: str | os.PathLike[str]) -> None:
+    """Write a plan as TSV, atomically (a temporary file in the same folder, then ``os.replace``)."""
+    write_table(table, path, sep="\t")
+
+
+def write_table(table: pd.DataFrame, path: str | os.PathLike[str], sep: str = "\t") -> None:
+    """Write ``table`` without index so that readers never see a partial file."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", newline="") as stream:
+            table.to_csv(stream, sep=sep, index=False)
+        os.replace(temporary, target)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def read_coalitions(path: str | os.PathLike[str], contributors: Sequence[str] | None = None) -> pd.DataFrame:
+    """Read and validate a coalition table (see :func:`parse_coalitions`); cells come back as strings."""
+    return parse_coalitions(_read_tsv(path), contributors, source=str(path))[0]
+
+
+def parse_coalitions(
+    table: pd.DataFrame, contributors: Sequence[str] | None = None, source: str = "coalitions"
+) -> tuple[pd.DataFrame, list[str], sparse.csr_array]:
+    """Validate a coalition table and return it, the contributors and the 0-1 membership matrix.
+
+    Checks the ``coalition`` and ``members`` columns, that ids are path parts and unique, that every member is a
+    valid (and, given ``contributors``, known) id listed once per row; errors name the row (row 1 is the first
+    below the header). Without ``contributors`` they are taken from the table in the contributors file's order:
+    the grand coalition lists them so; without it (banzhaf) the order is merged from the rows, each of which keeps
+    it. Contributors in no coalition cannot be known that way: pass ``contributors`` to include them.
+    """
+    missing = [name for name in ("coalition", "members") if name not in table.columns]
+    if missing:
+        raise ValueError(f"{source}: missing column(s) {missing}; columns are {list(table.columns)}")
+    if table.empty:
+        raise ValueError(f"{source}: no coalitions")
+    table = table.reset_index(drop=True)
+    for name in ("coalition", "members", "estimator"):
+        if name in table.columns:
+            table[name] = table[name].fillna("").astype(str)
+    ids = table["coalition"]
+    bad = ~ids.str.fullmatch(COALITION_ID.pattern)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"{source} row {row + 1}: invalid coalition id {ids[row]!r}; ids are path parts like c000042 "
+            "(letters, digits, '_' and '-')"
+        )
+    repeated = ids.duplicated()
+    if repeated.any():
+        row = int(np.flatnonzero(repeated)[0])
+        first = int(np.flatnonzero(ids == ids[row])[0])
+        raise ValueError(f"{source} row {row + 1}: duplicate coalition id {ids[row]!r} (also row {first + 1})")
+
+    text = table["members"]
+    counts = np.where(text == "", 0, text.str.count(",") + 1)
+    flat = ",".join(text[counts > 0]).split(",") if counts.any() else []
+    row_of = np.repeat(np.arange(len(table)), counts)
+    codes, found = pd.factorize(np.array(flat, dtype=object))
+    first = np.unique(codes, return_index=True)[1]  # factorize numbers names by first appearance
+    where = [f"{source} row {row_of[k] + 1}, coalition {ids[row_of[k]]}" for k in first]
+    for name, place in zip(found, where):
+        validate_contributor_id(name, where=place)
+    keys = np.sort(row_of * len(found) + codes)
+    twice = keys[1:][keys[1:] == keys[:-1]]
+    if len(twice):
+        row = int(twice[0] // len(found))
+        raise ValueError(
+            f"{source} row {row + 1}: coalition {ids[row]} lists {found[twice[0] % len(found)]!r} twice"
+        )
+    if contributors is None:
+        names = _member_order(found, codes, row_of, counts)
+    else:
+        names = list(contributors)
+        unknown = np.flatnonzero(~pd.Index(found).isin(names))
+        if len(unknown):
+            raise ValueError(f"{where[unknown[0]]}: unknown contributor {found[unknown[0]]!r}; "
+                             "it is not in the contributors file")
+    column = pd.Index(names).get_indexer(found)
+    matrix = sparse.csr_array(
+        (np.ones(len(codes), bool), (row_of, column[codes])), shape=(len(table), len(names))
+    )
+    matrix.sort_indices()
+    return table, names, matrix
+
+
+def _member_order(found: np.ndarray, codes: np.ndarray, row_of: np.ndarray, counts: np.ndarray) -> list[str]:
+    """The contributors' order: the grand coalition's, else the order merged from consecutive members of rows."""
+    grand = np.flatnonzero(counts == len(found))
+    if len(grand):
+        return found[codes[row_of == grand[0]]].tolist()
+    follows = row_of[1:] == row_of[:-1]
+    before: dict[int, set[int]] = {code: set() for code in range(len(found))}
+    for earlier, later in np.unique(np.column_stack([codes[:-1], codes[1:]])[follows], axis=0).tolist():
+        before[later].add(earlier)
+    try:
+        return found[list(graphlib.TopologicalSorter(before).static_order())].tolist()
+    except graphlib.CycleError:  # rows disagree on the order: keep the order of first appearance
+        return found.tolist()
+
+
+def parse_plan(
+    table: pd.DataFrame, contributors: Sequence[str] | None = None, source: str = "coalitions"
+) -> tuple[pd.DataFrame, list[str], sparse.csr_array]:
+    """:func:`parse_coalitions` for a plan of :func:`plan`: one known estimator, its columns, distinct sets."""
+    table, names, matrix = parse_coalitions(table, contributors, source)
+    if "estimator" not in table.columns:
+        raise ValueError(f"{source}: no 'estimator' column; aggregate a plan written by diffcredit plan")
+    estimators = table["estimator"].unique()
+    if len(estimators) != 1 or estimators[0] not in ESTIMATORS:
+        raise ValueError(
+            f"{source}: column 'estimator' must hold one of {', '.join(ESTIMATORS)} on every row, "
+            f"found {sorted(estimators)}"
+        )
+    for name in SAMPLER_COLUMNS[estimators[0]]:
+        if name not in table.columns:
+            raise ValueError(f"{source}: the {estimators[0]} plan needs a {name!r} column; re-run diffcredit plan")
+    sets = pd.Series([matrix.indices[a:b].tobytes() for a, b in zip(matrix.indptr[:-1], matrix.indptr[1:])])
+    same = sets.duplicated()
+    if same.any():
+        row = int(np.flatnonzero(same)[0])
+        first = int(np.flatnonzero(sets == sets[row])[0])
+        raise ValueError(
+            f"{source} row {row + 1}: coalition {table['coalition'][row]} has the same members as "
+            f"{table['coalition'][first]} (row {first + 1}); a plan lists each coalition once"
+        )
+    return table, names, matrix
+
+
+def member_sets(table: pd.DataFrame) -> dict[str, tuple[str, ...]]:
+    """Map each coalition id to its member ids."""
+    return {c: tuple(m.split(",")) if m else () for c, m in zip(table["coalition"], table["members"])}
+
+
+def _read_tsv(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read a TSV as strings (an empty cell stays ``""``), refusing empty files."""
+    try:
+        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{path}: empty file; expected a header line and at least one row") from None
+    if table.empty:
+        raise ValueError(f"{path}: no rows under the header")
+    return table
+
+
+def _refuse_duplicates(values: Sequence[str], message: str) -> None:
+    seen: set[str] = set()
+    for position, value in enumerate(values):
+        if value in seen:
+            raise ValueError(f"{message} {value!r} at row {position + 1}; every id must be unique")
+        seen.add(value)
