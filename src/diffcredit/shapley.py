@@ -28,6 +28,9 @@ sampled draws and the pooled noise degrees of freedom for ``exact`` and ``loo``.
 The planned coalitions are a uniform sample without replacement, so each mean's variance is
 (s² − σ̄²)(1 − f)/k + σ̄²/k (finite-population correction f = k/2^(n−1), σ̄² the mean seed noise of the k means),
 combined with Welch–Satterthwaite degrees of freedom. With every coalition planned it is the exact Banzhaf value.
+
+The convergence table repeats the estimate on about 20 log-spaced prefixes of the plan (for the sampled estimators;
+the draws complete within the first q rows), with σ² pooled over the whole plan at every point.
 """
 
 from __future__ import annotations

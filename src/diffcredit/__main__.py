@@ -1,0 +1,5 @@
+"""``python -m diffcredit``: the ``diffcredit`` command."""
+
+from diffcredit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,116 @@
+"""The ``diffcredit`` command: plan coalitions and aggregate their utilities without Snakemake or a GPU.
+
+Each subcommand is one small function that imports what it needs when it runs, so ``plan``, ``aggregate`` and
+``verify`` start without torch or diffusers. User errors (bad files, bad values) print ``diffcredit: error: ...``
+and exit with status 2, as argparse does for bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from diffcredit.coalitions import ESTIMATORS
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from diffcredit.coalitions import plan, read_contributors, write_coalitions
+
+    table = plan(read_contributors(args.contributors), args.estimator, args.budget, args.seed)
+    write_coalitions(table, args.out)
+    print(f"planned {len(table)} {args.estimator} coalitions -> {args.out}")
+    return 0
+
+
+def _aggregate(args: argparse.Namespace) -> int:
+    from diffcredit.coalitions import read_coalitions, read_contributors
+    from diffcredit.shapley import aggregate, read_utilities, write_result
+
+    result = aggregate(
+        read_coalitions(args.coalitions),
+        read_utilities(args.utilities),
+        contributors=None if args.contributors is None else read_contributors(args.contributors),
+        confidence=args.confidence,
+        missing=args.missing,
+    )
+    write_result(result, args.out, convergence=args.convergence)
+    print(f"{len(result.table)} values -> {args.out} ({result.method})")
+    if result.excluded:
+        print(f"excluded {len(result.excluded)} coalition(s) without a finite utility", file=sys.stderr)
+    return 0
+
+
+def _demo(args: argparse.Namespace, arguments: list[str]) -> int:
+    from diffcredit.demo import main as demo
+
+    demo(arguments)
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    import tarfile
+
+    from diffcredit.bundle import ARCHIVE, CHECKSUMS, verify_bundle
+
+    try:
+        problems = verify_bundle(args.bundle)
+    except (tarfile.TarError, KeyError) as error:  # a truncated archive or one without MANIFEST.json
+        problems = [f"{ARCHIVE}: unreadable ({error})"]
+    for problem in problems:
+        print(problem)
+    if problems:
+        return 1
+    lines = (args.bundle / CHECKSUMS).read_text().splitlines()
+    print(f"ok: {sum(1 for line in lines if line and not line.endswith(f'  {ARCHIVE}'))} files verified")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(prog="diffcredit", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    plan = commands.add_parser("plan", help="plan the coalitions to evaluate (prefix-stable in the budget)")
+    plan.add_argument("--contributors", type=Path, required=True, help="TSV with a 'contributor' column")
+    plan.add_argument("--estimator", choices=ESTIMATORS, required=True)
+    plan.add_argument("--budget", type=int, help="number of coalitions (sampled estimators; exact and loo ignore it)")
+    plan.add_argument("--seed", type=int, default=0)
+    plan.add_argument("--out", type=Path, required=True, help="coalitions TSV to write")
+    plan.set_defaults(run=_plan)
+
+    aggregate = commands.add_parser("aggregate", help="values with intervals from coalition utilities")
+    aggregate.add_argument("--coalitions", type=Path, required=True, help="the plan written by 'diffcredit plan'")
+    aggregate.add_argument("--utilities", type=Path, required=True,
+                           help="TSV with 'coalition' and 'utility' (several rows per coalition allowed)")
+    aggregate.add_argument("--out", type=Path, required=True, help="values CSV to write")
+    aggregate.add_argument("--confidence", type=float, default=0.95, help="interval level (default 0.95)")
+    aggregate.add_argument("--missing", choices=("error", "exclude"), default="error",
+                           help="coalitions without a finite utility: refuse (default) or leave out")
+    aggregate.add_argument("--convergence", type=Path, help="CSV of value and stderr vs coalitions used")
+    aggregate.add_argument("--contributors", type=Path,
+                           help="TSV with a 'contributor' column: refuse others, order the output by it")
+    aggregate.set_defaults(run=_aggregate)
+
+    # Every argument after "demo" (--help too) goes to diffcredit.demo, which parses its own.
+    demo = commands.add_parser("demo", help="train, prune and sample the tiny digits model (needs torch)",
+                               add_help=False)
+    demo.set_defaults(run=_demo)
+
+    verify = commands.add_parser("verify", help="check a result bundle against its checksums")
+    verify.add_argument("bundle", type=Path, metavar="BUNDLE_DIR")
+    verify.set_defaults(run=_verify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command != "demo" and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        return args.run(args, rest) if args.command == "demo" else args.run(args)
+    except (ValueError, OSError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")

@@ -1,0 +1,253 @@
+"""Coalition planning: exact tables, prefix stability, the samplers' distributions, and refusals that name the row."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from diffcredit.coalitions import (
+    ESTIMATORS,
+    member_sets,
+    parse_coalitions,
+    parse_plan,
+    plan,
+    read_coalitions,
+    read_contributors,
+    write_coalitions,
+)
+
+PLAYERS = [f"p{i}" for i in range(6)]
+SAMPLED = ("permutation", "kernelshap", "banzhaf")
+
+
+def sizes(table: pd.DataFrame) -> np.ndarray:
+    return np.array([len(m) for m in member_sets(table).values()])
+
+
+def draws(table: pd.DataFrame) -> list[list[str]]:
+    """The samples column as lists of coalition ids, in plan order."""
+    return [s.split(",") for cell in table["samples"] for s in cell.split(";") if s]
+
+
+def test_exact_plan_is_every_coalition_in_bit_mask_order():
+    table = plan(["a", "b", "c"], "exact", None, seed=0)
+    assert table["coalition"].tolist() == [f"c00000{i}" for i in range(8)]
+    assert table["members"].tolist() == ["", "a", "b", "a,b", "c", "a,c", "b,c", "a,b,c"]
+    assert set(table["estimator"]) == {"exact"}
+
+
+def test_exact_refuses_many_contributors_and_suggests_a_sampled_estimator():
+    with pytest.raises(ValueError, match=r"2\^17 coalitions.*--estimator kernelshap"):
+        plan([f"p{i}" for i in range(17)], "exact", None, seed=0)
+
+
+def test_loo_plan_is_the_grand_coalition_and_each_one_left_out():
+    table = plan(["a", "b", "c"], "loo", budget=99, seed=5)
+    assert table["members"].tolist() == ["a,b,c", "b,c", "a,c", "a,b"]
+    assert table["left_out"].tolist() == ["", "a", "b", "c"]
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_raising_the_budget_only_appends_rows(estimator):
+    players = [f"p{i}" for i in range(9)]
+    large = plan(players, estimator, 300, seed=7)
+    for budget in (1, 2, 3, 17, 150):
+        small = plan(players, estimator, budget, seed=7)
+        if estimator in ("exact", "loo"):
+            pd.testing.assert_frame_equal(small, large)
+        else:
+            assert len(small) == budget
+            pd.testing.assert_frame_equal(small, large.head(budget))
+
+
+@pytest.mark.parametrize("estimator", SAMPLED)
+def test_plans_depend_on_the_seed_only(estimator):
+    first = plan(PLAYERS, estimator, 40, seed=1)
+    pd.testing.assert_frame_equal(first, plan(PLAYERS, estimator, 40, seed=1))
+    assert first["members"].tolist() != plan(PLAYERS, estimator, 40, seed=2)["members"].tolist()
+
+
+@pytest.mark.parametrize("estimator", SAMPLED)
+def test_sampled_plans_list_distinct_coalitions(estimator):
+    table = plan(PLAYERS, estimator, 50, seed=3)
+    assert len({frozenset(m) for m in member_sets(table).values()}) == 50
+    parse_plan(table)  # the aggregator's checks accept it
+
+
+def test_a_budget_of_every_coalition_plans_each_once():
+    table = plan(PLAYERS[:4], "kernelshap", 16, seed=0)
+    assert sorted(map(frozenset, member_sets(table).values()), key=sorted) == sorted(
+        (frozenset(c) for r in range(5) for c in itertools.combinations(PLAYERS[:4], r)), key=sorted
+    )
+    with pytest.raises(ValueError, match=r"budget 17 exceeds the 2\^4 = 16.*--estimator exact"):
+        plan(PLAYERS[:4], "kernelshap", 17, seed=0)
+
+
+def test_kernelshap_pairs_complements_after_the_empty_and_grand_coalition():
+    table = plan(PLAYERS, "kernelshap", 60, seed=4)
+    assert table["members"][0] == "" and table["members"][1] == ",".join(PLAYERS)
+    sets = member_sets(table)
+    for left, right in draws(table):
+        assert set(sets[left]).isdisjoint(sets[right]) and len(sets[left]) + len(sets[right]) == len(PLAYERS)
+
+
+def test_kernelshap_sizes_follow_the_shapley_kernel():
+    n = 10
+    table = plan([f"p{i}" for i in range(n)], "kernelshap", 1000, seed=0)
+    sets = member_sets(table)
+    drawn = np.array([len(sets[left]) for left, _ in draws(table)])
+    s = np.arange(1, n)
+    expected = (1 / (s * (n - s))) / (1 / (s * (n - s))).sum()
+    observed = np.bincount(drawn, minlength=n)[1:] / len(drawn)
+    assert len(drawn) > 450
+    np.testing.assert_allclose(observed, expected, atol=0.03)
+
+
+def test_permutation_samples_are_chains_adding_one_contributor_each():
+    table = plan(PLAYERS, "permutation", 40, seed=2)
+    sets = member_sets(table)
+    row = {c: r for r, c in enumerate(table["coalition"])}
+    chains = draws(table)
+    assert len(chains) >= 5
+    for chain in chains:
+        assert len(chain) == len(PLAYERS) + 1
+        assert [len(sets[c]) for c in chain] == list(range(len(PLAYERS) + 1))
+        assert all(set(sets[a]) < set(sets[b]) for a, b in zip(chain, chain[1:]))
+    completed = [row[c] for cell_row, cell in enumerate(table["samples"]) for s in cell.split(";") if s
+                 for c in s.split(",") if row[c] > cell_row]
+    assert completed == []  # a sample only names coalitions planned at or before its row
+
+
+def test_banzhaf_draws_each_contributor_with_probability_one_half():
+    players = [f"p{i}" for i in range(12)]
+    table = plan(players, "banzhaf", 2000, seed=0)
+    share = np.mean([[p in m for p in players] for m in member_sets(table).values()], axis=0)
+    np.testing.assert_allclose(share, 0.5, atol=0.03)
+    assert table["draw"].is_monotonic_increasing
+
+
+@pytest.mark.parametrize("budget", [0, -3, 2.5, None, True])
+def test_sampled_estimators_refuse_a_bad_budget(budget):
+    with pytest.raises(ValueError, match="budget must be a positive number of coalitions"):
+        plan(PLAYERS, "banzhaf", budget, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("contributors", "message"),
+    [
+        (["a", "b/c"], r"invalid contributor id 'b/c' \(contributor 2\)"),
+        (["a", "b c"], r"invalid contributor id 'b c' \(contributor 2\)"),
+        (["a..b"], r"invalid contributor id 'a\.\.b'.*may not contain '\.\.'"),
+        (["a", "b", "a"], r"duplicate contributor 'a' at row 3"),
+        ([], "no contributors"),
+    ],
+)
+def test_plan_refuses_bad_contributors(contributors, message):
+    with pytest.raises(ValueError, match=message):
+        plan(contributors, "loo", None, seed=0)
+
+
+def test_plan_refuses_unknown_estimators_and_options():
+    with pytest.raises(ValueError, match="unknown estimator 'tmc'; choose one of exact, permutation"):
+        plan(PLAYERS, "tmc", 10, seed=0)
+    with pytest.raises(ValueError, match=r"unknown planning options \['paired'\]"):
+        plan(PLAYERS, "kernelshap", 10, seed=0, paired=False)
+
+
+def test_contributors_file(tmp_path: Path):
+    path = tmp_path / "contributors.tsv"
+    path.write_text("contributor\tn_items\nbob\t3\nalice\t5\n")
+    assert read_contributors(path) == ["bob", "alice"]
+    path.write_text("contributor\nbob\nx/../y\n")
+    with pytest.raises(ValueError, match=r"invalid contributor id 'x/\.\./y' \(.*contributors.tsv row 2\)"):
+        read_contributors(path)
+    path.write_text("name\nbob\n")
+    with pytest.raises(ValueError, match="no 'contributor' column"):
+        read_contributors(path)
+    path.write_text("")
+    with pytest.raises(ValueError, match="empty file"):
+        read_contributors(path)
+    path.write_text("contributor\n")
+    with pytest.raises(ValueError, match="no rows under the header"):
+        read_contributors(path)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_written_plans_read_back_to_the_same_coalitions(tmp_path: Path, estimator):
+    table = plan(PLAYERS, estimator, 30, seed=1)
+    write_coalitions(table, tmp_path / "plan.tsv")
+    back = read_coalitions(tmp_path / "plan.tsv", contributors=PLAYERS)
+    assert member_sets(back) == member_sets(table)
+    pd.testing.assert_frame_equal(back, table.astype(object).fillna("").astype(str))
+    assert [p.name for p in tmp_path.iterdir()] == ["plan.tsv"]  # no temporary file left behind
+
+
+def test_a_failed_write_keeps_the_previous_file(tmp_path: Path):
+    path = tmp_path / "plan.tsv"
+    write_coalitions(plan(PLAYERS, "loo", None, seed=0), path)
+    before = path.read_text()
+
+    class Broken(pd.DataFrame):
+        def to_csv(self, *args, **kwargs):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_coalitions(Broken({"coalition": ["c000000"]}), path)
+    assert path.read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["plan.tsv"]
+
+
+def table_of(*members: str, ids: list[str] | None = None, **columns: list[str]) -> pd.DataFrame:
+    return pd.DataFrame({"coalition": ids or [f"c{i:06d}" for i in range(len(members))], "members": members,
+                         **columns})
+
+
+@pytest.mark.parametrize(
+    ("table", "contributors", "message"),
+    [
+        (table_of("a", "a,zed"), ["a", "b"],
+         r"coalitions row 2, coalition c000001: unknown contributor 'zed'; it is not in the contributors file"),
+        (table_of("a", "b", ids=["c000001", "c000001"]), None,
+         r"row 2: duplicate coalition id 'c000001' \(also row 1\)"),
+        (table_of("a", "b", ids=["c000000", "../c1"]), None, r"row 2: invalid coalition id '\.\./c1'"),
+        (table_of("a", "a,b/c"), None, r"invalid contributor id 'b/c' \(coalitions row 2, coalition c000001\)"),
+        (table_of("a", "a, b"), None, r"invalid contributor id ' b' \(coalitions row 2"),
+        (table_of("a", "a..b"), None, r"invalid contributor id 'a\.\.b' \(coalitions row 2"),
+        (table_of("a", "b,a,b"), None, r"row 2: coalition c000001 lists 'b' twice"),
+        (table_of("a", "a,,b"), None, r"invalid contributor id '' \(coalitions row 2"),
+        (pd.DataFrame({"coalition": ["c000000"]}), None, r"missing column\(s\) \['members'\]"),
+        (table_of(), None, "no coalitions"),
+    ],
+)
+def test_bad_coalition_tables_are_refused_naming_the_row(table, contributors, message):
+    with pytest.raises(ValueError, match=message):
+        parse_coalitions(table, contributors)
+
+
+def test_other_coalition_tables_may_repeat_member_sets_but_plans_may_not():
+    lds = table_of("a,b", "b", "a,b", ids=["s000000", "s000001", "s000002"], estimator=["lds"] * 3)
+    assert member_sets(parse_coalitions(lds)[0]) == {"s000000": ("a", "b"), "s000001": ("b",), "s000002": ("a", "b")}
+    with pytest.raises(ValueError, match="must hold one of exact, permutation"):
+        parse_plan(lds)
+    repeated = table_of("a,b", "b", "b,a", estimator=["banzhaf"] * 3, draw=["0", "1", "2"])
+    with pytest.raises(ValueError, match=r"row 3: coalition c000002 has the same members as c000000 \(row 1\)"):
+        parse_plan(repeated)
+    with pytest.raises(ValueError, match="the kernelshap plan needs a 'pair' column"):
+        parse_plan(table_of("", "a,b", estimator=["kernelshap"] * 2))
+    with pytest.raises(ValueError, match="no 'estimator' column"):
+        parse_plan(table_of("", "a"))
+
+
+def test_membership_follows_the_contributors_order():
+    table = plan(PLAYERS, "banzhaf", 20, seed=0)
+    assert "p0,p1,p2,p3,p4,p5" not in set(table["members"])  # no grand coalition: the order is merged from rows
+    _, names, matrix = parse_coalitions(table)
+    assert names == PLAYERS
+    expected = np.array([[p in m for p in PLAYERS] for m in member_sets(table).values()])
+    np.testing.assert_array_equal(matrix.toarray(), expected)
+    _, names, matrix = parse_coalitions(table, contributors=PLAYERS[::-1] + ["extra"])
+    np.testing.assert_array_equal(matrix.toarray(), np.column_stack([expected[:, ::-1], np.zeros(20, bool)]))

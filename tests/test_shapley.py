@@ -1,0 +1,278 @@
+"""Estimators against exact enumeration on small games: exact values, axioms, convergence, interval coverage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from games import Game, additive, majority, pairwise, planned, reference_banzhaf, reference_shapley, utilities
+
+from diffcredit.coalitions import member_sets
+from diffcredit.shapley import TABLE_COLUMNS, aggregate, read_utilities, write_result
+
+SAMPLED = {"permutation": 40, "kernelshap": 40, "banzhaf": 40}
+GAMES = {
+    "additive": additive([1.0, -2.0, 0.5, 3.0, 0.0], offset=1.0),
+    "majority": majority([4, 3, 2, 1, 1], quota=6),
+    "pairwise": pairwise(8, seed=0),
+}
+
+
+def values(game: Game, estimator: str, budget: int | None = None, seed: int = 0, **noise) -> pd.DataFrame:
+    table = planned(game, estimator, budget, seed)
+    return aggregate(table, utilities(table, game, **noise)).table
+
+
+def game_with_twins_and_a_null() -> Game:
+    """p0 and p1 are interchangeable (same terms, same interactions), p4 adds nothing to any coalition."""
+    a = np.array([1.0, 1.0, -0.5, 2.0, 0.0])
+    pairs = np.zeros((5, 5))
+    pairs[0, 2] = pairs[1, 2] = 0.7
+    pairs[0, 3] = pairs[1, 3] = -1.2
+    pairs[2, 3] = 0.4
+    return Game(a, pairs, offset=3.0)
+
+
+@pytest.mark.parametrize("name", GAMES)
+def test_exact_matches_enumeration(name):
+    game = GAMES[name]
+    table = values(game, "exact")
+    np.testing.assert_allclose(table["value"], reference_shapley(game, game.players), rtol=0, atol=1e-9)
+    assert table["contributor"].tolist() == game.players
+    assert (table["stderr"] == 0).all() and (table["ci_low"] == table["value"]).all()
+
+
+def test_exact_majority_game_by_hand():
+    # Weights 2, 1, 1 with quota 3: p0 is pivotal in 4 of the 6 orders, p1 and p2 in 1 each.
+    table = values(majority([2, 1, 1], quota=3), "exact")
+    np.testing.assert_allclose(table["value"], [4 / 6, 1 / 6, 1 / 6], atol=1e-12)
+    assert table["rank"].tolist() == [1, 2, 2]
+
+
+@pytest.mark.parametrize("name", GAMES)
+def test_banzhaf_over_every_coalition_is_the_banzhaf_value(name):
+    game = GAMES[name]
+    table = values(game, "banzhaf", 2 ** len(game.players))
+    np.testing.assert_allclose(table["value"], reference_banzhaf(game, game.players), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(table["stderr"], 0, atol=1e-12)  # the whole population: no sampling error
+
+
+def test_loo_is_the_drop_from_the_grand_coalition():
+    game = GAMES["pairwise"]
+    table = values(game, "loo")
+    everyone = game.players
+    expected = [game(everyone) - game([p for p in everyone if p != left]) for left in everyone]
+    np.testing.assert_allclose(table["value"], expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("estimator", ["exact", "permutation", "kernelshap"])
+@pytest.mark.parametrize("name", GAMES)
+def test_efficiency(estimator, name):
+    game = GAMES[name]
+    table = values(game, estimator, 25, seed=3)
+    assert table["value"].sum() == pytest.approx(game(game.players) - game([]), abs=1e-9)
+
+
+@pytest.mark.parametrize(("estimator", "budget"), [("exact", None), ("loo", None), ("banzhaf", 32)])
+def test_symmetric_players_get_equal_values(estimator, budget):
+    table = values(game_with_twins_and_a_null(), estimator, budget)
+    assert table["value"][0] == pytest.approx(table["value"][1], abs=1e-12)
+    assert table["value"][0] != pytest.approx(table["value"][2])
+
+
+@pytest.mark.parametrize(("estimator", "budget"), [("exact", None), ("loo", None), ("permutation", 20)])
+def test_null_player_gets_zero(estimator, budget):
+    table = values(game_with_twins_and_a_null(), estimator, budget, seed=1)
+    assert table["value"][4] == pytest.approx(0, abs=1e-12)
+    assert table["stderr"][4] == pytest.approx(0, abs=1e-12)
+
+
+@pytest.mark.parametrize("estimator", ["exact", "permutation", "kernelshap", "banzhaf"])
+def test_linearity(estimator):
+    first, second = pairwise(6, seed=1), pairwise(6, seed=2)
+    table = planned(first, estimator, 30, seed=4)
+
+    def estimate(game) -> np.ndarray:
+        return aggregate(table, utilities(table, game)).table["value"].to_numpy()
+
+    both = Game(2 * first.a + second.a, 2 * first.pairs + second.pairs, offset=2 * first.offset + second.offset)
+    np.testing.assert_allclose(estimate(both), 2 * estimate(first) + estimate(second), atol=1e-9)
+
+
+@pytest.mark.parametrize("estimator", SAMPLED)
+def test_sampled_estimators_converge(estimator):
+    game = pairwise(8, seed=5)
+    truth = (reference_banzhaf if estimator == "banzhaf" else reference_shapley)(game, game.players)
+    error = {budget: np.mean([np.abs(values(game, estimator, budget, seed)["value"] - truth).max()
+                              for seed in range(4)]) for budget in (24, 240)}
+    assert error[240] < 0.6 * error[24]
+
+
+@pytest.mark.parametrize("estimator", SAMPLED)
+def test_convergence_table_ends_at_the_values(estimator):
+    game = pairwise(7, seed=6)
+    table = planned(game, estimator, 100, seed=0)
+    rows = utilities(table, game, noise=0.1)
+    result = aggregate(table, rows)
+    path = result.convergence
+    assert list(path.columns) == ["n_coalitions", "contributor", "value", "stderr"]
+    sizes = path["n_coalitions"].unique()
+    assert len(sizes) >= 5 and (np.diff(sizes) > 0).all() and sizes[-1] == 100
+    last = path[path["n_coalitions"] == 100]
+    np.testing.assert_allclose(last["value"], result.table["value"])
+    np.testing.assert_allclose(last["stderr"], result.table["stderr"])
+    # each point is the estimate from that prefix of the plan alone (prefix stability makes it a smaller plan);
+    # with repeated rows the path would pool the seed noise over the whole plan instead
+    prefix = table.head(int(sizes[len(sizes) // 2]))
+    again = aggregate(prefix, rows[rows["coalition"].isin(prefix["coalition"])], contributors=game.players)
+    middle = path[path["n_coalitions"] == len(prefix)]
+    np.testing.assert_allclose(middle["value"], again.table["value"])
+    np.testing.assert_allclose(middle["stderr"], again.table["stderr"])
+
+
+COVERAGE = {"exact": None, "loo": None, "permutation": 40, "kernelshap": 30, "banzhaf": 30}
+
+
+@pytest.mark.parametrize("estimator", COVERAGE)
+def test_intervals_cover_the_true_value_at_the_nominal_rate(estimator):
+    game = pairwise(6, seed=11)
+    players = game.players
+    if estimator == "banzhaf":
+        truth = reference_banzhaf(game, players)
+    elif estimator == "loo":
+        truth = np.array([game(players) - game([p for p in players if p != left]) for left in players])
+    else:
+        truth = reference_shapley(game, players)
+    covered = []
+    for seed in range(200):
+        table = planned(game, estimator, COVERAGE[estimator], seed)
+        noisy = utilities(table, game, seeds=2, noise=0.3, rng=np.random.default_rng(seed))
+        result = aggregate(table, noisy).table
+        covered.append((result["ci_low"] <= truth) & (truth <= result["ci_high"]))
+    rate = np.mean(covered)
+    assert 0.91 <= rate <= 0.985, rate
+
+
+def test_more_seed_noise_widens_the_interval():
+    game = pairwise(6, seed=2)
+    table = planned(game, "kernelshap", 40)
+
+    def stderr(noise: float) -> np.ndarray:
+        rows = utilities(table, game, seeds=3, noise=noise, rng=np.random.default_rng(0))
+        return aggregate(table, rows).table["stderr"].to_numpy()
+
+    assert (stderr(0.5) > stderr(0.05)).all()
+    exact = planned(game, "exact", None)
+    quiet, loud = (aggregate(exact, utilities(exact, game, seeds=2, noise=s, rng=np.random.default_rng(1))).table
+                   for s in (0.1, 1.0))
+    np.testing.assert_allclose(loud["stderr"], 10 * quiet["stderr"])  # same draws scaled: stderr scales too
+
+
+def test_loo_gets_an_interval_from_repeated_utilities():
+    game = pairwise(5, seed=3)
+    table = planned(game, "loo", None)
+    single = aggregate(table, utilities(table, game, noise=0.2)).table
+    assert (single["stderr"] == 0).all()
+    repeated = aggregate(table, utilities(table, game, seeds=4, noise=0.2))
+    assert (repeated.table["stderr"] > 0).all()
+    assert (repeated.table["ci_low"] < repeated.table["value"]).all()
+    assert "seed noise from repeated utilities (pooled, df 18)" in repeated.method
+
+
+def test_every_repeated_row_is_used():
+    game = additive([1.0, 2.0, 3.0])
+    table = planned(game, "exact", None)
+    rows = utilities(table, game, seeds=3, noise=1.0)
+    means = rows.groupby("coalition", sort=False)["utility"].mean().reset_index()
+    np.testing.assert_allclose(aggregate(table, rows).table["value"], aggregate(table, means).table["value"])
+    # one changed repeat moves the value: dropping it would not
+    rows.loc[rows["coalition"] == table["coalition"].iloc[-1], "utility"] += [0.0, 0.0, 3.0]
+    assert aggregate(table, rows).table["value"].sum() == pytest.approx(
+        aggregate(table, means).table["value"].sum() + 1.0)
+
+
+def test_confidence_sets_the_width():
+    game = pairwise(6, seed=0)
+    table = planned(game, "permutation", 40)
+    rows = utilities(table, game)
+    wide, narrow = (aggregate(table, rows, confidence=c).table for c in (0.99, 0.5))
+    assert ((wide["ci_high"] - wide["ci_low"]) > (narrow["ci_high"] - narrow["ci_low"])).all()
+    with pytest.raises(ValueError, match="confidence must be between 0 and 1, got 95"):
+        aggregate(table, rows, confidence=95)
+
+
+def test_missing_utilities_are_refused_or_excluded_explicitly():
+    game = pairwise(6, seed=0)
+    table = planned(game, "kernelshap", 30)
+    rows = utilities(table, game, seeds=2)
+    rows.loc[rows["coalition"] == "c000007", "utility"] = np.nan
+    rows = rows[rows["coalition"] != "c000012"]
+    with pytest.raises(ValueError, match=r"2 coalition\(s\) without a finite utility: c000007 \(NaN\), c000012 "
+                                         r"\(no row\); rerun them or exclude them explicitly"):
+        aggregate(table, rows)
+    result = aggregate(table, rows, missing="exclude")
+    assert result.excluded == ("c000007", "c000012")
+    assert "2 coalition(s) without a finite utility excluded" in result.method
+    assert result.table["value"].sum() == pytest.approx(game(game.players) - game([]), abs=1e-9)
+    assert (result.table["n_coalitions"] < 30).all()
+    with pytest.raises(ValueError, match="missing must be one of"):
+        aggregate(table, rows, missing="drop")
+
+
+def test_exact_cannot_exclude_a_coalition():
+    game = additive([1.0, 2.0])
+    table = planned(game, "exact", None)
+    rows = utilities(table, game).assign(utility=[0.0, np.nan, 2.0, 3.0])
+    with pytest.raises(ValueError, match="exact Shapley needs the utility of every coalition"):
+        aggregate(table, rows, missing="exclude")
+
+
+def test_utilities_of_unplanned_coalitions_are_refused():
+    table = planned(additive([1.0, 2.0]), "exact", None)
+    rows = pd.DataFrame({"coalition": ["c000000", "c000001", "c000002", "c000003", "c000999"],
+                         "utility": [0.0, 1.0, 2.0, 3.0, 4.0]})
+    with pytest.raises(ValueError, match=r"utilities row 5: coalition 'c000999' was not planned"):
+        aggregate(table, rows)
+
+
+def test_utilities_files(tmp_path: Path):
+    path = tmp_path / "utilities.tsv"
+    path.write_text("coalition\tutility\tseed\nc000000\t0.5\t0\nc000000\tNaN\t1\nc000001\t\t0\n")
+    rows = read_utilities(path)
+    assert rows["utility"].isna().tolist() == [False, True, True]
+    path.write_text("coalition\tutility\nc000000\t0.5\nc000001\tfast\n")
+    with pytest.raises(ValueError, match=r"utilities.tsv row 2: utility 'fast' of coalition c000001 is not a number"):
+        read_utilities(path)
+    path.write_text("")
+    with pytest.raises(ValueError, match="empty file"):
+        read_utilities(path)
+    path.write_text("coalition\tutility\n")
+    with pytest.raises(ValueError, match="no utility rows"):
+        read_utilities(path)
+    path.write_text("coalition\tvalue\nc000000\t1\n")
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['utility'\]"):
+        read_utilities(path)
+
+
+def test_result_files_and_method(tmp_path: Path):
+    game = pairwise(5, seed=0)
+    table = planned(game, "banzhaf", 20)
+    result = aggregate(table, utilities(table, game, seeds=2, noise=0.1))
+    assert tuple(result.table.columns) == TABLE_COLUMNS
+    assert "Welch t-interval" in result.method and "95% level" in result.method
+    write_result(result, tmp_path / "shapley.csv", convergence=tmp_path / "convergence.csv")
+    back = pd.read_csv(tmp_path / "shapley.csv")
+    pd.testing.assert_frame_equal(back, result.table, check_dtype=False)
+    assert len(pd.read_csv(tmp_path / "convergence.csv")) == len(result.convergence)
+
+
+def test_contributors_fix_the_output_order():
+    game = pairwise(4, seed=0)
+    table = planned(game, "exact", None)
+    rows = utilities(table, game)
+    reordered = aggregate(table, rows, contributors=game.players[::-1]).table
+    assert reordered["contributor"].tolist() == game.players[::-1]
+    np.testing.assert_allclose(reordered["value"], reference_shapley(game, game.players)[::-1], atol=1e-12)
+    assert set(member_sets(table)) == set(rows["coalition"])
