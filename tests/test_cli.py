@@ -151,6 +151,9 @@ def test_verify_reports_ok_or_the_problems(tmp_path: Path, capsys):
     (bundle / "results.tar.gz").write_bytes(b"not a tar file")
     assert main(["verify", str(bundle)]) == 1
     assert "results.tar.gz" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        main(["verify", str(tmp_path / "nowhere")])
+    assert stop.value.code == 2 and "diffcredit: error: " in capsys.readouterr().err
 
 
 def test_demo_forwards_every_argument(monkeypatch):

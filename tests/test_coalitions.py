@@ -221,6 +221,7 @@ def table_of(*members: str, ids: list[str] | None = None, **columns: list[str]) 
         (table_of("a", "a,,b"), None, r"invalid contributor id '' \(coalitions row 2"),
         (pd.DataFrame({"coalition": ["c000000"]}), None, r"missing column\(s\) \['members'\]"),
         (table_of(), None, "no coalitions"),
+        (table_of("a"), ["a", "b", "a"], "duplicate contributor 'a' at row 3"),
     ],
 )
 def test_bad_coalition_tables_are_refused_naming_the_row(table, contributors, message):

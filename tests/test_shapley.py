@@ -262,10 +262,10 @@ def test_result_files_and_method(tmp_path: Path):
     result = aggregate(table, utilities(table, game, seeds=2, noise=0.1))
     assert tuple(result.table.columns) == TABLE_COLUMNS
     assert "Welch t-interval" in result.method and "95% level" in result.method
-    write_result(result, tmp_path / "shapley.csv", convergence=tmp_path / "convergence.csv")
+    write_result(result, tmp_path / "shapley.csv", convergence=tmp_path / "convergence.tsv")
     back = pd.read_csv(tmp_path / "shapley.csv")
     pd.testing.assert_frame_equal(back, result.table, check_dtype=False)
-    assert len(pd.read_csv(tmp_path / "convergence.csv")) == len(result.convergence)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "convergence.tsv", sep="\t"), result.convergence)
 
 
 def test_contributors_fix_the_output_order():

@@ -29,6 +29,9 @@ the next row. Each draw appears exactly once, so estimators average over draws w
 ``loo`` ignore it. Randomness is drawn in fixed blocks of draws from ``SeedSequence(seed, spawn_key=(label,
 block))``, so rows never depend on the budget: ``plan(..., budget=m)`` is the first m rows of any larger plan, and
 raising the budget only appends coalition jobs.
+
+:func:`read_coalitions` and :func:`parse_coalitions` accept any coalition table (also the LDS subsets, which may
+repeat a member set); :func:`parse_plan` adds the checks an estimator needs before aggregation.
 """
 
 from __future__ import annotations
@@ -344,6 +347,7 @@ def parse_coalitions(
         names = _member_order(found, codes, row_of, counts)
     else:
         names = list(contributors)
+        _refuse_duplicates(names, "duplicate contributor")
         unknown = np.flatnonzero(~pd.Index(found).isin(names))
         if len(unknown):
             raise ValueError(f"{where[unknown[0]]}: unknown contributor {found[unknown[0]]!r}; "

@@ -418,8 +418,10 @@ def _result(
     return ShapleyResult(values, convergence, f"{method}; {confidence:.0%} level", excluded)
 
 
-def write_result(result: ShapleyResult, path: str | os.PathLike[str], convergence: str | None = None) -> None:
-    """Write the values table as CSV (and optionally the convergence table), atomically."""
+def write_result(
+    result: ShapleyResult, path: str | os.PathLike[str], convergence: str | os.PathLike[str] | None = None
+) -> None:
+    """Write the values table as CSV (and optionally the convergence table, TSV if named .tsv), atomically."""
     plans.write_table(result.table, path, sep=",")
     if convergence is not None:
-        plans.write_table(result.convergence, convergence, sep=",")
+        plans.write_table(result.convergence, convergence, sep="\t" if str(convergence).endswith(".tsv") else ",")
