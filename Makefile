@@ -31,6 +31,10 @@ test-all: $(STAMP)
 dry-run: $(STAMP)
 	$(BIN)/snakemake -n --cores $(CORES)
 
+## Fidelity and cost against retraining on digits (about an hour); writes benchmarks/RESULTS.md and results.json.
+benchmark: $(STAMP)
+	$(BIN)/python benchmarks/fidelity.py --cores $(CORES)
+
 lint: $(STAMP)
 	$(BIN)/snakemake --lint
 

@@ -9,6 +9,7 @@ from PIL import Image
 
 from diffcredit.contributors import (
     ContributorData,
+    contributor_ids,
     load_arrays,
     load_digits,
     load_image_folder,
@@ -215,3 +216,19 @@ def test_split_heldout_is_stratified_and_keeps_every_contributor(digits):
 def test_write_manifest(tmp_path):
     write_manifest(small_data(["b", "a", "b"]), tmp_path / "c.tsv")
     assert (tmp_path / "c.tsv").read_text() == "contributor\tn_items\nb\t2\na\t1\n"
+
+
+def test_contributor_ids_match_the_loaded_data_without_reading_images(tmp_path):
+    assert contributor_ids("digits") == load_digits().contributor_ids
+    manifest = write_tsv(tmp_path / "m.tsv", [{"path": "never-read.png", "contributor": "b"},
+                                               {"path": "also-absent.png", "contributor": "a"},
+                                               {"path": "third.png", "contributor": "b"}])
+    assert contributor_ids("folder", manifest=manifest) == ["b", "a"]
+    bad = write_tsv(tmp_path / "bad.tsv", [{"path": "x.png", "contributor": "a/b"}])
+    with pytest.raises(ValueError, match="'a/b'"):
+        contributor_ids("folder", manifest=bad)
+
+
+def test_missing_manifest_is_named_with_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"manifest '.*absent.tsv' not found.*columns path, contributor"):
+        contributor_ids("folder", manifest=tmp_path / "absent.tsv")

@@ -284,6 +284,11 @@ def write_manifest(data: ContributorData, path: str | Path) -> None:
 def _read_tsv(path: str | Path, columns: tuple[str, ...]) -> pd.DataFrame:
     import pandas as pd
 
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"manifest {str(path)!r} not found (relative paths start at the working directory, {os.getcwd()}); "
+            f"give a tab-separated file with columns {', '.join(columns)}"
+        )
     table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
     if table.empty:
         raise ValueError(f"{path} lists no items; give one row per item with columns {', '.join(columns)}")

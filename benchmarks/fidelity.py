@@ -1,0 +1,136 @@
+"""Fidelity and cost of sparsified fine-tuning against retraining from scratch, on the digits setup (about an hour).
+
+    .venv/bin/python benchmarks/fidelity.py [--cores 2] [--report-only]
+
+Runs `snakemake evaluate` with config/presets/benchmark.yaml (results in results/benchmark/), then writes the
+evaluation report's figures to benchmarks/results.json and the section "Fidelity and cost against retraining" of
+benchmarks/RESULTS.md, next to the targets they are held to. Finished jobs are reused: rerunning after an
+interruption continues where it stopped; --report-only rewrites the files from the existing report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from machine import machine_description, package_versions, replace_section
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESET = ROOT / "config" / "presets" / "benchmark.yaml"
+RUN = ROOT / "results" / "benchmark"
+SECTION = "Fidelity and cost against retraining"
+# key -> (target, which way it must go), set against the paper's figures at GPU scale (issue 5).
+TARGETS = {
+    "sft_cost_ratio": (10.0, "min"),
+    "spearman_sft_retrain": (0.9, "min"),
+    "spearman_sft_retrain_size_removed": (0.7, "min"),
+    "lds_sft_shapley": (0.6, "min"),
+    "overhead_fraction": (0.10, "max"),
+}
+
+
+def run_workflow(cores: int) -> float:
+    """Run the benchmark's `snakemake evaluate`; return its wall seconds."""
+    command = [sys.executable, "-m", "snakemake", "evaluate", "--cores", str(cores),
+               "--configfile", str(ROOT / "config" / "config.yaml"), str(PRESET)]
+    tic = time.perf_counter()
+    subprocess.run(command, cwd=ROOT, check=True)
+    return time.perf_counter() - tic
+
+
+def results(report: dict, wall_seconds: float | None) -> dict:
+    keys = ("sft_cost_ratio", "finetune_cost_ratio", "pearson_sft_retrain", "spearman_sft_retrain",
+            "spearman_sft_retrain_size_removed", "spearman_sft_retrain_partial_size", "retrain_seed_cv",
+            "pearson_finetune_retrain", "spearman_finetune_retrain", "spearman_finetune_retrain_size_removed",
+            "overhead_fraction")
+    out = {key: report.get(key) for key in keys}
+    out.update({key: value for key, value in report.items() if key.startswith("lds_")})
+    out["seconds_per_coalition"] = report["seconds_per_coalition"]
+    out["lds"] = report["lds"]
+    out["counterfactual"] = report["counterfactual"]
+    out["workflow_wall_seconds"] = wall_seconds
+    out["machine"] = machine_description()
+    out["date"] = time.strftime("%Y-%m-%d")
+    out["packages"] = package_versions()
+    return out
+
+
+def verdict(key: str, value: float | None) -> str:
+    if key not in TARGETS:
+        return ""
+    target, way = TARGETS[key]
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "not measured"
+    met = value >= target if way == "min" else value <= target
+    sign = "≥" if way == "min" else "≤"
+    return f"{sign} {target:g}: {'met' if met else f'missed by {abs(value - target):.3g}'}"
+
+
+def markdown(out: dict) -> str:
+    def number(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3g}"
+
+    cost = out["seconds_per_coalition"]
+    rows = [
+        ("retrain / sft seconds per coalition", "sft_cost_ratio"),
+        ("retrain / finetune seconds per coalition", "finetune_cost_ratio"),
+        ("Pearson, sft vs retrain utilities", "pearson_sft_retrain"),
+        ("Spearman, sft vs retrain utilities", "spearman_sft_retrain"),
+        ("Spearman, sft vs retrain, within equal sizes", "spearman_sft_retrain_size_removed"),
+        ("partial Spearman, sft vs retrain, given size", "spearman_sft_retrain_partial_size"),
+        ("Pearson, finetune vs retrain utilities", "pearson_finetune_retrain"),
+        ("Spearman, finetune vs retrain, within equal sizes", "spearman_finetune_retrain_size_removed"),
+        ("seed-to-seed CV of retrained utilities", "retrain_seed_cv"),
+        ("orchestration overhead / coalition compute", "overhead_fraction"),
+    ]
+    lines = [
+        f"Command: `.venv/bin/python benchmarks/fidelity.py` (config/presets/benchmark.yaml). Machine: {out['machine']}. "
+        f"Date: {out['date']}. Workflow wall time: {number(out['workflow_wall_seconds'])} s. Packages: "
+        + ", ".join(f"{name} {version}" for name, version in out["packages"].items()) + ".",
+        "",
+        "Median seconds per coalition (train + sample + score): "
+        + ", ".join(f"{mode} {seconds:.3g}" for mode, seconds in cost.items()) + ".",
+        "",
+        "| measure | value | target |",
+        "| --- | --- | --- |",
+        *[f"| {label} (`{key}`) | {number(out[key])} | {verdict(key, out[key])} |" for label, key in rows],
+        "",
+        "LDS (Spearman of summed scores with the retrained property over held-out subsets; interval over seeds):",
+        "",
+        "| ranking | LDS | interval | per seed |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, row in out["lds"].items():
+        per_seed = ", ".join(f"{v:.2f}" for v in row["per_seed"])
+        lines.append(f"| {name} | {row['value']:.3f} | [{row['ci_low']:.2f}, {row['ci_high']:.2f}] | {per_seed} |"
+                     + (f" {verdict('lds_sft_shapley', row['value'])}" if name == "sft_shapley" else ""))
+    lines += ["", "Counterfactual: the property after retraining without each ranking's top contributors:", "",
+              "| ranking | " + " | ".join(k for k in out["counterfactual"][0] if k != "ranking") + " |",
+              "| --- " * len(out["counterfactual"][0]) + "|"]
+    for row in out["counterfactual"]:
+        lines.append(f"| {row['ranking']} | "
+                     + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v)
+                                  for k, v in row.items() if k != "ranking") + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--report-only", action="store_true", help="do not run the workflow; report what exists")
+    args = parser.parse_args(argv)
+    wall = None if args.report_only else run_workflow(args.cores)
+    report = json.loads((RUN / "evaluation" / "report.json").read_text())
+    out = results(report, wall)
+    (ROOT / "benchmarks" / "results.json").write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
+    replace_section(ROOT / "benchmarks" / "RESULTS.md", SECTION, markdown(out))
+    print(markdown(out))
+
+
+if __name__ == "__main__":
+    main()
