@@ -276,3 +276,13 @@ def test_contributors_fix_the_output_order():
     assert reordered["contributor"].tolist() == game.players[::-1]
     np.testing.assert_allclose(reordered["value"], reference_shapley(game, game.players)[::-1], atol=1e-12)
     assert set(member_sets(table)) == set(rows["coalition"])
+
+
+@pytest.mark.parametrize("estimator", SAMPLED)
+def test_a_large_utility_offset_changes_nothing(estimator):
+    # FID-like utilities far from zero: the variances must not lose their digits to cancellation.
+    small, large = pairwise(6, seed=4, offset=0.0), pairwise(6, seed=4, offset=1e8)
+    table = planned(small, estimator, 30)
+    results = [aggregate(table, utilities(table, game, seeds=2, noise=0.1)).table for game in (small, large)]
+    np.testing.assert_allclose(results[1]["value"], results[0]["value"], atol=1e-6)
+    np.testing.assert_allclose(results[1]["stderr"], results[0]["stderr"], rtol=1e-4)

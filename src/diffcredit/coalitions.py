@@ -366,9 +366,10 @@ def _member_order(found: np.ndarray, codes: np.ndarray, row_of: np.ndarray, coun
     if len(grand):
         return found[codes[row_of == grand[0]]].tolist()
     follows = row_of[1:] == row_of[:-1]
+    pairs = np.unique(codes[:-1][follows] * len(found) + codes[1:][follows])  # (earlier, later) as one integer
     before: dict[int, set[int]] = {code: set() for code in range(len(found))}
-    for earlier, later in np.unique(np.column_stack([codes[:-1], codes[1:]])[follows], axis=0).tolist():
-        before[later].add(earlier)
+    for earlier, later in zip(*np.divmod(pairs, len(found))):
+        before[int(later)].add(int(earlier))
     try:
         return found[list(graphlib.TopologicalSorter(before).static_order())].tolist()
     except graphlib.CycleError:  # rows disagree on the order: keep the order of first appearance

@@ -340,9 +340,21 @@ def _linear_path(linear: _Linear, measured: _Measured, grid: np.ndarray) -> list
 
 
 def _banzhaf_path(members: sparse.csr_array, measured: _Measured) -> list[tuple[int, _Estimate]]:
-    rows = len(measured.mean)
-    path = [(q, _banzhaf(members[:q], measured.mean[:q], measured.noise[:q])) for q in _grid(rows)]
-    path = [(q, estimate) for q, estimate in path if np.isfinite(estimate.stderr).all()]
+    """Banzhaf estimates on plan prefixes, from per-contributor sums that grow by chunk between grid points."""
+    rows, n = members.shape
+    keep = np.isfinite(measured.mean)
+    u = np.where(keep, measured.mean - np.nanmean(measured.mean), 0.0)  # centred: sums of squares stay accurate
+    per_row = np.column_stack([keep, u, u**2, np.where(keep, measured.noise, 0.0)])  # count, Σu, Σu², Σ noise
+    z = members.astype(float)
+    inside, total = np.zeros((4, n)), np.zeros((4, 1))
+    path, start = [], 0
+    for q in _grid(rows):
+        inside += (z[start:q].T @ per_row[start:q]).T
+        total += per_row[start:q].sum(axis=0)[:, None]
+        start = q
+        estimate = _banzhaf(inside, total - inside, n)
+        if np.isfinite(estimate.stderr).all():
+            path.append((int(q), estimate))
     if not path or path[-1][0] != rows:
         raise ValueError(
             "banzhaf needs at least 2 planned coalitions with and 2 without every contributor: raise the budget"
@@ -350,26 +362,23 @@ def _banzhaf_path(members: sparse.csr_array, measured: _Measured) -> list[tuple[
     return path
 
 
-def _banzhaf(members: sparse.csr_array, mean: np.ndarray, noise: np.ndarray) -> _Estimate:
-    keep = np.isfinite(mean)
-    z, u, d = members[np.flatnonzero(keep)].astype(float), mean[keep], noise[keep]
-    n = z.shape[1]
+def _banzhaf(inside: np.ndarray, outside: np.ndarray, n: int) -> _Estimate:
+    """Difference of the mean utilities with and without each contributor, from the sums (count, Σu, Σu², Σσ²)."""
     population = 2.0 ** (n - 1)
     sides = []
-    for weight in (z, 1.0 - z.toarray()):
-        k = np.asarray(weight.sum(axis=0)).ravel()
+    for k, total, squares, noise in (inside, outside):
         with np.errstate(invalid="ignore", divide="ignore"):
-            average = (u @ weight) / k
-            spread = ((u**2) @ weight - k * average**2) / (k - 1)
-            seed = (d @ weight) / k
+            average = total / k
+            spread = (squares - k * average**2) / (k - 1)
+            seed = noise / k
             variance = (np.maximum(spread - seed, 0) * (1 - k / population) + seed) / k
         sides.append((average, variance, k))
-    (inside, v_in, k_in), (outside, v_out, k_out) = sides
+    (with_i, v_in, k_in), (without_i, v_out, k_out) = sides
     variance = v_in + v_out
     with np.errstate(invalid="ignore", divide="ignore"):
         df = variance**2 / (v_in**2 / (k_in - 1) + v_out**2 / (k_out - 1))
     df = np.where(variance > 0, df, np.inf)
-    return _Estimate(inside - outside, np.sqrt(variance), df, int(keep.sum()))
+    return _Estimate(with_i - without_i, np.sqrt(variance), df, int(inside[0, 0] + outside[0, 0]))
 
 
 def _grid(rows: int) -> np.ndarray:
