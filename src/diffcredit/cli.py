@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from diffcredit.coalitions import ESTIMATORS
 
@@ -41,10 +42,10 @@ def _aggregate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace, arguments: list[str]) -> int:
+def _demo(args: argparse.Namespace) -> int:
     from diffcredit.demo import main as demo
 
-    demo(arguments)
+    demo(args.arguments)
     return 0
 
 
@@ -67,8 +68,6 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from pathlib import Path
-
     parser = argparse.ArgumentParser(prog="diffcredit", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -108,9 +107,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command != "demo" and rest:
+    if args.command == "demo":
+        args.arguments = rest
+    elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        return args.run(args, rest) if args.command == "demo" else args.run(args)
+        return args.run(args)
     except (ValueError, OSError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
