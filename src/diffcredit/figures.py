@@ -1,4 +1,4 @@
-"""Figures: sorted contributor values with interval whiskers, and panels of sample grids."""
+"""Figures: sorted contributor values with interval whiskers (sample grids: :func:`diffcredit.sampling.save_grid`)."""
 
 from __future__ import annotations
 
@@ -34,28 +34,3 @@ def plot_values(table: pd.DataFrame, path: str | Path, *, title: str, confidence
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def plot_sample_panels(panels: dict[str, np.ndarray], path: str | Path, *, columns: int = 8) -> None:
-    """One titled grid per entry of `panels` (label -> images [N, C, H, W] in [-1, 1]), side by side."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.3 * len(panels), 2.6), squeeze=False)
-    for ax, (label, images) in zip(axes[0], panels.items()):
-        ax.imshow(_grid(images, columns), cmap="gray" if images.shape[1] == 1 else None, vmin=0, vmax=1)
-        ax.set_title(label, fontsize=8)
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _grid(images: np.ndarray, columns: int) -> np.ndarray:
-    """Tile images [N, C, H, W] in [-1, 1] into one [rows*H, columns*W(, C)] array in [0, 1]."""
-    images = np.clip((images + 1) / 2, 0, 1)
-    n, c, h, w = images.shape
-    rows = -(-n // columns)
-    canvas = np.ones((rows * (h + 1), columns * (w + 1), c), dtype=np.float32)
-    for i, image in enumerate(images):
-        r, col = divmod(i, columns)
-        canvas[r * (h + 1) : r * (h + 1) + h, col * (w + 1) : col * (w + 1) + w] = image.transpose(1, 2, 0)
-    return canvas[..., 0] if c == 1 else canvas

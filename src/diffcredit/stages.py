@@ -205,9 +205,8 @@ def sample_figure(
 ) -> None:
     """Real images beside samples of the full and recovered models and of the ∅, N and singleton coalitions."""
     from diffcredit.coalitions import member_sets, read_coalitions
-    from diffcredit.figures import plot_sample_panels
     from diffcredit.models import load_model
-    from diffcredit.sampling import generate
+    from diffcredit.sampling import generate, save_grid
 
     panels = {"real (held out)": ContributorData.load(heldout_data).images[:n]}
     for label, directory in (("full model", full_model), ("pruned + recovered", recovered_model)):
@@ -220,12 +219,12 @@ def sample_figure(
     chosen = pd.concat([measured[measured["size"] == 0], measured[measured["size"] == largest],
                         measured[measured["size"] == 1].head(2)])
     for coalition, record, size in zip(chosen["coalition"], chosen["record"], chosen["size"]):
-        label = "∅ (untrained)" if size == 0 else ("all contributors" if size == largest
+        label = "empty coalition (untrained)" if size == 0 else ("all contributors" if size == largest
                                                   else "only " + ",".join(members[coalition]))
         preview = UtilityStore(store).path(record).with_suffix(".npz")
         with np.load(preview) as samples:
             panels[f"{label}, fine-tuned" if size else label] = samples["samples"][:n]
-    plot_sample_panels(panels, out)
+    save_grid(panels, out, nrow=8)
 
 
 def bundle(files: dict[str, str], checksums_out: str, *, config: dict) -> None:
