@@ -123,14 +123,12 @@ def aggregate(
     contributors: Sequence[str] | None = None,
     confidence: float = 0.95,
     missing: str = "error",
-    seed: int = 0,
 ) -> ShapleyResult:
     """Estimate each contributor's value with the estimator recorded in the plan (see the module docstring).
 
     ``contributors`` fixes the output order (default: the plan's, see :func:`coalitions.parse_coalitions`).
     ``missing="error"`` refuses planned coalitions without a finite utility; ``"exclude"`` leaves them (and every
-    draw using them) out and lists them in ``ShapleyResult.excluded``. ``seed`` is accepted for the workflow's
-    call; every interval here is analytic, so the result does not depend on it.
+    draw using them) out and lists them in ``ShapleyResult.excluded``. Every interval is analytic (no resampling).
     """
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be between 0 and 1, got {confidence!r}")
