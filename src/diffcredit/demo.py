@@ -3,7 +3,8 @@
     python -m diffcredit.demo --out results/demo [--steps 2000 --recover-steps 1000 --ratio 0.5 --seed 0]
 
 Writes ``samples.png`` (real | full | pruned | recovered), one model directory per stage and ``demo.json`` with the
-seconds of every stage and the parameter counts.
+seconds of every stage, the parameter counts and the FID of each stage against the held-out digits (features of the
+workflow's own seeded digit classifier; ``--fid-samples`` generated images per stage, the same noise for each).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 
 from diffcredit.contributors import load_digits, split_heldout
 from diffcredit.models import build_model, count_parameters, digits_unet_config, save_model
+from diffcredit.properties import load_property, prepare_reference
 from diffcredit.pruning import prune
 from diffcredit.sampling import generate, save_grid
 from diffcredit.seeds import derive_seed
@@ -34,17 +36,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--samples", type=int, default=64, help="generated images per model")
     parser.add_argument("--heldout", type=float, default=0.2, help="share of each digit kept out of training")
+    parser.add_argument("--fid-samples", type=int, default=512, help="generated images per stage for its FID")
+    parser.add_argument("--classifier-steps", type=int, default=1500, help="training steps of the FID classifier")
     args = parser.parse_args(argv)
 
     train_data, heldout = split_heldout(load_digits(), args.heldout, derive_seed(args.seed, "split"))
     fit = {"batch_size": args.batch_size, "lr": args.lr, "log_every": 250}
     seconds: dict[str, float] = {}
     samples: dict[str, np.ndarray] = {"real (held out)": heldout.images[: args.samples]}
+    fid: dict[str, float] = {}
+    prepare_reference(args.out / "reference", train_images=train_data.images, train_labels=train_data.labels,
+                      reference_images=heldout.images, seed=derive_seed(args.seed, "features"),
+                      classifier_steps=args.classifier_steps)
+    score = load_property("fid", args.out / "reference")
+    fid["real held out vs real train"] = score(train_data.images)
 
     def sample(label: str, model) -> None:
         start = time.perf_counter()
-        samples[label] = generate(model, args.samples, seed=derive_seed(args.seed, "generation"))
+        images = generate(model, max(args.samples, args.fid_samples), seed=derive_seed(args.seed, "generation"))
         seconds[f"sample_{label}"] = time.perf_counter() - start
+        samples[label] = images[: args.samples]
+        fid[label] = score(images[: args.fid_samples])
 
     full = build_model(digits_unet_config(), seed=derive_seed(args.seed, "init"))
     seconds["train"] = train(
@@ -69,10 +81,11 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "seconds": {stage: round(value, 2) for stage, value in seconds.items()},
         "parameters": {"full": count_parameters(full), "pruned": count_parameters(pruned)},
+        "fid": {stage: round(value, 3) for stage, value in fid.items()},
         "args": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
     }
     (args.out / "demo.json").write_text(json.dumps(report, indent=1) + "\n")
-    print(json.dumps(report["seconds"]))
+    print(json.dumps({key: report[key] for key in ("seconds", "fid")}, indent=1))
 
 
 if __name__ == "__main__":
