@@ -145,6 +145,7 @@ def test_killed_run_resumes_without_recomputing(tmp_path):
     assert 2 <= len(finished) < 8
     assert not list(store.glob("*/.*.tmp")), "a half-written record was left behind"
 
+    snakemake(workdir, "--unlock", "--configfile", str(TINY))  # a killed Snakemake leaves its lock behind
     snakemake(workdir, "--cores", "2", "--configfile", str(TINY))
     after = stored_records(workdir / "results" / "tiny")
     assert {p: after[p] for p in finished} == finished, "a finished coalition was recomputed"

@@ -52,6 +52,7 @@ def plan_table(plan):
     return stages.plan_table(**plan_spec(plan))
 
 
+@lru_cache
 def batches(plan):
     """Coalition ids of `plan` in jobs of `coalitions_per_job` (fixed boundaries: a larger budget adds jobs)."""
     ids = list(plan_table(plan)["coalition"])
