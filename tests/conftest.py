@@ -14,7 +14,7 @@ from diffcredit.models import build_model
 torch.set_num_threads(1)  # two cores are shared by everyone running tests
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_config() -> dict[str, Any]:
     """A two-level UNet2DModel for 8×8 grayscale images: 8/16 channels, 4 and 8 per GroupNorm group, attention
     (2 heads) at 4×4, with both a Downsample2D and an Upsample2D."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,48 +17,35 @@ from diffcredit.models import build_model, make_scheduler
 from diffcredit.sampling import generate
 from diffcredit.training import train
 
-TINY = {
-    "sample_size": 8,
-    "in_channels": 1,
-    "out_channels": 1,
-    "block_out_channels": [8, 16],
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-    "layers_per_block": 1,
-    "norm_num_groups": 4,
-}
 SCHEDULE = {"num_train_timesteps": 100}
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> None:
-    torch.set_num_threads(1)
-
-
 @pytest.fixture(scope="module")
-def digits() -> np.ndarray:
+def all_digits() -> np.ndarray:
     return load_digits().images
 
 
 @pytest.fixture(scope="module")
-def planted(digits: np.ndarray) -> tuple[ContributorData, np.ndarray]:
+def planted(all_digits: np.ndarray) -> tuple[ContributorData, np.ndarray]:
     """Contributor ``copy`` holds exact copies of the targets, ``noise`` uniform noise, ``other`` other digits."""
-    targets = digits[:6]
+    targets = all_digits[:6]
     noise = np.random.default_rng(0).uniform(-1, 1, (6, 1, 8, 8)).astype(np.float32)
-    images = np.concatenate([targets, noise, digits[100:106]])
+    images = np.concatenate([targets, noise, all_digits[100:106]])
     data = ContributorData(images, ["copy"] * 6 + ["noise"] * 6 + ["other"] * 6, [f"i{i:02d}" for i in range(18)])
     return data, targets
 
 
-def tiny_model(seed: int = 0):
-    return build_model(TINY, seed=seed)
+@pytest.fixture(scope="module")
+def new_model(tiny_config: dict) -> Callable[..., torch.nn.Module]:
+    """A fresh seeded tiny UNet per call: the methods train or differentiate the model they are given."""
+    return lambda seed=0: build_model(tiny_config, seed=seed)
 
 
 @pytest.fixture(scope="module")
-def denoiser(digits: np.ndarray):
+def denoiser(all_digits: np.ndarray, new_model):
     """A tiny model briefly trained on digits: past the phase in which any image, even noise, teaches denoising."""
-    model = tiny_model()
-    train(model, digits[300:600], steps=40, batch_size=32, lr=1e-3, seed=0, schedule=SCHEDULE, log=lambda m: None)
+    model = new_model()
+    train(model, all_digits[300:600], steps=40, batch_size=32, lr=1e-3, seed=0, schedule=SCHEDULE, log=lambda m: None)
     return model
 
 
@@ -88,9 +77,9 @@ def test_save_values_writes_contributor_value_rank_and_extras(tmp_path) -> None:
 # --- D-TRAK ---------------------------------------------------------------------------------------------------------
 
 
-def test_dtrak_credits_the_copies_of_the_targets(planted) -> None:
+def test_dtrak_credits_the_copies_of_the_targets(planted, new_model) -> None:
     data, targets = planted
-    scores = dtrak.contributor_scores(tiny_model(), data, targets, projection_dim=64, timesteps=4, seed=0, lam=1e-3,
+    scores = dtrak.contributor_scores(new_model(), data, targets, projection_dim=64, timesteps=4, seed=0, lam=1e-3,
                                       schedule=SCHEDULE)
     assert list(scores.index) == ["copy", "noise", "other"]
     # The scores are the ridge coefficients writing the mean target feature through the items' features: the
@@ -99,28 +88,28 @@ def test_dtrak_credits_the_copies_of_the_targets(planted) -> None:
     assert abs(scores["noise"]) < 0.02 and abs(scores["other"]) < 0.02
 
 
-def test_dtrak_features_are_projected_brute_force_gradients(digits) -> None:
-    model = tiny_model().eval()
+def test_dtrak_features_are_projected_brute_force_gradients(all_digits, new_model) -> None:
+    model = new_model().eval()
     scheduler = make_scheduler("ddpm", SCHEDULE)
     steps = torch.tensor([0, 50, 99])
     noise = torch.randn((3, 1, 8, 8), generator=torch.Generator().manual_seed(1))
     params = detached_params(model)
     projection = dtrak.projection_matrix(params, 16, seed=2)
-    got = dtrak.features(model, params, digits[:3], projection=projection, timesteps=steps, noise=noise,
+    got = dtrak.features(model, params, all_digits[:3], projection=projection, timesteps=steps, noise=noise,
                          scheduler=scheduler, batch_size=2)
     stacked = torch.cat([projection[name] for name in params])
-    for i, image in enumerate(torch.from_numpy(digits[:3])):
+    for i, image in enumerate(torch.from_numpy(all_digits[:3])):
         noisy = scheduler.add_noise(image.expand(3, -1, -1, -1), noise, steps)
         loss = model(noisy, steps).sample.pow(2).mean()
         torch.testing.assert_close(got[i], flat_grad(loss, model) @ stacked, rtol=1e-4, atol=1e-6)
 
 
-def test_dtrak_is_seeded(planted) -> None:
+def test_dtrak_is_seeded(planted, new_model) -> None:
     data, targets = planted
     options = {"projection_dim": 8, "timesteps": 2, "lam": 1e-2, "schedule": SCHEDULE}
-    first = dtrak.contributor_scores(tiny_model(), data, targets, seed=3, **options)
-    pd.testing.assert_series_equal(first, dtrak.contributor_scores(tiny_model(), data, targets, seed=3, **options))
-    assert not np.allclose(first, dtrak.contributor_scores(tiny_model(), data, targets, seed=4, **options))
+    first = dtrak.contributor_scores(new_model(), data, targets, seed=3, **options)
+    pd.testing.assert_series_equal(first, dtrak.contributor_scores(new_model(), data, targets, seed=3, **options))
+    assert not np.allclose(first, dtrak.contributor_scores(new_model(), data, targets, seed=4, **options))
 
 
 @pytest.mark.parametrize(
@@ -131,22 +120,22 @@ def test_dtrak_is_seeded(planted) -> None:
         ({"targets": np.zeros((2, 1, 4, 4), np.float32)}, r"targets of shape \(2, 1, 4, 4\) do not match"),
     ],
 )
-def test_dtrak_refuses_bad_settings(planted, options: dict, message: str) -> None:
+def test_dtrak_refuses_bad_settings(planted, options: dict, message: str, new_model) -> None:
     data, targets = planted
     kwargs = {"targets": targets, "projection_dim": 4, "timesteps": 2, "seed": 0, "lam": 1e-2,
               "schedule": SCHEDULE} | options
     with pytest.raises(ValueError, match=message):
-        dtrak.contributor_scores(tiny_model(), data, **kwargs)
+        dtrak.contributor_scores(new_model(), data, **kwargs)
 
 
 # --- In-Run Data Shapley ------------------------------------------------------------------------------------------
 
 
-def test_inrun_dot_products_equal_per_example_autograd(digits) -> None:
-    model = tiny_model().double()
+def test_inrun_dot_products_equal_per_example_autograd(all_digits, new_model) -> None:
+    model = new_model().double()
     scheduler = make_scheduler("ddpm", SCHEDULE)
     generator = torch.Generator().manual_seed(0)
-    clean = torch.from_numpy(digits[:4]).double()
+    clean = torch.from_numpy(all_digits[:4]).double()
     noise = torch.randn(clean.shape, generator=generator, dtype=torch.float64)
     steps = torch.randint(0, 100, (4,), generator=generator)
     params = detached_params(model)
@@ -159,8 +148,8 @@ def test_inrun_dot_products_equal_per_example_autograd(digits) -> None:
         assert dots[i].item() == pytest.approx((flat_grad(loss, model) @ flat_direction).item(), rel=1e-5)
 
 
-def test_inrun_credits_copies_of_the_validation_images_over_noise(digits, denoiser) -> None:
-    validation = digits[200:212]
+def test_inrun_credits_copies_of_the_validation_images_over_noise(all_digits, denoiser) -> None:
+    validation = all_digits[200:212]
     noise = np.random.default_rng(1).uniform(-1, 1, (12, 1, 8, 8)).astype(np.float32)
     data = ContributorData(np.concatenate([noise, validation]), ["noise"] * 12 + ["copy"] * 12,
                            [f"i{i:02d}" for i in range(24)])
@@ -170,19 +159,19 @@ def test_inrun_credits_copies_of_the_validation_images_over_noise(digits, denois
     assert scores["copy"] > 0 and scores["copy"] > 2 * abs(scores["noise"])
 
 
-def test_inrun_credits_only_the_items_of_the_batches_and_is_seeded(digits) -> None:
-    images, validation = digits[:6], digits[50:54]
+def test_inrun_credits_only_the_items_of_the_batches_and_is_seeded(all_digits, new_model) -> None:
+    images, validation = all_digits[:6], all_digits[50:54]
     options = {"steps": 1, "batch_size": 2, "lr": 0.1, "schedule": SCHEDULE, "log": lambda message: None}
-    values = inrun.item_scores(tiny_model(), images, validation, seed=5, **options)
+    values = inrun.item_scores(new_model(), images, validation, seed=5, **options)
     assert np.count_nonzero(values) == 2
-    np.testing.assert_array_equal(values, inrun.item_scores(tiny_model(), images, validation, seed=5, **options))
-    assert not np.array_equal(values, inrun.item_scores(tiny_model(), images, validation, seed=6, **options))
+    np.testing.assert_array_equal(values, inrun.item_scores(new_model(), images, validation, seed=5, **options))
+    assert not np.array_equal(values, inrun.item_scores(new_model(), images, validation, seed=6, **options))
 
 
-def test_inrun_leaves_the_given_model_untouched(digits) -> None:
-    model = tiny_model()
+def test_inrun_leaves_the_given_model_untouched(all_digits, new_model) -> None:
+    model = new_model()
     before = {name: p.clone() for name, p in model.state_dict().items()}
-    inrun.item_scores(model, digits[:4], digits[4:6], steps=1, batch_size=2, lr=1.0, seed=0, schedule=SCHEDULE,
+    inrun.item_scores(model, all_digits[:4], all_digits[4:6], steps=1, batch_size=2, lr=1.0, seed=0, schedule=SCHEDULE,
                       log=lambda message: None)
     assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())
 
@@ -195,10 +184,10 @@ def test_inrun_leaves_the_given_model_untouched(digits) -> None:
         ({"steps": 0}, "need steps >= 1"),
     ],
 )
-def test_inrun_refuses_bad_settings(digits, options: dict, message: str) -> None:
+def test_inrun_refuses_bad_settings(all_digits, options: dict, message: str, new_model) -> None:
     kwargs = {"steps": 1, "batch_size": 2, "lr": 0.1, "seed": 0, "schedule": SCHEDULE} | options
     with pytest.raises(ValueError, match=message):
-        inrun.item_scores(tiny_model(), digits[:4], digits[4:6], **kwargs)
+        inrun.item_scores(new_model(), all_digits[:4], all_digits[4:6], **kwargs)
 
 
 # --- encoded ensembles ----------------------------------------------------------------------------------------------
@@ -235,14 +224,14 @@ def test_codes_refuse_bad_input(ids: list[str], members: int, message: str) -> N
         encode(ids, members, seed=0)
 
 
-def test_ensemble_of_one_member_samples_like_the_member() -> None:
-    member = tiny_model(seed=3)
+def test_ensemble_of_one_member_samples_like_the_member(new_model) -> None:
+    member = new_model(seed=3)
     options = {"seed": 7, "inference_steps": 4, "schedule": SCHEDULE}
     np.testing.assert_array_equal(generate(AveragedEnsemble([member]), 5, **options), generate(member, 5, **options))
 
 
-def test_ensemble_prediction_is_the_members_mean() -> None:
-    members = [tiny_model(seed=s).eval() for s in range(3)]
+def test_ensemble_prediction_is_the_members_mean(new_model) -> None:
+    members = [new_model(seed=s).eval() for s in range(3)]
     x, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 70])
     with torch.no_grad():
         expected = sum(m(x, t).sample for m in members) / 3
@@ -259,8 +248,8 @@ class MeanPixel:
         return float(np.mean(images))
 
 
-def test_ablation_drops_exactly_the_members_that_saw_the_contributor() -> None:
-    members = [tiny_model(seed=s) for s in range(4)]
+def test_ablation_drops_exactly_the_members_that_saw_the_contributor(new_model) -> None:
+    members = [new_model(seed=s) for s in range(4)]
     codes = encode(["a", "b", "c"], 4, seed=0)
     options = {"seed": 1, "inference_steps": 3, "schedule": SCHEDULE}
     table = ablation_table(members, codes, MeanPixel(), n_samples=3, log=lambda message: None, **options)

@@ -41,25 +41,10 @@ OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 
 
 def contributor_scores(
-    model: nn.Module,
-    data: ContributorData,
-    validation_images: np.ndarray,
-    *,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    optimizer: str = "sgd",
-    validation_batch_size: int | None = None,
-    schedule: dict[str, Any] | None = None,
-    device: str | None = None,
-    log: Callable[[str], None] = print,
+    model: nn.Module, data: ContributorData, validation_images: np.ndarray, **options: Any
 ) -> pd.Series:
-    """In-Run Data Shapley of each contributor over a run of `steps` steps from `model` (trains a copy)."""
-    scores = item_scores(model, data.images, validation_images, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                         optimizer=optimizer, validation_batch_size=validation_batch_size, schedule=schedule,
-                         device=device, log=log)
-    return contributor_totals(scores, data)
+    """In-Run Data Shapley of each contributor: the sum of :func:`item_scores` (same options) over its items."""
+    return contributor_totals(item_scores(model, data.images, validation_images, **options), data)
 
 
 def item_scores(

@@ -71,8 +71,8 @@ def prepare_reference(
 
     Without `extractor`, a `DigitClassifier` is trained on the labelled training images (seeded, seconds on a CPU);
     with it, the local TorchScript (.pt) or torch.export (.pt2) file is copied in and used as is. Writes
-    `classifier.safetensors` (+ `.json`) or `extractor.pt[2]`, `reference.npz` and `reference.json` (with the classifier's accuracy on the reference set when
-    `reference_labels` are given), each atomically.
+    `classifier.safetensors` (+ `.json`) or `extractor.pt[2]`, `reference.npz` and `reference.json` (with the
+    classifier's accuracy on the reference set when `reference_labels` are given), each atomically.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,11 @@
-"""Feature extractors behind the properties: a small digit classifier trained here, or a local TorchScript / torch.export module.
+"""Feature extractors behind the properties: a small digit classifier trained here, or a local TorchScript or
+torch.export module.
 
 Inception weights would have to be downloaded and are meaningless on 8x8 digits, so FID and its relatives embed
 images with a classifier the workflow trains itself (seeded, seconds on a CPU). Its features are a 64-d (or smaller)
 linear layer, standardised and taken before the nonlinearity, so that no unit is dead and the feature covariance
-stays full-rank. Larger images (faces, art) come with their own extractor as a local TorchScript or torch.export file that maps images in
-[-1, 1] to features.
+stays full-rank. Larger images (faces, art) come with their own extractor as a local TorchScript or torch.export
+file that maps images in [-1, 1] to features.
 """
 
 from __future__ import annotations
