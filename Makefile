@@ -16,7 +16,7 @@ $(STAMP): requirements.lock pyproject.toml
 
 install: $(STAMP)
 
-## The embedded default end to end: Shapley values of -FID for the 10 digit classes (CPU, ~20 min).
+## The embedded default end to end: Shapley values of -FID for the 10 digit classes (CPU, ~17 min).
 run: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES)
 
