@@ -31,7 +31,7 @@ test-all: $(STAMP)
 dry-run: $(STAMP)
 	$(BIN)/snakemake -n --cores $(CORES)
 
-## Fidelity and cost against retraining on digits (about an hour); writes benchmarks/RESULTS.md and results.json.
+## Fidelity and cost against retraining on digits (about 100 minutes); writes benchmarks/RESULTS.md and results.json.
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/fidelity.py --cores $(CORES)
 

@@ -1,4 +1,4 @@
-"""Fidelity and cost of sparsified fine-tuning against retraining from scratch, on the digits setup (about an hour).
+"""Fidelity and cost of sparsified fine-tuning against retraining from scratch, on the digits setup (~100 min).
 
     .venv/bin/python benchmarks/fidelity.py [--cores 2] [--report-only]
 

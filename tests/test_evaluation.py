@@ -302,3 +302,19 @@ def test_agreement_refuses_a_repeated_coalition() -> None:
     sizes = pd.Series([1, 2, 3, 3], index=["a", "b", "c", "c"])
     with pytest.raises(ValueError, match="coalition 'c' appears more than once in sizes"):
         utility_agreement(retrain[0], retrain, sizes)
+
+
+def test_job_overhead_counts_only_what_each_job_measured(tmp_path) -> None:
+    from diffcredit.stages import job_overhead
+
+    def job(name: str, wall: float, seconds: list[float], fresh: list[bool]) -> None:
+        bench, table = tmp_path / "benchmarks" / "sft" / "kernelshap", tmp_path / "sft" / "kernelshap" / "batches"
+        bench.mkdir(parents=True, exist_ok=True)
+        table.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"s": [wall]}).to_csv(bench / f"{name}.tsv", sep="\t", index=False)
+        pd.DataFrame({"seconds": seconds, "fresh": fresh}).to_csv(table / f"{name}.tsv", sep="\t", index=False)
+
+    job("b00000", 110.0, [60.0, 40.0], [True, True])  # measured everything: 10 s of overhead
+    job("b00001", 60.0, [20.0, 50.0], [False, True])  # resumed: only the 50 s it measured count, 10 s overhead
+    job("b00002", 4.0, [30.0], [False])  # all stored: a rerun's overhead, left out
+    assert job_overhead(tmp_path / "benchmarks") == pytest.approx(20 / 150)

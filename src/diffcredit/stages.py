@@ -173,6 +173,8 @@ def utility_settings(data: ContributorData, settings: dict) -> UtilitySettings:
 def collect_utilities(batches: list[str], out: str) -> pd.DataFrame:
     """Concatenate the batch tables of one plan into its utilities table (`coalition`, `utility`, ...)."""
     table = pd.concat([pd.read_csv(path, sep="\t") for path in batches], ignore_index=True)
+    # Which rows a job measured and which it found stored depends on the run's history, not on its result.
+    table = table.drop(columns="fresh")
     _write_table_atomic(table, out)
     return table
 
@@ -328,8 +330,8 @@ def evaluation_report(
 def job_overhead(benchmarks: Path) -> float | None:
     """Share of coalition jobs' wall time not spent measuring coalitions (process start-up, imports, loading).
 
-    Jobs whose coalitions all came from the store (nothing measured) are left out: their wall time is pure overhead
-    of a rerun, not of measuring.
+    Only the rows a job measured itself count as its compute; jobs that measured nothing (all stored) are left out:
+    their wall time is the overhead of a rerun, not of measuring.
     """
     wall = compute = 0.0
     for bench in benchmarks.glob("*/*/b*.tsv"):
@@ -338,10 +340,10 @@ def job_overhead(benchmarks: Path) -> float | None:
         if not table.exists():
             continue
         rows = pd.read_csv(table, sep="\t")
-        measured = rows["seconds"].sum()
-        seconds = float(pd.read_csv(bench, sep="\t")["s"].iloc[0])
-        if measured <= 0 or measured > seconds:  # stored before this job ran
+        measured = rows.loc[rows["fresh"], "seconds"].sum()
+        if measured <= 0:
             continue
+        seconds = float(pd.read_csv(bench, sep="\t")["s"].iloc[0])
         wall, compute = wall + seconds, compute + measured
     return (wall - compute) / compute if compute else None
 

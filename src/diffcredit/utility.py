@@ -225,7 +225,7 @@ def evaluate_coalitions(
 
     `keep` names what to keep of each new measurement under `keep_dir` (see `measure_coalition`).
     Stored records are reused; new ones are stored as soon as they are measured. The first `preview` samples of each
-    new measurement are stored beside its record for figures.
+    new measurement are stored beside its record for figures. Column ``fresh`` tells the rows measured by this call.
     """
     from diffcredit.properties import load_property
 
@@ -237,7 +237,8 @@ def evaluate_coalitions(
         for repeat in range(repeats):
             key = record_key(fingerprint, members, repeat)
             record = store.get(key)
-            if record is None:
+            fresh = record is None
+            if fresh:
                 kept = keep_dir / coalition / f"repeat{repeat}" if keep else None
                 if kept is not None:
                     kept.mkdir(parents=True, exist_ok=True)
@@ -274,6 +275,7 @@ def evaluate_coalitions(
                     **{f"seconds_{stage}": s for stage, s in record["seconds"].items()},
                     "device": record["device"],
                     "record": key,
+                    "fresh": fresh,
                 }
             )
     return pd.DataFrame(rows)
