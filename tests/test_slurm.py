@@ -26,13 +26,14 @@ import pandas as pd
 import pytest
 import yaml
 
+from workflow_files import workflow_copy
+
 pytestmark = pytest.mark.slurm
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "slurm-local.sh"
 TINY = ROOT / "tests" / "configs" / "tiny.yaml"
 TEST_PROFILE = ROOT / "tests" / "slurm" / "config.yaml"
-WORKFLOW_PARTS = ("Snakefile", "workflow", "config", "envs", "profiles", "slurm")
 PROFILES = ("--profile", "slurm", "--profile", "tests/slurm")
 GPU_RULES = {"train_full", "prune", "recover", "coalition_utilities"}
 RUN = Path("results/tiny")
@@ -56,16 +57,9 @@ class SlurmJob:
     submit_line: str
 
 
-def workflow_copy(path: Path) -> Path:
+def cluster_copy(path: Path) -> Path:
     """The files a clone has, and the test profile, copied into `path`."""
-    for part in WORKFLOW_PARTS:
-        source = ROOT / part
-        if source.is_symlink():
-            (path / part).symlink_to(os.readlink(source))
-        elif source.is_dir():
-            shutil.copytree(source, path / part)
-        else:
-            shutil.copy(source, path / part)
+    workflow_copy(path)
     (path / "tests" / "slurm").mkdir(parents=True)
     shutil.copy(TEST_PROFILE, path / "tests" / "slurm")
     return path
@@ -190,7 +184,7 @@ def cluster() -> Iterator[dict[str, str]]:
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory) -> Path:
     """The tiny config run locally up to its Shapley values: the reference the cluster run must reproduce."""
-    workdir = workflow_copy(tmp_path_factory.mktemp("local"))
+    workdir = cluster_copy(tmp_path_factory.mktemp("local"))
     Run(workdir, str(SHAPLEY), "--cores", "2", "--configfile", str(TINY)).finish()
     return workdir
 
@@ -198,7 +192,7 @@ def local_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cluster_run(cluster, tmp_path_factory) -> tuple[Path, str]:
     """The tiny config on the cluster, whose first coalition job fails once (injected, before any work)."""
-    workdir = workflow_copy(tmp_path_factory.mktemp("cluster"))
+    workdir = cluster_copy(tmp_path_factory.mktemp("cluster"))
     output = start_cluster_run(workdir, env={"DIFFCREDIT_FAIL_ONCE": str(workdir / "failed-once")}).finish()
     return workdir, output
 

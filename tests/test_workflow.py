@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,16 +18,11 @@ import pandas as pd
 import pytest
 import yaml
 
+from workflow_files import workflow_copy
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "configs" / "tiny.yaml"
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
-
-
-def workflow_copy(path: Path) -> Path:
-    for part in ("Snakefile", "workflow", "config", "envs", "profiles"):
-        source = ROOT / part
-        (shutil.copytree if source.is_dir() else shutil.copy)(source, path / part)
-    return path
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -293,6 +293,13 @@ def read_coalitions(path: str | os.PathLike[str], contributors: Sequence[str] | 
     return parse_coalitions(_read_tsv(path), contributors, source=str(path))[0]
 
 
+def require_columns(table: pd.DataFrame, names: Sequence[str], source: str) -> None:
+    """Raise naming the columns of `names` that `table` (read from `source`) lacks, and the ones it has."""
+    missing = [name for name in names if name not in table.columns]
+    if missing:
+        raise ValueError(f"{source}: missing column(s) {missing}; columns are {list(table.columns)}")
+
+
 def parse_coalitions(
     table: pd.DataFrame, contributors: Sequence[str] | None = None, source: str = "coalitions"
 ) -> tuple[pd.DataFrame, list[str], sparse.csr_array]:
@@ -304,9 +311,7 @@ def parse_coalitions(
     the grand coalition lists them so; without it (banzhaf) the order is merged from the rows, each of which keeps
     it. Contributors in no coalition cannot be known that way: pass ``contributors`` to include them.
     """
-    missing = [name for name in ("coalition", "members") if name not in table.columns]
-    if missing:
-        raise ValueError(f"{source}: missing column(s) {missing}; columns are {list(table.columns)}")
+    require_columns(table, ("coalition", "members"), source)
     if table.empty:
         raise ValueError(f"{source}: no coalitions")
     table = table.reset_index(drop=True)

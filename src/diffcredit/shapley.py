@@ -99,9 +99,7 @@ def read_utilities(path: str | os.PathLike[str]) -> pd.DataFrame:
 
 def validate_utilities(table: pd.DataFrame, source: str = "utilities") -> pd.DataFrame:
     """Check the columns and that every utility is a number or NaN; raise naming the row otherwise."""
-    missing = [name for name in ("coalition", "utility") if name not in table.columns]
-    if missing:
-        raise ValueError(f"{source}: missing column(s) {missing}; columns are {list(table.columns)}")
+    plans.require_columns(table, ("coalition", "utility"), source)
     if table.empty:
         raise ValueError(f"{source}: no utility rows")
     table = table.reset_index(drop=True)
