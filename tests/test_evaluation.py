@@ -305,7 +305,7 @@ def test_agreement_refuses_a_repeated_coalition() -> None:
 
 
 def test_job_overhead_counts_only_what_each_job_measured(tmp_path) -> None:
-    from diffcredit.stages import job_overhead
+    from diffcredit.fidelity import job_overhead
 
     def job(name: str, wall: float, seconds: list[float], fresh: list[bool]) -> None:
         bench, table = tmp_path / "benchmarks" / "sft" / "kernelshap", tmp_path / "sft" / "kernelshap" / "batches"

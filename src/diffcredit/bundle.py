@@ -10,22 +10,14 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import tarfile
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from diffcredit.io import file_digest, write_atomic, write_text
+
 ARCHIVE = "results.tar.gz"
 CHECKSUMS = "SHA256SUMS"
-
-
-def sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def make_bundle(files: Mapping[str, str | Path], out_dir: str | Path, metadata: Mapping | None = None) -> Path:
@@ -39,24 +31,21 @@ def make_bundle(files: Mapping[str, str | Path], out_dir: str | Path, metadata: 
     missing = [str(path) for path in files.values() if not Path(path).is_file()]
     if missing:
         raise FileNotFoundError(f"cannot bundle missing files: {', '.join(missing)}")
-    sums = {name: sha256(path) for name, path in sorted(files.items())}
+    sums = {name: file_digest(path) for name, path in sorted(files.items())}
     manifest = json.dumps({"files": sums, "metadata": dict(metadata or {})}, indent=1, sort_keys=True).encode()
 
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{ARCHIVE}.")
-    try:
-        with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz:
+    def write_archive(tmp: str) -> None:
+        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz:
             with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
                 _add(tar, "MANIFEST.json", manifest)
                 for name, path in sorted(files.items()):
                     _add(tar, name, Path(path).read_bytes())
-        os.replace(tmp, out_dir / ARCHIVE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
-    lines = [f"{sums[name]}  {name}" for name in sorted(sums)] + [f"{sha256(out_dir / ARCHIVE)}  {ARCHIVE}"]
+    write_atomic(out_dir / ARCHIVE, write_archive)
+
+    lines = [f"{sums[name]}  {name}" for name in sorted(sums)] + [f"{file_digest(out_dir / ARCHIVE)}  {ARCHIVE}"]
     checksums = out_dir / CHECKSUMS
-    checksums.write_text("\n".join(lines) + "\n")
+    write_text(checksums, "\n".join(lines) + "\n")
     return checksums
 
 
@@ -65,7 +54,7 @@ def verify_bundle(out_dir: str | Path) -> list[str]:
     out_dir = Path(out_dir)
     expected = dict(reversed(line.split("  ", 1)) for line in (out_dir / CHECKSUMS).read_text().splitlines() if line)
     problems = []
-    if sha256(out_dir / ARCHIVE) != expected.get(ARCHIVE):
+    if file_digest(out_dir / ARCHIVE) != expected.get(ARCHIVE):
         problems.append(f"{ARCHIVE}: checksum differs from {CHECKSUMS}")
     with tarfile.open(out_dir / ARCHIVE, "r:gz") as tar:
         manifest = json.loads(tar.extractfile("MANIFEST.json").read())

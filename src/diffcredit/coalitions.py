@@ -39,17 +39,16 @@ from __future__ import annotations
 import graphlib
 import os
 import re
-import tempfile
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import sparse
 
 from diffcredit.contributors import validate_contributor_id
+from diffcredit.io import write_table
 
 ESTIMATORS: tuple[str, ...] = ("exact", "permutation", "kernelshap", "banzhaf", "loo")
 SAMPLER_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -270,22 +269,8 @@ def _members_text(ids: list[str], masks: np.ndarray) -> list[str]:
 
 
 def write_coalitions(table: pd.DataFrame, path: str | os.PathLike[str]) -> None:
-    """Write a plan as TSV, atomically (a temporary file in the same folder, then ``os.replace``)."""
-    write_table(table, path, sep="\t")
-
-
-def write_table(table: pd.DataFrame, path: str | os.PathLike[str], sep: str = "\t") -> None:
-    """Write ``table`` without index so that readers never see a partial file."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", newline="") as stream:
-            table.to_csv(stream, sep=sep, index=False)
-        os.replace(temporary, target)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    """Write a plan as TSV, atomically."""
+    write_table(table, path)
 
 
 def read_coalitions(path: str | os.PathLike[str], contributors: Sequence[str] | None = None) -> pd.DataFrame:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,11 +110,9 @@ class ContributorData:
         arrays = {"images": self.images, "contributors": self.contributors, "item_ids": self.item_ids}
         if self.labels is not None:
             arrays["labels"] = self.labels
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-            np.savez(handle, **arrays)
-        os.replace(handle.name, path)
+        from diffcredit.io import write_atomic
+
+        write_atomic(path, lambda tmp: np.savez(tmp, **arrays))
 
     @classmethod
     def load(cls, path: str | Path) -> ContributorData:

@@ -8,9 +8,6 @@ shrinks each tensor to the saved shape and then loads the weights. Nothing is un
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +19,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.upsampling import Upsample2D
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from diffcredit.io import atomic_dir
 
 WEIGHTS = "model.safetensors"
 ARCHITECTURE = "architecture.json"
@@ -48,6 +47,15 @@ def digits_unet_config(sample_size: int = 8, channels: int = 1) -> dict[str, Any
         "norm_num_groups": 8,
     }
 
+
+
+def unet_config_for(image_shape: tuple[int, ...], overrides: dict | None = None) -> dict:
+    """The UNet config for images of `image_shape` (items, channels, height, width): the digits default with the
+    user's overrides on top."""
+    _, channels, height, width = image_shape
+    if height != width:
+        raise ValueError(f"images are {height}x{width}: the UNet needs square images; crop or resize them first")
+    return {**digits_unet_config(sample_size=height, channels=channels), **(overrides or {})}
 
 def model_class(config: dict[str, Any]) -> type[ModelMixin]:
     """The diffusers model class named by ``config["_class_name"]`` (default ``UNet2DModel``)."""
@@ -85,23 +93,15 @@ def save_model(model: ModelMixin, directory: str | Path) -> None:
     The files are written to a temporary sibling directory that then replaces ``directory``.
     """
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     config = {key: value for key, value in dict(model.config).items() if not key.startswith("_")}
     architecture = {
         "config": {"_class_name": type(model).__name__, **config},
         "shapes": {name: list(tensor.shape) for name, tensor in state.items()},
     }
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-    try:
+    with atomic_dir(directory) as staging:
         save_file(state, staging / WEIGHTS)
         (staging / ARCHITECTURE).write_text(json.dumps(architecture, indent=1) + "\n")
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> UNet2DModel:

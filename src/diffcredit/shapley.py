@@ -45,6 +45,7 @@ from scipy import sparse
 from scipy.special import comb, stdtrit
 
 from diffcredit import coalitions as plans
+from diffcredit.io import write_table
 
 MISSING_POLICIES = ("error", "exclude")
 TABLE_COLUMNS = ("contributor", "value", "stderr", "ci_low", "ci_high", "rank", "n_coalitions", "estimator")
@@ -427,6 +428,6 @@ def write_result(
     result: ShapleyResult, path: str | os.PathLike[str], convergence: str | os.PathLike[str] | None = None
 ) -> None:
     """Write the values table as CSV (and optionally the convergence table, TSV if named .tsv), atomically."""
-    plans.write_table(result.table, path, sep=",")
+    write_table(result.table, path, sep=",")
     if convergence is not None:
-        plans.write_table(result.convergence, convergence, sep="\t" if str(convergence).endswith(".tsv") else ",")
+        write_table(result.convergence, convergence, sep="\t" if str(convergence).endswith(".tsv") else ",")

@@ -1,35 +1,22 @@
 """The workflow's stages as package functions: paths and settings in, files out.
 
 Each Snakemake rule's script reads its `snakemake` object and calls one function here, so every stage runs and is tested
-without Snakemake. Outputs are written atomically (temporary name, then rename) so that a killed job leaves nothing
-half-written for the next run to trust.
+without Snakemake. Outputs are written through :mod:`diffcredit.io` (atomically), so that a killed job leaves nothing
+half-written for the next run to trust. The `evaluate` target's stages live in :mod:`diffcredit.fidelity`.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from diffcredit.contributors import ContributorData, load_source, split_heldout, write_manifest
+from diffcredit.io import atomic_dir, write_json, write_table
 from diffcredit.seeds import derive_seed
-from diffcredit.utility import UtilitySettings, UtilityStore, evaluate_coalitions, write_json_atomic
-
-
-def model_config(data: ContributorData, overrides: dict | None = None) -> dict:
-    """The UNet config for `data`'s image shape: the digits default with the user's overrides on top."""
-    from diffcredit.models import digits_unet_config
-
-    _, channels, height, width = data.images.shape
-    if height != width:
-        raise ValueError(f"images are {height}x{width}: the UNet needs square images; crop or resize them first")
-    return {**digits_unet_config(sample_size=height, channels=channels), **(overrides or {})}
+from diffcredit.utility import UtilitySettings, UtilityStore, evaluate_coalitions
 
 
 def prepare_data(
@@ -48,11 +35,11 @@ def train_full(
     *, train_data: str, out: str, stats_out: str, unet: dict, schedule: dict, seed: int, **training
 ) -> None:
     """Train the full model (the grand coalition) from scratch."""
-    from diffcredit.models import build_model, save_model
+    from diffcredit.models import build_model, save_model, unet_config_for
     from diffcredit.training import train
 
     data = ContributorData.load(train_data)
-    model = build_model(model_config(data, unet), seed=derive_seed(seed, "full-init"))
+    model = build_model(unet_config_for(data.images.shape, unet), seed=derive_seed(seed, "full-init"))
     result = train(model, data.images, schedule=schedule, seed=derive_seed(seed, "full-train"),
                    log_every=_log_interval(training["steps"]), **training)
     save_model(model, out)
@@ -75,7 +62,7 @@ def prune_model(
                    schedule=schedule)
     seconds = time.perf_counter() - tic
     save_model(pruned, out)
-    write_json_atomic(stats_out, {"stage": "prune", "seconds": seconds, "parameters_before": before,
+    write_json(stats_out, {"stage": "prune", "seconds": seconds, "parameters_before": before,
                                   "parameters_after": count_parameters(pruned), "ratio": ratio,
                                   "importance": importance})
 
@@ -106,7 +93,7 @@ def prepare_reference(
     from diffcredit.properties import prepare_reference as prepare
 
     train, heldout = ContributorData.load(train_data), ContributorData.load(heldout_data)
-    with _atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:
         prepare(tmp, train_images=train.images, train_labels=train.labels, reference_images=heldout.images,
                 seed=derive_seed(seed, "feature-extractor"), feature_dim=feature_dim,
                 classifier_steps=classifier_steps, extractor=extractor)
@@ -161,13 +148,13 @@ def coalition_utilities(
         keep=keep,
         log=log,
     )
-    _write_table_atomic(table, out)
+    write_table(table, out)
 
 
 def utility_settings(data: ContributorData, settings: dict) -> UtilitySettings:
     """UtilitySettings from the workflow's settings dict, with the UNet config resolved for `data`."""
     settings = dict(settings)
-    return UtilitySettings(model_config=model_config(data, settings.pop("unet", None)), **settings)
+    return UtilitySettings(model_config=unet_config_for(data.images.shape, settings.pop("unet", None)), **settings)
 
 
 def collect_utilities(batches: list[str], out: str) -> pd.DataFrame:
@@ -175,7 +162,7 @@ def collect_utilities(batches: list[str], out: str) -> pd.DataFrame:
     table = pd.concat([pd.read_csv(path, sep="\t") for path in batches], ignore_index=True)
     # Which rows a job measured and which it found stored depends on the run's history, not on its result.
     table = table.drop(columns="fresh")
-    _write_table_atomic(table, out)
+    write_table(table, out)
     return table
 
 
@@ -192,8 +179,8 @@ def aggregate(
     measured = read_utilities(utilities)
     result = estimate(read_coalitions(coalitions), measured, contributors=read_contributors(contributors),
                       confidence=confidence)
-    _write_table_atomic(result.table, values_out, sep=",")
-    _write_table_atomic(result.convergence, convergence_out)
+    write_table(result.table, values_out, sep=",")
+    write_table(result.convergence, convergence_out)
     prop = measured["property"].iloc[0] if "property" in measured else "utility"
     estimator = result.table["estimator"].iloc[0] if "estimator" in result.table else ""
     plot_values(result.table, figure_out, confidence=confidence,
@@ -252,155 +239,9 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(max(1, int(threads)))
 
 
-def counterfactual(
-    *, values: dict[str, str], train_data: str, reference: str, fraction: float, repeats: int, settings: dict,
-    store: str, out: str, log=print,
-) -> pd.DataFrame:
-    """Retrain without the top `fraction` of contributors of each ranking (and of a seeded random ranking).
-
-    The table has one row per ranking after a ``full`` baseline: the utility's mean over training seeds, its interval
-    and its change against the baseline (negative: removing those contributors hurt), and the removed contributors.
-    """
-    from diffcredit.evaluation import counterfactual_removals, counterfactual_table, random_ranking
-
-    data = ContributorData.load(train_data)
-    everyone = data.contributor_ids
-    rankings = {name: _values(path) for name, path in values.items()}
-    rankings["random"] = random_ranking(everyone, seed=settings["seed"])
-    removed = {name: counterfactual_removals(scores, fraction) for name, scores in rankings.items()}
-    kept = {"full": everyone} | {name: [c for c in everyone if c not in gone] for name, gone in removed.items()}
-    plan = pd.DataFrame({"coalition": list(kept), "members": [",".join(m) for m in kept.values()]})
-    measured = evaluate_coalitions(plan, repeats=repeats, data=data, settings=utility_settings(data, settings),
-                                   start_model=None, store=UtilityStore(store), reference_dir=reference, log=log)
-    runs = measured.pivot(index="coalition", columns="repeat", values="utility")
-    table = counterfactual_table(runs.loc["full"].to_numpy(), {name: runs.loc[name].to_numpy() for name in removed})
-    table["removed"] = pd.Series({name: ",".join(gone) for name, gone in removed.items()})
-    _write_table_atomic(table.reset_index(), out)
-    return table
-
-
-def evaluation_report(
-    *, values: dict[str, str], lds_plan: str, lds_retrain: str, agreement_plan: str, agreement: dict[str, str],
-    counterfactual: str, benchmarks: str, confidence: float, report_out: str, lds_out: str,
-) -> dict:
-    """LDS of each ranking, agreement of sft/finetune utilities with retraining, costs, overhead and counterfactuals.
-
-    The keys of the returned (and written) report are those of benchmarks/results.json.
-    """
-    from diffcredit.coalitions import member_sets, read_coalitions
-    from diffcredit.evaluation import lds, utility_agreement
-
-    subsets = member_sets(read_coalitions(lds_plan))
-    retrained = _runs(lds_retrain)
-    lds_rows = {
-        name: lds(_values(path), [subsets[c] for c in retrained.index], retrained.to_numpy(), confidence).to_dict()
-        for name, path in values.items()
-    }
-    _write_table_atomic(pd.DataFrame(lds_rows).T.rename_axis("ranking").reset_index(), lds_out)
-
-    sizes = pd.Series({c: len(m) for c, m in member_sets(read_coalitions(agreement_plan)).items()})
-    truth = _runs(agreement["retrain"])
-    tables = {mode: pd.read_csv(path, sep="\t") for mode, path in agreement.items()}
-    agree = {mode: utility_agreement(tables[mode].groupby("coalition")["utility"].mean(), truth, sizes)
-             for mode in ("sft", "finetune")}
-    # Cost of one coalition's utility (train + sample + score), over coalitions that train (not the empty one).
-    cost = {mode: float(t.loc[t["n_items"] > 0, "seconds"].median()) for mode, t in tables.items()}
-    report = {
-        "seconds_per_coalition": cost,
-        "sft_cost_ratio": cost["retrain"] / cost["sft"],
-        "finetune_cost_ratio": cost["retrain"] / cost["finetune"],
-        "pearson_sft_retrain": agree["sft"]["pearson"],
-        "spearman_sft_retrain": agree["sft"]["spearman"],
-        "spearman_sft_retrain_size_removed": agree["sft"]["spearman_size_removed"],
-        "spearman_sft_retrain_partial_size": agree["sft"]["spearman_partial_size"],
-        "pearson_finetune_retrain": agree["finetune"]["pearson"],
-        "spearman_finetune_retrain": agree["finetune"]["spearman"],
-        "spearman_finetune_retrain_size_removed": agree["finetune"]["spearman_size_removed"],
-        "retrain_seed_cv": agree["sft"]["retrain_seed_cv"],
-        "agreement": agree,
-        "lds": lds_rows,
-        **{f"lds_{name}": row["value"] for name, row in lds_rows.items()},
-        "counterfactual": pd.read_csv(counterfactual, sep="\t").to_dict(orient="records"),
-        "overhead_fraction": job_overhead(Path(benchmarks)),
-    }
-    write_json_atomic(report_out, _json_ready(report))
-    return report
-
-
-def job_overhead(benchmarks: Path) -> float | None:
-    """Share of coalition jobs' wall time not spent measuring coalitions (process start-up, imports, loading).
-
-    Only the rows a job measured itself count as its compute; jobs that measured nothing (all stored) are left out:
-    their wall time is the overhead of a rerun, not of measuring.
-    """
-    wall = compute = 0.0
-    for bench in benchmarks.glob("*/*/b*.tsv"):
-        mode, plan = bench.parent.parent.name, bench.parent.name
-        table = benchmarks.parent / mode / plan / "batches" / bench.name
-        if not table.exists():
-            continue
-        rows = pd.read_csv(table, sep="\t")
-        measured = rows.loc[rows["fresh"], "seconds"].sum()
-        if measured <= 0:
-            continue
-        seconds = float(pd.read_csv(bench, sep="\t")["s"].iloc[0])
-        wall, compute = wall + seconds, compute + measured
-    return (wall - compute) / compute if compute else None
-
-
-def _values(path: str) -> pd.Series:
-    return pd.read_csv(path).set_index("contributor")["value"]
-
-
-def _runs(path: str) -> pd.DataFrame:
-    """Utilities as a coalition x repeat table."""
-    return pd.read_csv(path, sep="\t").pivot(index="coalition", columns="repeat", values="utility")
-
-
-def _json_ready(value):
-    if isinstance(value, dict):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, (np.floating, float)):
-        return None if not np.isfinite(value) else float(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
 def _write_stats(path: str, result, *, stage: str) -> None:
     payload = {"stage": stage}
     if result is not None:
         payload.update(seconds=result.seconds, steps=result.steps, device=result.device,
                        final_loss=float(np.mean(result.losses[-50:])) if result.losses else None)
-    write_json_atomic(path, payload)
-
-
-def _write_table_atomic(table: pd.DataFrame, path: str, sep: str = "\t") -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        table.to_csv(tmp, sep=sep, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@contextmanager
-def _atomic_dir(path: str | Path):
-    """Yield a temporary sibling folder and move it to `path` only if the block finishes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
-        yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    write_json(path, payload)

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from diffcredit.contributors import ContributorData
+from diffcredit.io import file_digest, save_npz, write_json
 from diffcredit.seeds import derive_seed
 
 MODES = ("sft", "finetune", "retrain")
@@ -62,7 +61,7 @@ class UtilitySettings:
         digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode())
         if start_model is not None:
             for weights in sorted(Path(start_model).glob("*.safetensors")):
-                digest.update(_file_digest(weights).encode())
+                digest.update(file_digest(weights).encode())
         return digest.hexdigest()[:16]
 
 
@@ -86,21 +85,7 @@ class UtilityStore:
         return json.loads(path.read_text()) if path.exists() else None
 
     def put(self, key: str, record: dict) -> None:
-        write_json_atomic(self.path(key), record)
-
-
-def write_json_atomic(path: str | Path, payload: dict) -> None:
-    """Write JSON next to its destination and rename it into place, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        write_json(self.path(key), record)
 
 
 def coalition_model(
@@ -188,7 +173,7 @@ def measure_coalition(
     if "checkpoints" in keep:
         save_model(model, keep_dir / "model")
     if "samples" in keep:
-        _save_npz_atomic(keep_dir / "samples.npz", samples=samples)
+        save_npz(keep_dir / "samples.npz", samples=samples)
     record = {
         "members": list(members),
         "repeat": int(repeat),
@@ -255,8 +240,7 @@ def evaluate_coalitions(
                     keep=keep,
                 )
                 preview_path = store.path(key).with_suffix(".npz")
-                preview_path.parent.mkdir(parents=True, exist_ok=True)
-                _save_npz_atomic(preview_path, samples=samples[:preview])
+                save_npz(preview_path, samples=samples[:preview])
                 store.put(key, record)
                 log(f"{coalition} repeat {repeat}: {record['property']} = {record['value']:.4g} "
                     f"({sum(record['seconds'].values()):.1f} s on {record['device']})")
@@ -279,22 +263,3 @@ def evaluate_coalitions(
                 }
             )
     return pd.DataFrame(rows)
-
-
-def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-    os.close(fd)
-    try:
-        np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -3,10 +3,10 @@ import sys
 
 sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (snakemake is injected)
 
-from diffcredit import stages
+from diffcredit import fidelity, stages
 
 stages.set_threads(snakemake.threads)
-stages.counterfactual(
+fidelity.counterfactual(
     values={name: snakemake.input[name] for name in snakemake.params.rankings},
     train_data=snakemake.input.train,
     reference=snakemake.input.reference,

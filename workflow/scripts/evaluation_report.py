@@ -3,9 +3,9 @@ import sys
 
 sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (snakemake is injected)
 
-from diffcredit import stages
+from diffcredit import fidelity
 
-stages.evaluation_report(
+fidelity.evaluation_report(
     values={name: snakemake.input[name] for name in snakemake.params.rankings},
     lds_plan=snakemake.input.lds_plan,
     lds_retrain=snakemake.input.lds_retrain,

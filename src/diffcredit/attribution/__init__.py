@@ -21,7 +21,7 @@ from torch import nn
 from torch.func import functional_call
 
 from diffcredit.contributors import ContributorData
-from diffcredit.properties.features import write_atomic
+from diffcredit.io import write_atomic
 
 Params = dict[str, torch.Tensor]
 

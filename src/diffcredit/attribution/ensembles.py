@@ -136,7 +136,7 @@ def ablation_table(
 
 def write_codes(*, contributors: str, n_members: int, seed: int, out: str) -> None:
     """The workflow's code stage: the contributors TSV in, ``codes.tsv`` (contributor x member, 0/1) out."""
-    from diffcredit.properties.features import write_atomic
+    from diffcredit.io import write_atomic
 
     ids = pd.read_csv(contributors, sep="\t", dtype=str)["contributor"]
     codes = encode(list(ids), n_members, seed).astype(int)
@@ -158,12 +158,11 @@ def train_member(
     `unet` overrides the default architecture as for the full model; `training` goes to
     :func:`diffcredit.training.train` (steps, batch_size, lr, schedule, ...).
     """
-    from diffcredit.models import build_model, save_model
-    from diffcredit.stages import model_config
+    from diffcredit.models import build_model, save_model, unet_config_for
     from diffcredit.training import train
 
     data = ContributorData.load(train_data).subset(member_contributors(read_codes(codes), member))
-    model = build_model(model_config(data, unet), seed=derive_seed(seed, "ensemble-init", member))
+    model = build_model(unet_config_for(data.images.shape, unet), seed=derive_seed(seed, "ensemble-init", member))
     train(model, data.images, seed=derive_seed(seed, "ensemble-train", member), **training)
     save_model(model, out)
 

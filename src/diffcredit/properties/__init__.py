@@ -30,8 +30,8 @@ from diffcredit.properties.features import (
     predict_log_probs,
     save_classifier,
     train_classifier,
-    write_atomic,
 )
+from diffcredit.io import write_atomic, write_json
 from diffcredit.properties.fid import FID, KID, feature_stats
 from diffcredit.properties.inception_score import InceptionScore
 from diffcredit.seeds import derive_seed
@@ -107,7 +107,7 @@ def prepare_reference(
         out / STATS_FILE,
         lambda tmp: np.savez(tmp, features=feats, mu=mu, sigma=sigma, centres=kmeans.cluster_centers_),
     )
-    write_atomic(out / INFO_FILE, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1)))
+    write_json(out / INFO_FILE, info)
 
 
 @dataclass(frozen=True)

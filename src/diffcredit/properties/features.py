@@ -11,8 +11,6 @@ file that maps images in [-1, 1] to features.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +19,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from diffcredit.io import write_atomic
 
 
 @dataclass(frozen=True)
@@ -199,16 +199,3 @@ def _batched(
     with torch.no_grad():
         out = [fn(torch.from_numpy(images[i : i + batch_size]).to(device)) for i in range(0, len(images), batch_size)]
     return torch.cat(out).double().cpu().numpy()
-
-
-def write_atomic(path: Path, write: Callable[[str], object]) -> None:
-    """Write through `write(tmp)` next to `path`, then rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
