@@ -1,8 +1,14 @@
 # DiffCredit: Shapley values of a diffusion model's global property for its data contributors.
 # Stages: data -> full model -> prune -> recover -> plan -> per-coalition utilities -> Shapley values -> bundle.
+import os
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
+
+# Jobs import the package from this checkout's src/, also inside a `--sdm conda` env (which holds only the pinned
+# dependencies, see envs/diffcredit.yaml) and on SLURM nodes (the profile exports the environment).
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [f"{workflow.basedir}/src", os.environ.get("PYTHONPATH")]))
 
 
 configfile: "config/config.yaml"

@@ -161,3 +161,19 @@ def test_demo_forwards_every_argument(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffcredit.demo", types.SimpleNamespace(main=received.append))
     assert main(["demo", "--out", "x", "--steps", "3", "--help"]) == 0
     assert received == [["--out", "x", "--steps", "3", "--help"]]
+
+
+def test_version_is_the_installed_package_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"diffcredit {version('diffcredit')}"
+
+
+def test_help_shows_each_option_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["aggregate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 0.95)" in text and "(default: error)" in text

@@ -68,7 +68,11 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffcredit", description=__doc__.splitlines()[0])
+    from diffcredit import __version__
+
+    parser = argparse.ArgumentParser(prog="diffcredit", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     plan = commands.add_parser("plan", help="plan the coalitions to evaluate (prefix-stable in the budget)")
@@ -84,9 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     aggregate.add_argument("--utilities", type=Path, required=True,
                            help="TSV with 'coalition' and 'utility' (several rows per coalition allowed)")
     aggregate.add_argument("--out", type=Path, required=True, help="values CSV to write")
-    aggregate.add_argument("--confidence", type=float, default=0.95, help="interval level (default 0.95)")
+    aggregate.add_argument("--confidence", type=float, default=0.95, help="interval level")
     aggregate.add_argument("--missing", choices=("error", "exclude"), default="error",
-                           help="coalitions without a finite utility: refuse (default) or leave out")
+                           help="coalitions without a finite utility: refuse or leave out")
     aggregate.add_argument("--convergence", type=Path, help="CSV of value and stderr vs coalitions used")
     aggregate.add_argument("--contributors", type=Path,
                            help="TSV with a 'contributor' column: refuse others, order the output by it")
@@ -100,6 +104,8 @@ def _parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="check a result bundle against its checksums")
     verify.add_argument("bundle", type=Path, metavar="BUNDLE_DIR")
     verify.set_defaults(run=_verify)
+    for command in commands.choices.values():  # every subcommand's --help shows each option's default
+        command.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     return parser
 
 
