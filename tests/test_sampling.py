@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 import numpy as np
@@ -8,10 +9,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from diffcredit.models import build_model
-from diffcredit.sampling import generate, save_grid
+from diffcredit.models import DEFAULT_SCHEDULE, build_model, make_scheduler
+from diffcredit.sampling import SAMPLERS, generate, save_grid
 
 QUICK = {"inference_steps": 4, "device": "cpu"}
+ALL_SAMPLERS = list(SAMPLERS)
 
 
 class NoisePeek(nn.Module):
@@ -32,7 +34,39 @@ class NoisePeek(nn.Module):
         return torch.cat([sample for t, sample in self.calls if t == self.calls[0][0]])
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+class GlobalNoiseConsumer(NoisePeek):
+    """Predicts the same constant as NoisePeek but draws from the global random stream (as dropout would)."""
+
+    def forward(self, sample: torch.Tensor, t: torch.Tensor) -> SimpleNamespace:
+        torch.randn(100)
+        return super().forward(sample, t)
+
+
+class PointMassOracle(nn.Module):
+    """The exact noise predictor for data that is one constant image `value`: ε = (x_t − √ᾱ_t·value) / √(1 − ᾱ_t).
+
+    Its prediction of the clean image is exact at every step, so any correct sampler ends at `value` from any noise.
+    """
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.config = SimpleNamespace(sample_size=8, in_channels=1)
+        self.value = value
+        self.alphas_cumprod = make_scheduler("ddpm", DEFAULT_SCHEDULE).alphas_cumprod
+
+    def forward(self, sample: torch.Tensor, t: torch.Tensor) -> SimpleNamespace:
+        alpha = self.alphas_cumprod[int(t)]
+        return SimpleNamespace(sample=(sample - alpha.sqrt() * self.value) / (1 - alpha).sqrt())
+
+
+@pytest.mark.parametrize("sampler", ALL_SAMPLERS)
+def test_every_sampler_lands_on_the_data_of_an_exact_model(sampler):
+    """Wiring check of each solver (timesteps, parametrisation, state between batches) against a known answer."""
+    images = generate(PointMassOracle(0.5), 6, seed=0, sampler=sampler, batch_size=4, **QUICK)
+    np.testing.assert_allclose(images, 0.5, atol=2e-3)
+
+
+@pytest.mark.parametrize("sampler", ALL_SAMPLERS)
 def test_generate_shape_range_and_determinism(tiny_model, sampler):
     images = generate(tiny_model, 5, seed=3, sampler=sampler, **QUICK)
     assert images.shape == (5, 1, 8, 8) and images.dtype == np.float32
@@ -41,24 +75,58 @@ def test_generate_shape_range_and_determinism(tiny_model, sampler):
     assert not np.allclose(images, generate(tiny_model, 5, seed=4, sampler=sampler, **QUICK))
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+@pytest.mark.parametrize("sampler", ALL_SAMPLERS)
 def test_noise_does_not_depend_on_batch_size_or_n(tiny_model, sampler):
-    """DDPM also draws fresh noise at every step: per-item generators keep it independent of the batching."""
+    """DDPM also draws fresh noise at every step: per-item generators keep it independent of the batching. The
+    multistep solvers must forget the previous batch's history (a leak moves pixels by tenths; the tolerance is the
+    float round-off of other batch shapes)."""
     reference = generate(tiny_model, 5, seed=7, sampler=sampler, batch_size=5, **QUICK)
     np.testing.assert_allclose(generate(tiny_model, 5, seed=7, sampler=sampler, batch_size=2, **QUICK), reference,
-                               atol=1e-5)
-    np.testing.assert_allclose(generate(tiny_model, 3, seed=7, sampler=sampler, **QUICK), reference[:3], atol=1e-5)
+                               atol=1e-4)
+    np.testing.assert_allclose(generate(tiny_model, 3, seed=7, sampler=sampler, **QUICK), reference[:3], atol=1e-4)
 
 
-def test_every_model_starts_from_the_same_noise():
+@pytest.mark.parametrize("sampler", ALL_SAMPLERS)
+def test_every_model_starts_from_the_same_noise(sampler):
     """Common random numbers: two different models see identical starting noise for one seed."""
     a, b = NoisePeek(0.0), NoisePeek(0.3)
-    generate(a, 4, seed=11, batch_size=3, **QUICK)
-    generate(b, 4, seed=11, batch_size=4, **QUICK)
+    generate(a, 4, seed=11, batch_size=3, sampler=sampler, **QUICK)
+    generate(b, 4, seed=11, batch_size=4, sampler=sampler, **QUICK)
     start_a, start_b = a.starting_noise(), b.starting_noise()
     assert start_a.shape == (4, 1, 8, 8)
     assert torch.equal(start_a, start_b)
     assert abs(start_a.std().item() - 1) < 0.15  # standard normal noise
+
+
+def test_ddpm_step_noise_is_shared_across_models():
+    """DDPM's per-step noise comes from the generation seed alone: a model that uses the global random stream (as
+    dropout does) gets exactly the trajectory of one that does not, and other seeds give other trajectories."""
+    plain, consumer, other = NoisePeek(0.2), GlobalNoiseConsumer(0.2), NoisePeek(0.2)
+    images = generate(plain, 3, seed=5, sampler="ddpm", **QUICK)
+    np.testing.assert_array_equal(images, generate(consumer, 3, seed=5, sampler="ddpm", **QUICK))
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(plain.calls, consumer.calls))
+    generate(other, 3, seed=6, sampler="ddpm", **QUICK)
+    assert not torch.equal(plain.calls[1][1], other.calls[1][1])
+
+
+def test_generation_logs_progress(tiny_model, caplog):
+    with caplog.at_level(logging.INFO, logger="diffcredit.sampling"):
+        generate(tiny_model, 6, seed=0, batch_size=3, log_every=None, sampler="unipc", **QUICK)
+    lines = [r.getMessage() for r in caplog.records if r.name == "diffcredit.sampling"]
+    assert [line.split(": ")[1].split()[0] for line in lines] == [f"{i}/8" for i in range(1, 9)]
+    assert "model evaluations/s" in lines[-1] and "ETA 00:00" in lines[-1]
+    caplog.clear()
+    generate(tiny_model, 2, seed=0, **QUICK)  # silent unless asked
+    assert not [r for r in caplog.records if r.name == "diffcredit.sampling"]
+
+
+def test_bf16_on_the_cpu_runs_fp32_and_says_so(tiny_model, caplog):
+    with caplog.at_level(logging.WARNING, logger="diffcredit.training"):
+        images = generate(tiny_model, 3, seed=2, precision="bf16", **QUICK)
+    assert "precision bf16 needs a CUDA device" in caplog.text
+    np.testing.assert_array_equal(images, generate(tiny_model, 3, seed=2, **QUICK))
+    with pytest.raises(ValueError, match="unknown precision 'fp16'; use one of fp32, bf16"):
+        generate(tiny_model, 1, seed=0, precision="fp16", **QUICK)
 
 
 def test_generate_zero_and_bad_arguments(tiny_model):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -60,10 +62,35 @@ def test_ema_zero_decay_equals_plain_training_and_positive_decay_lags(tiny_confi
     assert distance[0.99] < distance[None]
 
 
-def test_logging_reports_every_interval(tiny_model, digit_images):
-    lines = []
-    train(tiny_model, digit_images, steps=6, seed=0, log_every=3, log=lines.append, **FAST)
-    assert [line.split()[1] for line in lines] == ["3/6", "6/6"]
+def progress_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "diffcredit.training"]
+
+
+def test_progress_is_logged_with_loss_rate_and_eta(tiny_config, digit_images, caplog):
+    caplog.set_level(logging.INFO, logger="diffcredit.training")
+    result = train(build_model(tiny_config, seed=0), digit_images, steps=6, seed=0, log_every=4, **FAST)
+    lines = progress_lines(caplog)
+    assert [line.split()[1] for line in lines] == ["4/6", "6/6"]
+    # each report gives the mean loss of the steps since the previous one
+    assert lines[1].endswith(f"loss {np.mean(result.losses[4:]):.4f}")
+    assert "steps/s  ETA 00:00" in lines[1]
+    caplog.clear()
+    train(build_model(tiny_config, seed=0), digit_images, steps=25, seed=0, **FAST)  # default: about ten reports
+    assert [line.split()[1] for line in progress_lines(caplog)] == [f"{s}/25" for s in (3, 6, 9, 12, 15, 18, 21, 24, 25)]
+    caplog.clear()
+    train(build_model(tiny_config, seed=0), digit_images, steps=5, seed=0, log_every=0, **FAST)
+    assert progress_lines(caplog) == []
+
+
+def test_bf16_on_the_cpu_trains_in_fp32_and_peak_memory_is_cuda_only(tiny_config, digit_images, caplog):
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        model = build_model(tiny_config, seed=0)
+        runs[precision] = (train(model, digit_images, steps=3, seed=0, precision=precision, **FAST), weights(model))
+    assert "precision bf16 needs a CUDA device" in caplog.text
+    assert runs["fp32"][0].losses == runs["bf16"][0].losses
+    assert all(torch.equal(x, y) for x, y in zip(runs["fp32"][1], runs["bf16"][1]))
+    assert runs["fp32"][0].peak_memory is None
 
 
 def test_adamw_with_weight_decay_and_no_clipping_runs(tiny_model, digit_images):
@@ -77,8 +104,9 @@ def test_adamw_with_weight_decay_and_no_clipping_runs(tiny_model, digit_images):
     [
         (np.zeros((0, 1, 8, 8), np.float32), {}, "the empty coalition has no training run"),
         (np.zeros((4, 3, 8, 8), np.float32), {}, "images have 3 channels but the model takes 1"),
-        (np.zeros((4, 1, 8, 8), np.float32), {"optimizer": "sgd"}, "unknown optimizer 'sgd'"),
+        (np.zeros((4, 1, 8, 8), np.float32), {"optimizer": "rmsprop"}, "unknown optimizer 'rmsprop'"),
         (np.zeros((4, 1, 8, 8), np.float32), {"steps": -1}, "need steps >= 0"),
+        (np.zeros((4, 1, 8, 8), np.float32), {"precision": "fp16"}, "unknown precision 'fp16'; use one of fp32, bf16"),
     ],
 )
 def test_bad_input_is_refused(tiny_model, images, options, message):

@@ -2,12 +2,17 @@
 
 A per-coalition fine-tune is this loop on the coalition's items only (``ContributorData.subset(...).images``). The
 empty coalition has no items; its model is defined by the caller (in the paper: the untrained model).
+
+On CUDA the loop keeps the GPU busy: data, batch indices and noise live on the device (nothing is copied from the host
+per step), matmuls and convolutions may use TF32, ``precision="bf16"`` runs the forward pass under bfloat16 autocast,
+and the peak memory is measured. On the CPU all of that is a no-op: fp32, CPU random streams, the same bytes as ever.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,8 +23,11 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.training_utils import EMAModel
 
 from diffcredit.models import make_scheduler
+from diffcredit.progress import Progress
 
-OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+PRECISIONS = ("fp32", "bf16")
+logger = logging.getLogger(__name__)
 
 
 def select_device(preference: str = "auto") -> torch.device:
@@ -32,14 +40,48 @@ def select_device(preference: str = "auto") -> torch.device:
     return device
 
 
+def prepare_device(device: torch.device) -> None:
+    """Let CUDA use TF32 tensor cores for fp32 matmuls and convolutions (a no-op elsewhere)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Restart CUDA's count of peak memory (a no-op elsewhere)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> int | None:
+    """Bytes of CUDA memory allocated at the peak since :func:`reset_peak_memory`; None off CUDA."""
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
+def autocast(device: torch.device, precision: str = "fp32") -> contextlib.AbstractContextManager:
+    """The context of a forward pass in ``precision``: bf16 autocast on a CUDA device that supports it, else fp32.
+
+    bf16 is not applied on the CPU (slower on most CPUs, and it would change the CPU results); a warning says so.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision == "bf16":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        logger.warning("precision bf16 needs a CUDA device with bfloat16 support; running fp32 on %s", device)
+    return contextlib.nullcontext()
+
+
 @dataclass
 class TrainingResult:
-    """What a run of :func:`train` did: ``losses`` holds the loss of every step."""
+    """What a run of :func:`train` did: ``losses`` holds the loss of every step; ``peak_memory`` the CUDA bytes at
+    the peak (None on the CPU)."""
 
     steps: int
     seconds: float
     losses: list[float] = field(repr=False)
     device: str
+    peak_memory: int | None = None
 
 
 def train(
@@ -56,21 +98,27 @@ def train(
     grad_clip: float | None = 1.0,
     schedule: dict[str, Any] | None = None,
     device: str | None = None,
-    log_every: int = 0,
-    log: Callable[[str], None] = print,
+    precision: str = "fp32",
+    log_every: int | None = None,
+    observer: Any = None,
 ) -> TrainingResult:
     """Train ``model`` in place on ``images`` (float32 ``[N, C, H, W]`` in ``[-1, 1]``) with the DDPM loss.
 
     Batches are drawn from successive seeded permutations of the items (so an item recurs only after all others have
     been seen), timesteps uniformly and noise from a standard normal; both streams come from ``seed`` alone and are
-    drawn on the CPU, so a run is reproducible on CPU and uses the same data order and noise on any device. With
-    ``ema_decay`` the model ends with the exponential moving average of its weights. The model returns to the device
-    it came on.
+    drawn on the training device (CPU generators on the CPU, CUDA generators on CUDA), so a run is reproducible on one
+    kind of device. With ``ema_decay`` the model ends with the exponential moving average of its weights. The model
+    returns to the device it came on.
 
     Args:
         schedule: DDPMScheduler kwargs over ``models.DEFAULT_SCHEDULE``; its ``prediction_type`` sets the target.
         device: ``auto``/``cpu``/``cuda[:N]``; None means ``auto``.
-        log_every: report the mean loss and speed every this many steps (0: never).
+        precision: ``fp32`` or ``bf16`` (autocast of the forward pass on CUDA; fp32 elsewhere, see :func:`autocast`).
+        log_every: log step, mean loss, rate and ETA to the ``diffcredit.training`` logger every this many steps
+            (None: about ten times per run; 0: never).
+        observer: called as ``observer(model, index, clean, timesteps, noise)`` before each step's forward pass (so
+            it can replay the step's dropout masks); what it returns is called with the SGD step size applied (lr
+            times the clipping factor) before the update (In-Run Data Shapley, :mod:`diffcredit.attribution.inrun`).
     """
     images = np.asarray(images)
     if images.ndim != 4 or len(images) == 0:
@@ -87,11 +135,15 @@ def train(
         raise ValueError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
 
     target_device = select_device(device or "auto")
+    forward_precision = autocast(target_device, precision)
     home_device = next(model.parameters()).device
     scheduler = make_scheduler("ddpm", schedule)
+    prepare_device(target_device)
+    reset_peak_memory(target_device)
     data = torch.from_numpy(images.astype(np.float32, copy=False)).to(target_device)
+    stream_device = target_device if target_device.type == "cuda" else torch.device("cpu")
     order_generator, noise_generator = (
-        torch.Generator().manual_seed(int(child.generate_state(1)[0]))
+        torch.Generator(stream_device).manual_seed(int(child.generate_state(1)[0]))
         for child in np.random.SeedSequence(seed).spawn(2)
     )
     batches = _batch_indices(len(data), batch_size, order_generator)
@@ -100,27 +152,32 @@ def train(
     opt = OPTIMIZERS[optimizer](model.parameters(), lr=lr, weight_decay=weight_decay)
     ema = EMAModel(model.parameters(), decay=ema_decay, foreach=True) if ema_decay is not None else None
     losses = []
+    progress = Progress(logger, "train", steps, every=log_every)
     start = time.perf_counter()
     for step in range(1, steps + 1):
-        clean = data[next(batches).to(target_device)]
-        noise = torch.randn(clean.shape, generator=noise_generator).to(target_device)
+        index = next(batches)
+        clean = data[index]
+        noise = torch.randn(clean.shape, generator=noise_generator, device=stream_device)
         timesteps = torch.randint(
-            0, scheduler.config.num_train_timesteps, (len(clean),), generator=noise_generator
-        ).to(target_device)
-        prediction = model(scheduler.add_noise(clean, noise, timesteps), timesteps).sample
-        loss = F.mse_loss(prediction, _target(scheduler, clean, noise, timesteps))
+            0, scheduler.config.num_train_timesteps, (len(clean),), generator=noise_generator, device=stream_device
+        )
+        pending = observer(model, index, clean, timesteps, noise) if observer is not None else None
+        with forward_precision:
+            prediction = model(scheduler.add_noise(clean, noise, timesteps), timesteps).sample
+        loss = F.mse_loss(prediction.float(), _target(scheduler, clean, noise, timesteps))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if pending is not None:
+            clipped = 1.0 if grad_clip is None else min(1.0, grad_clip / (float(norm) + 1e-6))  # as clip_grad_norm_
+            pending(opt.param_groups[0]["lr"] * clipped)
         opt.step()
         if ema is not None:
             ema.step(model.parameters())
         losses.append(loss.detach())
-        if log_every and step % log_every == 0:
-            recent = torch.stack(losses[-log_every:]).mean().item()
-            rate = step / (time.perf_counter() - start)
-            log(f"step {step}/{steps}  loss {recent:.4f}  {rate:.1f} steps/s")
+        if progress.due(step):  # the mean loss since the last report (the only host sync of the loop)
+            progress.update(step, f"loss {torch.stack(losses[progress.done - step:]).mean().item():.4f}")
     if ema is not None:
         ema.copy_to(model.parameters())
     seconds = time.perf_counter() - start
@@ -130,15 +187,17 @@ def train(
         seconds=seconds,
         losses=torch.stack(losses).cpu().tolist() if losses else [],
         device=str(target_device),
+        peak_memory=peak_memory(target_device),
     )
 
 
 def _batch_indices(n: int, batch_size: int, generator: torch.Generator):
-    """Endless batches of item indices, cutting through successive random permutations."""
-    pending = torch.empty(0, dtype=torch.long)
+    """Endless batches of item indices, cutting through successive random permutations (on the generator's
+    device)."""
+    pending = torch.empty(0, dtype=torch.long, device=generator.device)
     while True:
         while len(pending) < batch_size:
-            pending = torch.cat([pending, torch.randperm(n, generator=generator)])
+            pending = torch.cat([pending, torch.randperm(n, generator=generator, device=generator.device)])
         yield pending[:batch_size]
         pending = pending[batch_size:]
 
