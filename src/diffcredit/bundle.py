@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import tarfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,6 +19,10 @@ from diffcredit.io import file_digest, write_atomic, write_text
 
 ARCHIVE = "results.tar.gz"
 CHECKSUMS = "SHA256SUMS"
+PACKAGES = ("diffcredit", "torch", "diffusers", "peft", "torch-pruning", "clean-fid", "numpy", "pandas", "snakemake")
+# CPU kernels are chosen by instruction set at run time, and results on CPU are bit-identical only for the same
+# kernels and thread count: the Snakefile pins these for every job (README, "Reproducibility").
+KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR", "OMP_NUM_THREADS")
 
 
 def make_bundle(files: Mapping[str, str | Path], out_dir: str | Path, metadata: Mapping | None = None) -> Path:
@@ -47,6 +52,52 @@ def make_bundle(files: Mapping[str, str | Path], out_dir: str | Path, metadata: 
     checksums = out_dir / CHECKSUMS
     write_text(checksums, "\n".join(lines) + "\n")
     return checksums
+
+
+def environment() -> dict:
+    """What a reader needs to judge whether another run should reproduce these results byte for byte.
+
+    Package versions, the commit of the workflow, the CPU (model and the instruction sets that select kernels), the
+    GPU if any, torch's thread count in this job and the kernel-pinning variables.
+    """
+    import platform
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    flags: set[str] = set()
+    model = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    try:
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return {
+        "versions": {name: installed(name) for name in PACKAGES},
+        "python": platform.python_version(),
+        "commit": commit,
+        "machine": platform.machine(),
+        "cpu": model,
+        "cpu_isa": sorted(flags & {"avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_tile"}),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch_threads": torch.get_num_threads(),
+        "kernel_variables": {name: os.environ.get(name) for name in KERNEL_VARIABLES},
+    }
 
 
 def verify_bundle(out_dir: str | Path) -> list[str]:

@@ -21,11 +21,30 @@ from diffcredit.utility import UtilitySettings, UtilityStore, evaluate_coalition
 
 def prepare_data(
     *, source: str, path: str | None, manifest: str | None, heldout_fraction: float, seed: int,
-    train_out: str, heldout_out: str, contributors_out: str,
+    train_out: str, heldout_out: str, contributors_out: str, reference: dict | None = None,
+    marketplace: bool = False, log=print,
 ) -> None:
-    """Load the contributors' data and hold out a real reference set (stratified per contributor)."""
+    """Load the contributors' data and the real images the properties compare with (the yardstick), in `heldout_out`.
+
+    With `reference` ({source, path, manifest}: the buyer's own images) every contributor item trains and the
+    reference is checked against them before anything trains (no images, other size or channels: refused; exact
+    copies of training items: a warning with their count and share). Without it, a share of each contributor's items
+    is held out (stratified per contributor) and the log says that the contributors shape their own yardstick; a
+    `marketplace` config refuses that.
+    """
+    from diffcredit.contributors import UNTRUSTED_NOTE, check_reference, load_reference, yardstick
+
+    label = yardstick(reference, marketplace=marketplace)
     data = load_source(source, path=path, manifest=manifest)
-    train, heldout = split_heldout(data, heldout_fraction, seed=derive_seed(seed, "heldout-split"))
+    if reference is None:
+        train, heldout = split_heldout(data, heldout_fraction, seed=derive_seed(seed, "heldout-split"))
+        log(f"yardstick: {label}. Warning: {UNTRUSTED_NOTE}")
+    else:
+        train, heldout = data, load_reference(reference["source"], reference.get("path"), reference.get("manifest"))
+        overlap = check_reference(heldout, train)
+        if overlap:
+            log(f"warning: {overlap}")
+        log(f"yardstick: {label}, {len(heldout)} images ({reference['source']}); all {len(train)} items train")
     train.save(train_out)
     heldout.save(heldout_out)
     write_manifest(train, contributors_out)
@@ -86,17 +105,29 @@ def recover(
 
 
 def prepare_reference(
-    *, train_data: str, heldout_data: str, out: str, seed: int, extractor: str | None, classifier_steps: int,
-    feature_dim: int,
+    *, train_data: str | None, heldout_data: str, out: str, seed: int, extractor: str | None, classifier_steps: int,
+    feature_dim: int, reference: dict | None = None, fit_fraction: float = 0.5, log=print,
 ) -> None:
-    """Fit the feature extractor (unless a local one is given) and cache the reference statistics."""
+    """Fit the feature extractor (unless a local one is given) and cache the reference statistics.
+
+    With a trusted `reference` (the config's ``data.reference``) the extractor is fitted on the reference in
+    `heldout_data` alone (a share `fit_fraction` of it; the rest gives the statistics) and `train_data` is not read
+    (pass None); otherwise on the contributors' training items.
+    """
+    from diffcredit.contributors import UNTRUSTED_NOTE
     from diffcredit.properties import prepare_reference as prepare
 
-    train, heldout = ContributorData.load(train_data), ContributorData.load(heldout_data)
+    heldout = ContributorData.load(heldout_data)
+    if reference is None:
+        train = ContributorData.load(train_data)
+        fit = {"train_images": train.images, "train_labels": train.labels}
+        log(f"Warning: {UNTRUSTED_NOTE}")
+    else:
+        fit = {"trusted": True, "source": reference, "fit_fraction": fit_fraction}
     with atomic_dir(out) as tmp:
-        prepare(tmp, train_images=train.images, train_labels=train.labels, reference_images=heldout.images,
+        prepare(tmp, reference_images=heldout.images, reference_labels=heldout.labels,
                 seed=derive_seed(seed, "feature-extractor"), feature_dim=feature_dim,
-                classifier_steps=classifier_steps, extractor=extractor)
+                classifier_steps=classifier_steps, extractor=extractor, **fit)
 
 
 def plan_table(
@@ -124,20 +155,17 @@ def write_plan(spec: dict, out: str) -> None:
 
 
 def coalition_utilities(
-    *, coalitions: str, batch: list[str], train_data: str, reference: str, start_model: str | None, store: str,
-    out: str, repeats: int, settings: dict, keep: list[str] = (), keep_dir: str | None = None, log=print,
+    *, batch: dict[str, list], train_data: str, reference: str, start_model: str | None, store: str, out: str,
+    repeats: int, settings: dict, keep: list[str] = (), keep_dir: str | None = None, log=print,
 ) -> None:
-    """Measure v(S) for the coalitions `batch` of a plan; finished measurements come from the store."""
-    from diffcredit.coalitions import read_coalitions
+    """Measure v(S) for one job's plan rows; finished measurements come from the store.
 
-    plan = read_coalitions(coalitions)
-    rows = plan[plan["coalition"].isin(batch)]
-    missing = sorted(set(batch) - set(rows["coalition"]))
-    if missing:
-        raise ValueError(f"coalitions {missing[:5]} are not in {coalitions}: the plan changed; rerun the plan rule")
+    `batch` holds the rows' columns ``coalition``, ``members`` and, if the plan has it, ``repeats``: each row is
+    measured max(its ``repeats``, `repeats`) times.
+    """
     data = ContributorData.load(train_data)
     table = evaluate_coalitions(
-        rows,
+        pd.DataFrame(batch),
         repeats=repeats,
         data=data,
         settings=utility_settings(data, settings),
@@ -153,6 +181,8 @@ def coalition_utilities(
 
 def utility_settings(data: ContributorData, settings: dict) -> UtilitySettings:
     """UtilitySettings from the workflow's settings dict, with the UNet config resolved for `data`."""
+    from diffcredit.models import unet_config_for
+
     settings = dict(settings)
     return UtilitySettings(model_config=unet_config_for(data.images.shape, settings.pop("unet", None)), **settings)
 
@@ -168,24 +198,75 @@ def collect_utilities(batches: list[str], out: str) -> pd.DataFrame:
 
 def aggregate(
     *, coalitions: str, utilities: str, contributors: str, confidence: float, values_out: str,
-    convergence_out: str, figure_out: str,
+    convergence_out: str, figure_out: str, convergence_figure_out: str, rounds_out: str,
+    round_values: list[str] = (), decisions: list[str] = (),
 ) -> None:
-    """Shapley values (or the plan's estimator's values) with intervals, their convergence, and a figure."""
-    from diffcredit.coalitions import read_coalitions, read_contributors
-    from diffcredit.figures import plot_values
+    """The plan's estimator's values with intervals, their convergence, the rounds, and the two figures.
+
+    With adaptive rounds (see :mod:`diffcredit.rounds`), `round_values` and `decisions` are each round's values and
+    stopping decision, and the values are those of the plan prefix the last round evaluated; without, the whole plan
+    is one round.
+    """
+    from diffcredit.coalitions import read_coalitions
+    from diffcredit.estimators import REGISTRY
+    from diffcredit.figures import plot_convergence, plot_values
+    from diffcredit.rounds import decide, read_decision, round_of, rounds_table
+
+    decided = [read_decision(path) for path in decisions]
+    plan = read_coalitions(coalitions)
+    if decided:
+        plan = plan.head(decided[-1].n_coalitions)
+    result, prop = _estimate(plan, utilities, contributors, confidence)
+    if decided:
+        per_round = [pd.read_csv(path) for path in round_values]
+    else:
+        decided = [decide(result.table, None, round=0, n_coalitions=len(plan), rule="none", target=None)]
+        per_round = [result.table]
+    sizes = [decision.n_coalitions for decision in decided]
+    table = result.table.assign(round=len(decided) - 1)
+    convergence = result.convergence.assign(round=round_of(result.convergence["n_coalitions"], sizes))
+    rounds = rounds_table(per_round, decided)
+    write_table(table, values_out, sep=",")
+    write_table(convergence, convergence_out)
+    write_table(rounds, rounds_out)
+    estimator = str(table["estimator"].iloc[0])
+    name = REGISTRY[estimator].values
+    efficiency = f"; sum = {table['value'].sum():.4g}" if name == "Shapley" else ""
+    plot_values(table, figure_out, confidence=confidence, name=name,
+                title=f"{estimator}: {name} values of {prop} (oriented: higher is better){efficiency}")
+    plot_convergence(convergence, rounds, convergence_figure_out, confidence=confidence, name=name,
+                     title=f"{estimator}: {name} values of {prop} against the coalitions used")
+
+
+def round_values(
+    *, coalitions: str, utilities: str, contributors: str, confidence: float, n_coalitions: int, round: int,
+    previous: str | None, stopping: dict, last: bool, values_out: str, decision_out: str,
+) -> None:
+    """One adaptive round: the values of the plan's first `n_coalitions` rows and whether another round runs.
+
+    `previous` is the round before's values (the ``rank_stable`` rule compares with it); `last` says the budget is
+    spent.
+    """
+    from diffcredit.coalitions import read_coalitions
+    from diffcredit.rounds import decide, write_decision
+
+    result, _ = _estimate(read_coalitions(coalitions).head(n_coalitions), utilities, contributors, confidence)
+    write_table(result.table, values_out, sep=",")
+    decision = decide(result.table, pd.read_csv(previous) if previous else None, round=round,
+                      n_coalitions=n_coalitions, rule=stopping["rule"], target=stopping["target"],
+                      relative=stopping["relative"], last=last)
+    write_decision(decision, decision_out)
+
+
+def _estimate(plan: pd.DataFrame, utilities: str, contributors: str, confidence: float):
+    """The aggregation of `plan`'s measured utilities, and the name of the property they measure."""
+    from diffcredit.coalitions import read_contributors
     from diffcredit.shapley import aggregate as estimate
     from diffcredit.shapley import read_utilities
 
     measured = read_utilities(utilities)
-    result = estimate(read_coalitions(coalitions), measured, contributors=read_contributors(contributors),
-                      confidence=confidence)
-    write_table(result.table, values_out, sep=",")
-    write_table(result.convergence, convergence_out)
-    prop = measured["property"].iloc[0] if "property" in measured else "utility"
-    estimator = result.table["estimator"].iloc[0] if "estimator" in result.table else ""
-    plot_values(result.table, figure_out, confidence=confidence,
-                title=f"{estimator} values of {prop} (oriented: higher is better); "
-                      f"sum = {result.table['value'].sum():.4g}")
+    result = estimate(plan, measured, contributors=read_contributors(contributors), confidence=confidence)
+    return result, (measured["property"].iloc[0] if "property" in measured else "utility")
 
 
 def sample_figure(
@@ -217,14 +298,10 @@ def sample_figure(
 
 
 def bundle(files: dict[str, str], checksums_out: str, *, config: dict) -> None:
-    """Archive `files` with the run's config and package versions; writes the archive beside `checksums_out`."""
-    from importlib.metadata import version
+    """Archive `files` with the run's config and the environment that made them (see bundle.environment)."""
+    from diffcredit.bundle import environment, make_bundle
 
-    from diffcredit.bundle import make_bundle
-
-    packages = ("diffcredit", "torch", "diffusers", "torch-pruning", "clean-fid", "numpy", "pandas", "snakemake")
-    make_bundle(files, Path(checksums_out).parent,
-                          metadata={"config": config, "versions": {p: version(p) for p in packages}})
+    make_bundle(files, Path(checksums_out).parent, metadata={"config": config, "environment": environment()})
 
 
 def _log_interval(steps: int) -> int:
@@ -243,5 +320,6 @@ def _write_stats(path: str, result, *, stage: str) -> None:
     payload = {"stage": stage}
     if result is not None:
         payload.update(seconds=result.seconds, steps=result.steps, device=result.device,
+                       peak_memory=result.peak_memory,
                        final_loss=float(np.mean(result.losses[-50:])) if result.losses else None)
     write_json(path, payload)

@@ -5,4 +5,5 @@ sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821
 
 from diffcredit import stages
 
+stages.set_threads(snakemake.threads)  # so the recorded thread count is the jobs' (rules' threads)
 stages.bundle(dict(snakemake.input), snakemake.output.checksums, config=snakemake.params.config)
