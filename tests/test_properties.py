@@ -267,7 +267,7 @@ def test_samples_of_a_briefly_trained_model_fall_between_real_and_noise(referenc
     training = pytest.importorskip("diffcredit.training")
     sampling = pytest.importorskip("diffcredit.sampling")
     model = models.build_model(models.digits_unet_config(), seed=0)
-    training.train(model, digits[0], steps=300, batch_size=64, lr=1e-3, seed=0, log=lambda message: None)
+    training.train(model, digits[0], steps=300, batch_size=64, lr=1e-3, seed=0)
     samples = sampling.generate(model, 256, seed=0, inference_steps=50)
     fid = load_property("fid", reference)
     assert fid(digits[0]) < fid(samples) < fid(noise)

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 CONTRIBUTOR_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
-SOURCES = ("digits", "folder", "npz")
+SOURCES = ("digits", "folder", "npz", "marketplace")
 
 
 def validate_contributor_id(value: object, where: str = "") -> str:
@@ -168,19 +168,24 @@ def assign(data: ContributorData, manifest: str | Path) -> ContributorData:
     return ContributorData(data.images, contributors.astype(str), data.item_ids, data.labels)
 
 
-def load_image_folder(manifest: str | Path, root: str | Path | None = None) -> ContributorData:
+def load_image_folder(
+    manifest: str | Path, root: str | Path | None = None, *, owner: str | None = None
+) -> ContributorData:
     """Images listed in a TSV with columns ``path``, ``contributor``; paths are relative to ``root``.
 
     ``root`` defaults to the manifest's folder. Images are read as grayscale when all of them are grayscale and as
-    RGB otherwise; all must have the same size. Item ids are the paths as written in the manifest.
+    RGB otherwise; all must have the same size. Item ids are the paths as written in the manifest. With ``owner``
+    (a reference set), the manifest needs only ``path`` and every image belongs to ``owner``.
     """
     from PIL import Image, UnidentifiedImageError
 
-    table = _read_tsv(manifest, ("path", "contributor"))
-    _check_cells(table, manifest, ("path", "contributor"))
+    columns = ("path",) if owner else ("path", "contributor")
+    table = _read_tsv(manifest, columns)
+    _check_cells(table, manifest, columns)
+    owners = np.full(len(table), owner) if owner else table["contributor"]
     root = Path(manifest).parent if root is None else Path(root)
     pictures = []
-    for row, (path, contributor) in enumerate(zip(table["path"], table["contributor"]), start=2):
+    for row, path in enumerate(table["path"], start=2):
         try:
             with Image.open(root / path) as picture:
                 picture.load()
@@ -196,25 +201,27 @@ def load_image_folder(manifest: str | Path, root: str | Path | None = None) -> C
     grayscale = all(picture.mode in ("1", "L", "LA") for picture in pictures)
     mode = "L" if grayscale else "RGB"
     stacked = np.stack([np.asarray(picture.convert(mode)) for picture in pictures])
-    return ContributorData(_to_unit_range(_channels_first(stacked)), table["contributor"], table["path"])
+    return ContributorData(_to_unit_range(_channels_first(stacked)), owners, table["path"])
 
 
-def load_arrays(path: str | Path) -> ContributorData:
+def load_arrays(path: str | Path, *, owner: str | None = None) -> ContributorData:
     """An ``.npz`` with ``images`` and ``contributors`` and, optionally, ``item_ids`` and ``labels``.
 
     ``images`` is ``[N, H, W]``, ``[N, H, W, C]`` or ``[N, C, H, W]`` (C of 1, 3 or 4; if both axis 1 and the last
     axis could be channels, axis 1 is), either uint8 (0..255) or float already scaled to ``[-1, 1]``. Item ids
-    default to ``item-000000``... by position.
+    default to ``item-000000``... by position. With ``owner`` (a reference set), ``contributors`` is not needed and
+    every image belongs to ``owner``.
     """
+    required = ("images",) if owner else ("images", "contributors")
     with np.load(path, allow_pickle=False) as npz:
-        missing = [key for key in ("images", "contributors") if key not in npz.files]
+        missing = [key for key in required if key not in npz.files]
         if missing:
             raise ValueError(f"{path}: missing array {missing[0]!r} (found {', '.join(npz.files)})")
         arrays = {key: npz[key] for key in npz.files}
     images = _channels_first(arrays["images"], where=str(path))
     item_ids = arrays.get("item_ids", np.array([f"item-{i:06d}" for i in range(len(images))]))
-    return ContributorData(_to_unit_range(images, where=str(path)), arrays["contributors"], item_ids,
-                           arrays.get("labels"))
+    owners = np.full(len(images), owner) if owner else arrays["contributors"]
+    return ContributorData(_to_unit_range(images, where=str(path)), owners, item_ids, arrays.get("labels"))
 
 
 def load_source(
@@ -225,7 +232,12 @@ def load_source(
     - ``digits``: the bundled digits; ``manifest`` (``item``, ``contributor``) optionally reassigns items.
     - ``folder``: ``manifest`` (``path``, ``contributor``) lists images under ``path`` (default: its folder).
     - ``npz``: arrays at ``path``; ``manifest`` (``item``, ``contributor``) optionally reassigns items.
+    - ``marketplace``: the planted contributors of :func:`load_marketplace` (``path`` and ``manifest`` unused).
     """
+    if source == "marketplace":
+        if path is not None or manifest is not None:
+            raise ValueError("source 'marketplace' is built from scikit-learn's digits: leave path and manifest null")
+        return load_marketplace()[0]
     if source == "digits":
         return load_digits(manifest)
     if source == "folder":
@@ -271,6 +283,203 @@ def split_heldout(data: ContributorData, fraction: float, seed: int) -> tuple[Co
         n_heldout = min(round(fraction * len(members)), len(members) - 1)
         heldout[rng.choice(members, size=n_heldout, replace=False)] = True
     return data._take(~heldout), data._take(heldout)
+
+
+TRUSTED, HELDOUT = "trusted reference", "contributors' held-out items"  # the two yardsticks (reference.json)
+UNTRUSTED_NOTE = (
+    "the contributors shape their own yardstick: the reference images are a held-out share of their items and the "
+    "feature extractor is trained on their training items, so a contributor's upload moves the ruler it is measured "
+    "by (noise can score well); name the buyer's own images in data.reference before paying by these values"
+)
+
+
+def yardstick(reference: dict | None, *, marketplace: bool = False) -> str:
+    """Which yardstick a run's reference-based properties use; refuse the held-out split in a marketplace.
+
+    `reference` is the config's ``data.reference`` (null: the contributors' held-out split). A config that declares
+    ``marketplace: true`` pays by the values, so it must name a trusted reference.
+    """
+    if reference is not None:
+        return TRUSTED
+    if marketplace:
+        raise ValueError(
+            "marketplace: true needs a trusted reference, but data.reference is null, so the contributors' held-out "
+            "items would be the yardstick they are paid by: set data.reference to the buyer's own images, e.g. "
+            "{source: npz, path: buyer.npz} (see config/README.md)"
+        )
+    return HELDOUT
+
+
+REFERENCE_OWNER = "reference"  # the owner of every image of a trusted reference: the buyer, not a contributor
+
+
+def load_reference(
+    source: str, path: str | Path | None = None, manifest: str | Path | None = None
+) -> ContributorData:
+    """The buyer's trusted reference images (``data.reference``), owned by :data:`REFERENCE_OWNER`.
+
+    - ``digits``: scikit-learn's digits; ``manifest`` (a TSV with column ``item``) picks the items, default all.
+    - ``folder``: ``manifest`` (column ``path``) lists images under ``path`` (default: the manifest's folder).
+    - ``npz``: ``images`` (and optionally ``labels``, ``item_ids``) at ``path``.
+    - ``marketplace``: the reference part of :func:`load_marketplace`, disjoint from its contributors.
+
+    Labels, where the source has them, train the reference's feature extractor.
+    """
+    if source == "marketplace":
+        return load_marketplace()[1]
+    if source == "digits":
+        digits = load_digits()
+        if manifest is not None:
+            table = _read_tsv(manifest, ("item",))
+            _check_cells(table, manifest, ("item",))
+            chosen = np.isin(digits.item_ids, table["item"].to_numpy())
+            unknown = sorted(set(table["item"]) - set(digits.item_ids))
+            if unknown:
+                raise ValueError(f"{manifest}: unknown item {unknown[0]!r}; items are named like 'digits-0000'")
+            digits = digits._take(chosen)
+        return ContributorData(digits.images, np.full(len(digits), REFERENCE_OWNER), digits.item_ids, digits.labels)
+    if source == "folder":
+        if manifest is None:
+            raise ValueError("a 'folder' reference needs a manifest TSV with a column path")
+        return load_image_folder(manifest, root=path, owner=REFERENCE_OWNER)
+    if source == "npz":
+        if path is None:
+            raise ValueError("an 'npz' reference needs the path of an .npz file with an 'images' array")
+        return load_arrays(path, owner=REFERENCE_OWNER)
+    raise ValueError(f"unknown reference source {source!r}; use one of {', '.join(SOURCES)}")
+
+
+def check_reference(reference: ContributorData, train: ContributorData) -> str | None:
+    """Refuse a reference that cannot be a yardstick for `train`; return a warning if it overlaps `train`.
+
+    Raises ValueError for a reference without images and for images whose channels or size differ from the
+    training images. Overlap is found by content (a SHA-256 of each image's pixels), so a renamed copy counts;
+    the warning says how many reference images are copies of training items, their share, and whose items they are.
+    """
+    if len(reference) == 0:
+        raise ValueError(
+            "the reference (data.reference) has no images: name the buyer's own images "
+            "({source, path, manifest}), or set data.reference to null for the contributors' held-out split"
+        )
+    if reference.images.shape[1:] != train.images.shape[1:]:
+        (c, h, w), (tc, th, tw) = reference.images.shape[1:], train.images.shape[1:]
+        raise ValueError(
+            f"the reference images are {c}-channel {h}x{w} but the training images are {tc}-channel {th}x{tw}: "
+            "convert the reference to the training images' size and channels"
+        )
+    owners = dict(zip(image_digests(train.images), zip(train.contributors, train.item_ids)))
+    copies = [owners[d] for d in image_digests(reference.images) if d in owners]
+    if not copies:
+        return None
+    whose: dict[str, int] = {}
+    for contributor, _ in copies:
+        whose[contributor] = whose.get(contributor, 0) + 1
+    listed = ", ".join(f"{c} ({n})" for c, n in sorted(whose.items(), key=lambda kv: -kv[1])[:5])
+    return (
+        f"{len(copies)} of {len(reference)} reference images ({len(copies) / len(reference):.1%}) are exact copies "
+        f"of training items (e.g. {copies[0][1]!r}), from contributors {listed}: those contributors are scored "
+        "against their own items; remove the copies from the reference or from the training data"
+    )
+
+
+def image_digests(images: np.ndarray) -> list[str]:
+    """A SHA-256 of each image's float32 pixels [C, H, W]: equal exactly for exact copies."""
+    import hashlib
+
+    pixels = np.ascontiguousarray(images, dtype=np.float32)
+    return [hashlib.sha256(image.tobytes()).hexdigest() for image in pixels]
+
+
+MARKETPLACE_CLASSES = (0, 1, 2, 3, 4)
+
+
+def load_marketplace(seed: int = 0) -> tuple[ContributorData, ContributorData]:
+    """A marketplace whose answer is known by construction: (contributors, trusted reference), from `seed`.
+
+    scikit-learn's digits of classes 0-4 are split per class, deterministically: 40% become the buyer's reference
+    (with labels), the rest the contributors' pool; the two never share an item. The seed fixes the market; the run's
+    seed (training, noise) does not change it, so the ranking can be compared across run seeds. Contributors:
+
+    - ``digit0``..``digit4`` (clean): one class each, from the pool (``digit4`` minus the items of ``few4``).
+    - ``dup2`` (exact duplicate): the very images of ``digit2`` under new item ids; Shapley symmetry makes it
+      equal to ``digit2`` within the intervals.
+    - ``few4`` (very few items): 6 clean class-4 items of the pool; a small value, near zero.
+    - ``noisy3`` (noisy copies): ``digit3``'s images plus Gaussian noise of sd 0.6 (30% of the [-1, 1] range),
+      clipped; below every clean contributor.
+    - ``blurred1`` (blurred copies): ``digit1``'s images blurred by a Gaussian of sd 1 pixel; below every clean one.
+    - ``glyphs`` (off-distribution): Latin letters rendered with the DejaVu fonts matplotlib ships, 8×8 like the
+      digits; below every clean one, harmful to any property measured against a digit reference.
+    - ``noise`` (garbage): uniform noise images; below every clean one, harmful (the case of issue 11).
+
+    Every corrupted contributor has as many items as a clean one. No contributor has labels: the reference's own
+    labels train the feature extractor.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    from diffcredit.seeds import derive_seed
+
+    rng = np.random.default_rng(derive_seed(seed, "marketplace"))
+    digits = load_digits()
+    in_reference = np.zeros(len(digits), dtype=bool)
+    pool: dict[int, np.ndarray] = {}
+    for label in MARKETPLACE_CLASSES:
+        (members,) = np.nonzero(digits.labels == label)
+        members = rng.permutation(members)
+        n_reference = round(0.4 * len(members))
+        in_reference[members[:n_reference]] = True
+        pool[label] = np.sort(members[n_reference:])
+    reference = digits._take(in_reference)
+    reference = ContributorData(reference.images, np.full(len(reference), REFERENCE_OWNER), reference.item_ids,
+                                reference.labels)
+
+    parts: list[tuple[str, np.ndarray, np.ndarray]] = []  # (contributor, images, item ids)
+
+    def add(contributor: str, images: np.ndarray, item_ids: np.ndarray | None = None) -> None:
+        ids = np.array([f"{contributor}-{i:04d}" for i in range(len(images))]) if item_ids is None else item_ids
+        parts.append((contributor, np.clip(images, -1.0, 1.0).astype(np.float32), ids))
+
+    few = pool[4][:6]
+    for label in MARKETPLACE_CLASSES:
+        items = pool[label][6:] if label == 4 else pool[label]
+        add(f"digit{label}", digits.images[items], digits.item_ids[items])
+    n = len(pool[0])
+    add("dup2", digits.images[pool[2]])
+    add("few4", digits.images[few], digits.item_ids[few])
+    add("noisy3", digits.images[pool[3]] + rng.normal(0.0, 0.6, size=digits.images[pool[3]].shape))
+    add("blurred1", gaussian_filter(digits.images[pool[1]], sigma=(0, 0, 1.0, 1.0)))
+    add("glyphs", _glyphs(n))
+    add("noise", rng.uniform(-1.0, 1.0, size=(n, *digits.images.shape[1:])))
+    images = np.concatenate([images for _, images, _ in parts])
+    owners = np.concatenate([np.full(len(images), cid) for cid, images, _ in parts])
+    item_ids = np.concatenate([ids for _, _, ids in parts])
+    return ContributorData(images, owners, item_ids), reference
+
+
+def _glyphs(n: int) -> np.ndarray:
+    """`n` letters rendered by matplotlib (DejaVu fonts, cycling letters and styles) as 8×8 images in [-1, 1].
+
+    Each glyph is drawn white on black at 32×32 pixels and averaged over 4×4 blocks, as the digits were made from
+    32×32 bitmaps, then scaled so that its brightest cell is +1.
+    """
+    from matplotlib import get_data_path
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.font_manager import FontProperties
+
+    fonts = [Path(get_data_path()) / "fonts" / "ttf" / f"DejaVu{style}.ttf"
+             for style in ("Sans", "Sans-Bold", "Serif", "Serif-Bold", "SansMono")]
+    letters = "ABCDEFGHJKLMNPRSTUVWXYZabdefghkmnpqrtuwxyz"
+    glyphs = np.empty((n, 1, 8, 8), dtype=np.float32)
+    for i in range(n):
+        figure = Figure(figsize=(1, 1), dpi=32, facecolor="black")
+        canvas = FigureCanvasAgg(figure)
+        figure.text(0.5, 0.5, letters[i % len(letters)], color="white", ha="center", va="center", fontsize=64,
+                    fontproperties=FontProperties(fname=fonts[(i // len(letters)) % len(fonts)]))
+        canvas.draw()
+        ink = np.asarray(canvas.buffer_rgba())[..., 0].astype(np.float64) / 255.0
+        cells = ink.reshape(8, 4, 8, 4).mean(axis=(1, 3))
+        glyphs[i, 0] = cells / max(cells.max(), 1e-12) * 2.0 - 1.0
+    return glyphs
 
 
 def write_manifest(data: ContributorData, path: str | Path) -> None:

@@ -1,3 +1,15 @@
+# The yardstick is decided before any job runs: a config that declares itself a marketplace must name a trusted
+# reference (data.reference), and every reference-based property of the run is measured against it.
+from diffcredit.contributors import TRUSTED, yardstick
+
+YARDSTICK = yardstick(config["data"]["reference"], marketplace=config["marketplace"])
+
+
+def reference_training_data(wildcards):
+    """The contributors' items train the extractor only without a trusted reference (then it never sees them)."""
+    return [] if YARDSTICK == TRUSTED else rules.prepare_data.output.train
+
+
 rule prepare_data:
     output:
         train=f"{RUN}/data/train.npz",
@@ -5,6 +17,7 @@ rule prepare_data:
         contributors=f"{RUN}/data/contributors.tsv",
     params:
         data=config["data"],
+        marketplace=config["marketplace"],
         seed=config["seed"],
     log:
         f"{RUN}/logs/prepare_data.log",
@@ -21,12 +34,13 @@ rule prepare_data:
 
 rule reference:
     input:
-        train=rules.prepare_data.output.train,
+        train=reference_training_data,
         heldout=rules.prepare_data.output.heldout,
     output:
         directory(f"{RUN}/reference"),
     params:
         features=config["features"],
+        reference=config["data"]["reference"],
         seed=config["seed"],
     log:
         f"{RUN}/logs/reference.log",

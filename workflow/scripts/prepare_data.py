@@ -1,4 +1,4 @@
-"""Load the contributors' data and hold out the real reference set."""
+"""Load the contributors' data and the real reference images (the buyer's, or a held-out share of the items)."""
 import sys
 
 sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (snakemake is injected)
@@ -11,6 +11,8 @@ stages.prepare_data(
     path=data["path"],
     manifest=data["manifest"],
     heldout_fraction=data["heldout_fraction"],
+    reference=data["reference"],
+    marketplace=snakemake.params.marketplace,
     seed=snakemake.params.seed,
     train_out=snakemake.output.train,
     heldout_out=snakemake.output.heldout,

@@ -1,4 +1,4 @@
-"""Fit the feature extractor and cache the reference statistics of the held-out real images."""
+"""Fit the feature extractor and cache the reference statistics of the real reference images."""
 import sys
 
 sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (snakemake is injected)
@@ -7,9 +7,10 @@ from diffcredit import stages
 
 stages.set_threads(snakemake.threads)
 stages.prepare_reference(
-    train_data=snakemake.input.train,
+    train_data=snakemake.input.train or None,  # empty with a trusted reference: the extractor never sees the items
     heldout_data=snakemake.input.heldout,
     out=snakemake.output[0],
     seed=snakemake.params.seed,
+    reference=snakemake.params.reference,
     **snakemake.params.features,
 )

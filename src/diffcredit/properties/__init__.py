@@ -1,12 +1,30 @@
-"""Global properties of generated images, scored against a cached reference: FID, KID, IS, diversity, aesthetic.
+"""Global properties of generated images, scored against a cached reference.
 
 `prepare_reference` fits the feature extractor once (or takes a local TorchScript one) and caches the reference
 statistics in a folder; `load_property` turns that folder into a callable `Property`. Each property says whether higher
 is better, and `oriented` turns its value into a utility where higher is always better (e.g. -FID).
+
+What each property needs, and whether a contributor can move it (the yardstick is the reference folder: its images and
+the extractor that embeds them; with a trusted reference neither depends on any contributor):
+
+- fid, kid: distances to the reference images' features. Need a reference of the distribution the buyer wants.
+  They mix quality with coverage (one well-drawn class can score worse than noise).
+- precision, recall, density, coverage: k-NN manifolds of the reference features (`precision_recall`). Need the same
+  reference. Precision and density reward realistic samples, recall and coverage varied ones; coverage is the one to
+  pay by (only samples near reference images count, and outliers cannot inflate it).
+- diversity: entropy over the extractor's classes or the reference's k-means clusters. Needs the reference (clusters)
+  or a classifier trained on it (classes); it rewards spread, not realism, so noise spread over bins scores well.
+- inception_score: needs a classifier trained on the reference's labels (or its pseudo-labels). Rewards confident,
+  varied predictions; fooled by adversarial or off-distribution images that the classifier labels confidently.
+- aesthetic: a predictor head on the extractor's features; needs no reference images, only a trusted predictor file.
+
+A reference folder says which yardstick it is in `reference.json` (`yardstick`: "trusted reference" or "contributors'
+held-out items"); `reference_provenance` reads it for reports and bundles.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import shutil
@@ -31,9 +49,11 @@ from diffcredit.properties.features import (
     save_classifier,
     train_classifier,
 )
+from diffcredit.contributors import HELDOUT, TRUSTED, UNTRUSTED_NOTE, image_digests
 from diffcredit.io import write_atomic, write_json
 from diffcredit.properties.fid import FID, KID, feature_stats
 from diffcredit.properties.inception_score import InceptionScore
+from diffcredit.properties.precision_recall import SCORES, ManifoldScore
 from diffcredit.seeds import derive_seed
 
 CLASSIFIER_FILE, STATS_FILE, INFO_FILE = "classifier.safetensors", "reference.npz", "reference.json"
@@ -57,44 +77,83 @@ def oriented(value: float, higher_is_better: bool) -> float:
 def prepare_reference(
     out_dir: str | Path,
     *,
-    train_images: np.ndarray,
-    train_labels: np.ndarray | None,
     reference_images: np.ndarray,
     seed: int,
+    train_images: np.ndarray | None = None,
+    train_labels: np.ndarray | None = None,
+    reference_labels: np.ndarray | None = None,
+    trusted: bool = False,
+    source: dict | None = None,
+    fit_fraction: float = 0.5,
     feature_dim: int = 64,
     classifier_steps: int = 1500,
     n_clusters: int = 20,
     extractor: str | Path | None = None,
-    reference_labels: np.ndarray | None = None,
 ) -> None:
     """Fit (or copy) the feature extractor and cache the reference set's features, mean, covariance and clusters.
 
-    Without `extractor`, a `DigitClassifier` is trained on the labelled training images (seeded, seconds on a CPU);
-    with it, the local TorchScript (.pt) or torch.export (.pt2) file is copied in and used as is. Writes
-    `classifier.safetensors` (+ `.json`) or `extractor.pt[2]`, `reference.npz` and `reference.json` (with the
-    classifier's accuracy on the reference set when `reference_labels` are given), each atomically.
+    With `extractor`, the local TorchScript (.pt) or torch.export (.pt2) file is copied in and used as is. Otherwise a
+    `DigitClassifier` is trained (seeded, seconds on a CPU):
+
+    - `trusted` (the buyer's own reference): on the reference images alone, with `reference_labels`, or without
+      labels on k-means pseudo-labels (`n_clusters` clusters of the reference pixels, one round of DeepCluster), so
+      that no contributor's items or labels shape the extractor. `train_images` must then be None. A share
+      `fit_fraction` of the reference (stratified by label) fits the classifier and the rest gives the statistics:
+      features of the images a classifier was fitted on cluster tighter than those of any unseen image, which would
+      put generated images outside the k-NN balls (on the marketplace's digits, unseen real digits got precision
+      0.45 and density 0.26 against a reference the classifier was fitted on, 0.96 and 1.04 with the split).
+    - otherwise (the contributors' held-out split): on the labelled training images, as before; the reference folder
+      then records that the contributors shape their own yardstick.
+
+    Writes `classifier.safetensors` (+ `.json`) or `extractor.pt[2]`, `reference.npz` and `reference.json` (the
+    yardstick, what the extractor was trained on, a digest of the reference images, `source`, and the classifier's
+    accuracy on held-out reference labels where there are any), each atomically.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    info: dict = {"seed": int(seed), "n_reference": int(len(reference_images))}
+    if trusted and train_images is not None:
+        raise ValueError(
+            "a trusted reference's extractor is fitted on the reference alone: do not pass train_images "
+            "(the contributors' items)"
+        )
+    if len(reference_images) == 0:
+        raise ValueError("the reference has no images: name at least a few hundred images of the wanted distribution")
+    info: dict = {
+        "seed": int(seed), "n_reference": int(len(reference_images)), "yardstick": TRUSTED if trusted else HELDOUT,
+        "reference_digest": _digest(reference_images), "source": source,
+    }
     model: nn.Module
     if extractor is not None:
         model = load_module(extractor)
         info["extractor"] = f"extractor{Path(extractor).suffix}"  # the suffix tells TorchScript from torch.export
+        info["extractor_fit"] = f"a local file ({Path(extractor).name})"
         write_atomic(out / info["extractor"], lambda tmp: shutil.copyfile(extractor, tmp))
-    elif train_labels is None:
-        raise ValueError(
-            "the training images have no labels, so no digit classifier can be trained: "
-            "pass extractor=<local TorchScript file mapping images to features>"
-        )
     else:
+        if trusted:
+            fit = "reference images and labels"
+            labels = reference_labels
+            if labels is None:
+                labels = _pseudo_labels(reference_images, n_clusters, seed=derive_seed(seed, "pseudo-labels"))
+                fit = f"reference images, k-means pseudo-labels ({n_clusters} clusters)"
+            fitting = _stratified_share(labels, fit_fraction, seed=derive_seed(seed, "reference-fit-split"))
+            fit_images, fit_labels = reference_images[fitting], labels[fitting]
+            reference_images = reference_images[~fitting]
+            fit = f"{fitting.sum()} {fit}, disjoint from the {len(reference_images)} images of the statistics"
+            info.update(n_reference=int(len(reference_images)), n_fit=int(fitting.sum()))
+        elif train_labels is None:
+            raise ValueError(
+                "the training images have no labels, so no digit classifier can be trained: "
+                "pass extractor=<local TorchScript file mapping images to features>, or a trusted reference"
+            )
+        else:
+            fit_images, fit_labels, fit = train_images, train_labels, "contributors' training items and labels"
         model = train_classifier(
-            train_images, train_labels, seed=derive_seed(seed, "classifier"), steps=classifier_steps,
+            fit_images, fit_labels, seed=derive_seed(seed, "classifier"), steps=classifier_steps,
             feature_dim=feature_dim,
         )
         save_classifier(model, out / CLASSIFIER_FILE)
-        info.update(extractor="classifier", classifier_steps=int(classifier_steps))
-        if reference_labels is not None:
+        info.update(extractor="classifier", extractor_fit=fit, classifier_steps=int(classifier_steps))
+        if reference_labels is not None and not trusted:  # on a trusted reference this would be training accuracy
             predicted = predict_log_probs(model, reference_images).argmax(axis=1)
             info["reference_accuracy"] = float(np.mean(predicted == np.asarray(reference_labels)))
     feats = extract_features(model, reference_images)
@@ -108,6 +167,50 @@ def prepare_reference(
         lambda tmp: np.savez(tmp, features=feats, mu=mu, sigma=sigma, centres=kmeans.cluster_centers_),
     )
     write_json(out / INFO_FILE, info)
+
+
+def reference_provenance(reference_dir: str | Path) -> dict:
+    """Which yardstick a prepared reference is, for bundle metadata and reports.
+
+    Returns `yardstick`, `trusted`, `extractor_fit`, `n_reference`, `reference_digest`, `source` and `statement`, a
+    sentence to show beside the values (a warning when the contributors shape their own yardstick).
+    """
+    info = json.loads((Path(reference_dir) / INFO_FILE).read_text())
+    trusted = info["yardstick"] == TRUSTED
+    statement = (
+        f"Properties are measured against a trusted reference of {info['n_reference']} images that no contributor "
+        f"supplied; the feature extractor was fitted on {info['extractor_fit']}."
+        if trusted else f"Warning: {UNTRUSTED_NOTE}."
+    )
+    keys = ("yardstick", "extractor_fit", "n_reference", "reference_digest", "source")
+    return {**{key: info[key] for key in keys}, "trusted": trusted, "statement": statement}
+
+
+def _pseudo_labels(images: np.ndarray, n_clusters: int, seed: int) -> np.ndarray:
+    if not 2 <= n_clusters <= len(images):
+        raise ValueError(f"n_clusters={n_clusters}: pseudo-labels need 2..{len(images)} clusters (the reference size)")
+    pixels = images.reshape(len(images), -1)
+    return KMeans(n_clusters, n_init=10, random_state=seed).fit_predict(pixels).astype(np.int64)
+
+
+def _stratified_share(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """A mask picking round(fraction * n) items of each label (at least one, never all)."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fit_fraction={fraction}: choose a share in (0, 1) of the reference to fit the extractor")
+    rng = np.random.default_rng(seed)
+    chosen = np.zeros(len(labels), dtype=bool)
+    for label in np.unique(labels):
+        (members,) = np.nonzero(labels == label)
+        if len(members) < 2:
+            raise ValueError(f"reference label {label} has {len(members)} image: give each label at least 2")
+        n_fit = min(max(round(fraction * len(members)), 1), len(members) - 1)
+        chosen[rng.choice(members, size=n_fit, replace=False)] = True
+    return chosen
+
+
+def _digest(images: np.ndarray) -> str:
+    """One SHA-256 of the reference images (in order): the same images give the same yardstick id."""
+    return hashlib.sha256("".join(image_digests(images)).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -142,7 +245,7 @@ def load_property(name: str, reference_dir: str | Path, *, device: str | torch.d
     """The property `name` scored against the reference folder made by `prepare_reference`.
 
     Options: kid: seed, num_subsets, max_subset_size; diversity: bins ("auto", "classes" or "clusters");
-    aesthetic: predictor (a local file, required), quantile (0.9).
+    aesthetic: predictor (a local file, required), quantile (0.9); precision, recall, density, coverage: k (5).
     """
     if name not in _FACTORIES:
         raise ValueError(f"unknown property {name!r}: choose one of {', '.join(PROPERTY_NAMES)}")
@@ -191,11 +294,19 @@ def _aesthetic(
     return AestheticScore(reference.extractor, load_predictor(predictor, module_device(reference.extractor)), quantile)
 
 
+def _manifold(name: str):
+    def factory(reference: Reference, *, k: int = 5) -> ManifoldScore:
+        return ManifoldScore(name, reference.extractor, reference.features, k=k)
+
+    return factory
+
+
 _FACTORIES = {
     "fid": _fid,
     "kid": _kid,
     "inception_score": _inception_score,
     "diversity": _diversity,
     "aesthetic": _aesthetic,
+    **{name: _manifold(name) for name in SCORES},
 }
 PROPERTY_NAMES = tuple(_FACTORIES)
