@@ -67,6 +67,34 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _payout(args: argparse.Namespace) -> int:
+    import json
+
+    import pandas as pd
+
+    from diffcredit.io import write_table, write_text
+    from diffcredit.payout import payout, statement_text, statements, unallocated
+
+    if (args.coalitions is None) != (args.utilities is None):
+        raise ValueError("evidence needs both --coalitions and --utilities (or neither)")
+    shares = payout(pd.read_csv(args.values), args.budget, confidence=args.confidence, draws=args.draws,
+                    seed=args.seed)
+    write_table(shares, args.out, sep=",")
+    print(f"{len(shares)} shares of {args.budget:g} -> {args.out}; unallocated {unallocated(shares, args.budget):.4g}")
+    if args.statements is not None:
+        from diffcredit.coalitions import read_coalitions
+        from diffcredit.shapley import read_utilities
+
+        evidence = {} if args.coalitions is None else {
+            "coalitions": read_coalitions(args.coalitions), "utilities": read_utilities(args.utilities)}
+        stated = statements(shares, budget=args.budget, **evidence)
+        for contributor, statement in stated.items():
+            write_text(args.statements / f"{contributor}.md", statement_text(statement))
+        write_text(args.statements / "statements.json", json.dumps(stated, indent=1, default=float) + "\n")
+        print(f"{len(stated)} statements -> {args.statements}/")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     from diffcredit import __version__
 
@@ -104,6 +132,19 @@ def _parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="check a result bundle against its checksums")
     verify.add_argument("bundle", type=Path, metavar="BUNDLE_DIR")
     verify.set_defaults(run=_verify)
+
+    payout = commands.add_parser("payout", help="shares of a budget from values with intervals, and statements")
+    payout.add_argument("--values", type=Path, required=True,
+                        help="CSV with contributor, value, stderr, ci_low, ci_high (shapley.csv)")
+    payout.add_argument("--budget", type=float, required=True, help="the amount to share out")
+    payout.add_argument("--out", type=Path, required=True, help="shares CSV to write")
+    payout.add_argument("--statements", type=Path, help="folder for one Markdown statement per contributor (+ JSON)")
+    payout.add_argument("--coalitions", type=Path, help="the plan, for the evidence in the statements")
+    payout.add_argument("--utilities", type=Path, help="the plan's utilities TSV, for the evidence")
+    payout.add_argument("--confidence", type=float, default=0.95, help="level of the share intervals")
+    payout.add_argument("--draws", type=int, default=10_000, help="draws of the values for the share intervals")
+    payout.add_argument("--seed", type=int, default=0, help="seed of those draws")
+    payout.set_defaults(run=_payout)
     for command in commands.choices.values():  # every subcommand's --help shows each option's default
         command.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     return parser

@@ -1,0 +1,179 @@
+"""From values to money: shares of a budget with intervals, and a statement each contributor could be shown.
+
+The rule (`RULE`), applied to a values table (``contributor``, ``value``, ``stderr``, ``ci_low``, ``ci_high``):
+
+1. A contributor whose interval lies below zero (``ci_high < 0``) harmed the property: share 0.
+2. Every other contributor is paid in proportion to ``max(value, 0)``: a value at or below zero gets nothing, and
+   an uncertain value (an interval that includes zero) is paid by its estimate, not shrunk; its share interval shows
+   how far that payment could move. The shares sum to the budget, unless no value is positive, when nothing is paid
+   and the whole budget is reported as unallocated.
+3. Share intervals: the values are drawn from their normal approximations N(value, stderr²), independently
+   (``draws`` times, seeded); each draw is paid by rule 2 with the harmful set of rule 1 fixed; the interval is the
+   central ``confidence`` range of a contributor's share over the draws. The point share is rule 2 on the point
+   values. Values of a Shapley estimate are correlated (they sum to v(N) − v(∅)), which independent draws ignore, so
+   the intervals are wider than a joint resampling would give: conservative for a payer who wants to know how much a
+   share could move.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import pandas as pd
+
+RULE = (
+    "share 0 when the value's interval lies below zero; otherwise shares proportional to max(value, 0), summing to "
+    "the budget; share intervals from draws of the values' normal approximations, paid by the same rule"
+)
+VALUE_COLUMNS = ("contributor", "value", "stderr", "ci_low", "ci_high")
+
+
+def payout(
+    values: pd.DataFrame, budget: float, *, confidence: float = 0.95, draws: int = 10_000, seed: int = 0
+) -> pd.DataFrame:
+    """Shares of `budget` for the contributors of a values table, by `RULE`.
+
+    Returns one row per contributor, in the table's order: the value columns, ``rank`` (1 = the highest value),
+    ``status`` (``harmful``: interval below zero; ``not positive``: value <= 0, interval reaches zero; ``uncertain``:
+    paid, interval includes zero; ``positive``: paid, interval above zero), ``share``, ``share_low``, ``share_high``
+    (in the budget's unit) and ``fraction`` (share / budget).
+    """
+    table = _checked(values)
+    if not np.isfinite(budget) or budget <= 0:
+        raise ValueError(f"budget={budget}: give a positive amount to share out")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence={confidence}: choose a level in (0, 1), e.g. 0.95")
+    if draws < 1:
+        raise ValueError(f"draws={draws}: use at least 1 (10,000 gives intervals to about 1% of the budget)")
+    value = table["value"].to_numpy(float)
+    stderr = np.nan_to_num(table["stderr"].to_numpy(float))  # an exact value (no stderr) does not vary
+    harmful = table["ci_high"].to_numpy(float) < 0
+    point = _shares(value[None, :], harmful, budget)[0]
+    rng = np.random.default_rng(seed)
+    drawn = _shares(value + stderr * rng.standard_normal((draws, len(value))), harmful, budget)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(drawn, [tail, 1 - tail], axis=0)
+    ci_low = table["ci_low"].to_numpy(float)
+    status = np.where(harmful, "harmful", np.where(value <= 0, "not positive",
+                                                   np.where(ci_low <= 0, "uncertain", "positive")))
+    out = table.loc[:, list(VALUE_COLUMNS)].copy()
+    out["rank"] = out["value"].rank(ascending=False, method="min").astype(int)
+    out["status"] = status
+    out["share"], out["share_low"], out["share_high"] = point, low, high
+    out["fraction"] = point / budget
+    return out
+
+
+def unallocated(shares: pd.DataFrame, budget: float) -> float:
+    """The part of `budget` that the rule pays to no one (all of it when no value is positive, else ~0)."""
+    return float(budget - shares["share"].sum())
+
+
+def statements(
+    shares: pd.DataFrame, *, coalitions: pd.DataFrame | None = None, utilities: pd.DataFrame | None = None,
+    budget: float | None = None,
+) -> dict[str, dict]:
+    """One statement per contributor: value, interval, rank, share with interval, status, the rule, and evidence.
+
+    With `coalitions` (``coalition``, ``members``) and `utilities` (``coalition``, ``utility``; repeats are averaged)
+    the evidence lists every measured coalition that contains the contributor with its utility, and the mean utility
+    of the measured coalitions with and without them.
+    """
+    measured: Mapping[str, tuple[tuple[str, ...], float, int]] = {}
+    if coalitions is not None and utilities is not None:
+        measured = _measured(coalitions, utilities)
+    n = len(shares)
+    result = {}
+    for row in shares.itertuples(index=False):
+        statement = {
+            "contributor": row.contributor, "value": row.value, "stderr": row.stderr,
+            "interval": [row.ci_low, row.ci_high], "rank": int(row.rank), "of": n, "status": row.status,
+            "share": row.share, "share_interval": [row.share_low, row.share_high], "fraction": row.fraction,
+            "budget": budget, "rule": RULE,
+        }
+        if measured:
+            with_them = [(c, len(m), u, k) for c, (m, u, k) in measured.items() if row.contributor in m]
+            without = [u for m, u, _ in measured.values() if row.contributor not in m]
+            statement["evidence"] = {
+                "coalitions_with": [{"coalition": c, "size": size, "utility": u, "measurements": k}
+                                    for c, size, u, k in with_them],
+                "mean_utility_with": float(np.mean([u for _, _, u, _ in with_them])) if with_them else None,
+                "mean_utility_without": float(np.mean(without)) if without else None,
+            }
+        result[row.contributor] = statement
+    return result
+
+
+def statement_text(statement: dict) -> str:
+    """A statement as Markdown, for the contributor it is about."""
+    low, high = statement["interval"]
+    share_low, share_high = statement["share_interval"]
+    lines = [
+        f"# Statement for {statement['contributor']}",
+        "",
+        f"- value: {statement['value']:.4g} (interval {low:.4g} to {high:.4g}, stderr {statement['stderr']:.3g})",
+        f"- rank: {statement['rank']} of {statement['of']}",
+        f"- share: {statement['share']:.2f} (interval {share_low:.2f} to {share_high:.2f}; "
+        f"{statement['fraction']:.1%} of the budget"
+        + (f" of {statement['budget']:g})" if statement["budget"] is not None else ")"),
+        f"- status: {statement['status']}",
+        f"- rule: {statement['rule']}",
+    ]
+    evidence = statement.get("evidence")
+    if evidence:
+        rows = evidence["coalitions_with"]
+        lines += [
+            "",
+            f"## Evidence: the {len(rows)} measured coalitions with you",
+            "",
+            f"Mean utility with you {_fmt(evidence['mean_utility_with'])}, "
+            f"without you {_fmt(evidence['mean_utility_without'])} (higher is better).",
+            "",
+            "| coalition | size | utility | measurements |",
+            "| --- | --- | --- | --- |",
+            *(f"| {r['coalition']} | {r['size']} | {r['utility']:.4g} | {r['measurements']} |" for r in rows),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _shares(values: np.ndarray, harmful: np.ndarray, budget: float) -> np.ndarray:
+    """Rule 2 for each row of `values` [draws, n]: budget * max(v, 0) / sum, 0 for `harmful` and all-zero rows."""
+    weights = np.where(harmful, 0.0, np.maximum(values, 0.0))
+    total = weights.sum(axis=1, keepdims=True)
+    return np.divide(budget * weights, total, out=np.zeros_like(weights), where=total > 0)
+
+
+def _checked(values: pd.DataFrame) -> pd.DataFrame:
+    missing = [column for column in VALUE_COLUMNS if column not in values.columns]
+    if missing:
+        raise ValueError(
+            f"the values table lacks column(s) {missing}: give {', '.join(VALUE_COLUMNS)} (shapley.csv has them)"
+        )
+    if values.empty:
+        raise ValueError("the values table has no contributors")
+    if values["contributor"].duplicated().any():
+        raise ValueError(f"contributor {values['contributor'][values['contributor'].duplicated()].iloc[0]!r} "
+                         "appears twice in the values table")
+    numbers = values.loc[:, list(VALUE_COLUMNS[1:])].apply(pd.to_numeric, errors="coerce")
+    bad = ~np.isfinite(numbers[["value", "ci_low", "ci_high"]].to_numpy(float)).all(axis=1)
+    if bad.any():
+        raise ValueError(f"contributor {values['contributor'].iloc[int(np.argmax(bad))]!r} has no finite value or "
+                         "interval: pay only values that were estimated")
+    if (numbers["stderr"] < 0).any():
+        raise ValueError("a stderr is negative: check the values table")
+    return pd.concat([values[["contributor"]].astype(str), numbers], axis=1)
+
+
+def _measured(coalitions: pd.DataFrame, utilities: pd.DataFrame) -> dict[str, tuple[tuple[str, ...], float, int]]:
+    """coalition -> (members, mean utility over its measurements, number of measurements), measured ones only."""
+    from diffcredit.coalitions import member_sets
+
+    members = member_sets(coalitions)
+    finite = utilities[np.isfinite(pd.to_numeric(utilities["utility"], errors="coerce"))]
+    grouped = finite.groupby("coalition", sort=False)["utility"].agg(["mean", "size"])
+    return {c: (members[c], float(mean), int(size)) for c, (mean, size) in grouped.iterrows() if c in members}
+
+
+def _fmt(number: float | None) -> str:
+    return "n/a" if number is None else f"{number:.4g}"

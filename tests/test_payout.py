@@ -1,0 +1,112 @@
+"""Payout: shares of a budget by the documented rule, their intervals, statements with evidence, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import norm
+
+from diffcredit.payout import RULE, payout, statement_text, statements, unallocated
+
+
+def values(rows: list[tuple]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=["contributor", "value", "stderr", "ci_low", "ci_high"])
+
+
+HAND = values([
+    ("a", 6.0, 0.0, 6.0, 6.0),    # positive
+    ("b", 2.0, 0.0, -1.0, 5.0),   # uncertain: paid by its estimate
+    ("c", -3.0, 0.0, -5.0, -1.0),  # harmful: interval below zero
+    ("d", -0.5, 0.0, -2.0, 1.0),  # not positive
+])
+
+
+def test_shares_sum_to_the_budget_and_follow_the_rule():
+    shares = payout(HAND, 100.0).set_index("contributor")
+    assert shares["share"].to_dict() == {"a": 75.0, "b": 25.0, "c": 0.0, "d": 0.0}
+    assert shares["share"].sum() == pytest.approx(100.0) and unallocated(shares, 100.0) == pytest.approx(0.0)
+    assert shares["status"].to_dict() == {"a": "positive", "b": "uncertain", "c": "harmful", "d": "not positive"}
+    assert shares["rank"].to_dict() == {"a": 1, "b": 2, "c": 4, "d": 3}
+    assert shares["fraction"].to_dict() == {"a": 0.75, "b": 0.25, "c": 0.0, "d": 0.0}
+    # Without any spread, every draw is the point: the intervals collapse onto the shares.
+    np.testing.assert_array_equal(shares["share_low"], shares["share"])
+    np.testing.assert_array_equal(shares["share_high"], shares["share"])
+
+
+def test_a_harmful_value_stays_at_zero_even_when_draws_are_positive():
+    table = values([("good", 1.0, 0.1, 0.8, 1.2), ("bad", -0.1, 1.0, -0.3, -0.01)])  # a wide stderr, a CI below 0
+    shares = payout(table, 10.0, draws=2000).set_index("contributor")
+    assert shares.loc["bad", ["share", "share_low", "share_high"]].tolist() == [0.0, 0.0, 0.0]
+    np.testing.assert_allclose(shares.loc["good", ["share", "share_low", "share_high"]].tolist(), 10.0, rtol=1e-12)
+
+
+def test_share_intervals_are_quantiles_of_the_values_normal_draws():
+    # b ~ N(2, 0.5^2), a fixed at 1: share_b = 100 b / (1 + b) is increasing in b (b > 0 at both 2.5% tails),
+    # so its interval is that function at b's quantiles, and a's share is the rest of the budget.
+    table = values([("a", 1.0, 0.0, 1.0, 1.0), ("b", 2.0, 0.5, 1.02, 2.98)])
+    shares = payout(table, 100.0, draws=200_000, seed=3).set_index("contributor")
+    q_low, q_high = 2 + 0.5 * norm.ppf([0.025, 0.975])
+    expected_low, expected_high = 100 * q_low / (1 + q_low), 100 * q_high / (1 + q_high)
+    assert shares.loc["b", "share"] == pytest.approx(200 / 3)
+    assert shares.loc["b", "share_low"] == pytest.approx(expected_low, rel=0.005)
+    assert shares.loc["b", "share_high"] == pytest.approx(expected_high, rel=0.005)
+    assert shares.loc["a", "share_low"] == pytest.approx(100 - shares.loc["b", "share_high"], abs=1e-6)
+    assert shares.loc["a", "share_high"] == pytest.approx(100 - shares.loc["b", "share_low"], abs=1e-6)
+    again = payout(table, 100.0, draws=200_000, seed=3)
+    assert again["share_low"].tolist() == shares["share_low"].tolist()  # seeded
+
+
+def test_no_positive_value_pays_no_one_and_leaves_the_budget_unallocated():
+    table = values([("x", -1.0, 0.0, -2.0, 0.5), ("y", 0.0, 0.0, -1.0, 1.0)])
+    shares = payout(table, 50.0)
+    assert shares["share"].tolist() == [0.0, 0.0]
+    assert unallocated(shares, 50.0) == 50.0
+
+
+@pytest.mark.parametrize(
+    ("table", "budget", "message"),
+    [
+        (HAND.drop(columns="stderr"), 1.0, r"lacks column\(s\) \['stderr'\]"),
+        (HAND, 0.0, "positive amount"),
+        (HAND.assign(value=[1.0, np.nan, 0.0, 0.0]), 1.0, "'b' has no finite value"),
+        (pd.concat([HAND, HAND.head(1)]), 1.0, "'a' appears twice"),
+        (HAND.assign(stderr=[-1.0, 0, 0, 0]), 1.0, "stderr is negative"),
+    ],
+)
+def test_bad_values_are_refused(table, budget, message):
+    with pytest.raises(ValueError, match=message):
+        payout(table, budget)
+
+
+def test_statements_show_value_rank_share_and_the_evidence_coalitions():
+    shares = payout(HAND, 100.0)
+    plan = pd.DataFrame({"coalition": ["c0", "c1", "c2", "c3"], "members": ["", "a", "a,b", "b,c,d"]})
+    utilities = pd.DataFrame({"coalition": ["c0", "c1", "c1", "c2", "c3"], "utility": [0.0, 4.0, 6.0, 9.0, 1.0]})
+    stated = statements(shares, coalitions=plan, utilities=utilities, budget=100.0)
+    a = stated["a"]
+    assert (a["rank"], a["of"], a["share"], a["status"], a["rule"]) == (1, 4, 75.0, "positive", RULE)
+    assert a["evidence"]["coalitions_with"] == [
+        {"coalition": "c1", "size": 1, "utility": 5.0, "measurements": 2},
+        {"coalition": "c2", "size": 2, "utility": 9.0, "measurements": 1},
+    ]
+    assert a["evidence"]["mean_utility_with"] == 7.0 and a["evidence"]["mean_utility_without"] == 0.5
+    text = statement_text(stated["c"])
+    assert "# Statement for c" in text and "status: harmful" in text and "| c3 | 3 | 1 | 1 |" in text
+    assert "evidence" not in statements(shares)["a"]
+
+
+def test_cli_writes_shares_and_one_statement_per_contributor(tmp_path):
+    from diffcredit.cli import main
+
+    HAND.to_csv(tmp_path / "shapley.csv", index=False)
+    status = main(["payout", "--values", str(tmp_path / "shapley.csv"), "--budget", "1000",
+                   "--out", str(tmp_path / "payout.csv"), "--statements", str(tmp_path / "statements")])
+    assert status == 0
+    written = pd.read_csv(tmp_path / "payout.csv")
+    assert written["share"].sum() == pytest.approx(1000.0)
+    assert sorted(p.name for p in (tmp_path / "statements").iterdir()) == [
+        "a.md", "b.md", "c.md", "d.md", "statements.json"]
+    assert json.loads((tmp_path / "statements" / "statements.json").read_text())["b"]["share"] == 250.0
