@@ -1,24 +1,37 @@
-"""Evaluation statistics on planted inputs: held-out subsets, LDS, counterfactual, utility agreement."""
+"""Evaluation on planted inputs: held-out subsets, LDS, budget curve, multi-fidelity values, counterfactual,
+utility agreement, job costs."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import math
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from scipy import stats
+from workflow_files import ROOT, workflow_copy
 
+from diffcredit import coalitions
+from diffcredit.coalitions import member_sets
 from diffcredit.evaluation import (
+    alphas,
+    budget_curve,
     counterfactual_removals,
     counterfactual_table,
     heldout_subsets,
     lds,
     random_ranking,
+    subset_size,
     utility_agreement,
 )
+from diffcredit.multifidelity import multifidelity_values
 
 TEN = [f"c{i}" for i in range(10)]
 
@@ -26,12 +39,13 @@ TEN = [f"c{i}" for i in range(10)]
 # --- held-out subsets ---------------------------------------------------------------------------------------------
 
 
-def test_subsets_keep_round_alpha_n_sorted_members() -> None:
+def test_subsets_keep_int_alpha_n_sorted_members() -> None:
     assert {len(s) for s in heldout_subsets(TEN, 20, seed=1)} == {5}
-    # Halves round up: 0.5 of 5 keeps 3 (Python's round() would keep 2).
+    # int(alpha * n) as in the paper: 0.5 of 5 keeps 2, 0.25 of 10 keeps 2, and 0.29 of 100 keeps 29 (not 28).
     subsets = heldout_subsets(TEN[:5], 6, alpha=0.5, seed=1)
-    assert {len(s) for s in subsets} == {3}
+    assert {len(s) for s in subsets} == {2}
     assert all(list(s) == sorted(s) and set(s) <= set(TEN[:5]) for s in subsets)
+    assert (subset_size(0.25, 10), subset_size(0.29, 100)) == (2, 29)
 
 
 def test_subsets_are_prefix_stable_seeded_and_independent_of_input_order() -> None:
@@ -39,6 +53,16 @@ def test_subsets_are_prefix_stable_seeded_and_independent_of_input_order() -> No
     assert heldout_subsets(TEN, 5, seed=7) == many[:5]
     assert heldout_subsets(list(reversed(TEN)), 12, seed=7) == many
     assert heldout_subsets(TEN, 12, seed=8) != many
+
+
+def test_an_alpha_list_gives_one_block_per_alpha_each_prefix_stable() -> None:
+    both = heldout_subsets(TEN, 6, alpha=[0.25, 0.75], seed=3)
+    assert [len(s) for s in both] == [2] * 6 + [7] * 6
+    # Each alpha has its own stream: its subsets do not depend on the other alphas or on their count.
+    assert both[:6] == heldout_subsets(TEN, 6, alpha=0.25, seed=3)
+    assert both[6:] == heldout_subsets(TEN, 6, alpha=[0.75], seed=3)
+    assert heldout_subsets(TEN, 9, alpha=[0.5, 0.75], seed=3)[9:15] == both[6:]
+    assert alphas(0.5) == (0.5,) and alphas([0.25, 0.5]) == (0.25, 0.5)
 
 
 def test_subsets_are_distinct_until_all_are_used() -> None:
@@ -51,12 +75,14 @@ def test_subsets_are_distinct_until_all_are_used() -> None:
     ("contributors", "alpha", "message"),
     [
         (TEN[:4], 0.1, "alpha=0.1 keeps 0 of 4"),
-        (TEN[:4], 0.9, "alpha=0.9 keeps 4 of 4"),
+        (TEN[:4], [0.5, 0.6], "alpha=0.6 and alpha=0.5 both keep 2 of 4 contributors"),
+        (TEN[:4], [], r"alpha=\[\]: give at least one share"),
+        (TEN[:4], [0.5, 1.0], "alpha=1.0: the share of contributors kept must lie strictly between 0 and 1"),
         (["a", "b", "a"], 0.5, "contributor 'a' appears more than once"),
         (["a", "b/c"], 0.5, "invalid contributor id 'b/c'"),
     ],
 )
-def test_subsets_refuse_bad_input(contributors: list[str], alpha: float, message: str) -> None:
+def test_subsets_refuse_bad_input(contributors: list[str], alpha, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         heldout_subsets(contributors, 3, alpha=alpha, seed=0)
 
@@ -73,26 +99,36 @@ def _planted(n_seeds: int = 3, noise: float = 0.0, seed: int = 0) -> tuple[pd.Se
     return scores, subsets, truth[:, None] + noise * rng.normal(size=(len(subsets), n_seeds))
 
 
-def test_lds_is_one_for_monotone_and_minus_one_for_reversed_scores() -> None:
+def test_lds_is_one_for_planted_linear_scores_and_minus_one_for_reversed() -> None:
     scores, subsets, truth = _planted()
     # Per-seed offsets and a monotone (nonlinear) transform leave every rank correlation at exactly 1.
     measured = np.exp(truth) + np.array([0.0, 1.0, 2.0])
     result = lds(scores, subsets, measured)
-    assert result.value == pytest.approx(1.0)
+    assert (result.value, result.seed_averaged) == pytest.approx((1.0, 1.0))
     assert result.per_seed == pytest.approx((1.0, 1.0, 1.0))
-    assert (result.ci_low, result.ci_high) == pytest.approx((1.0, 1.0))
+    for low, high in ((result.ci_low, result.ci_high), (result.bootstrap_low, result.bootstrap_high)):
+        assert (low, high) == pytest.approx((1.0, 1.0))
     assert (result.n_subsets, result.n_seeds, result.n_missing) == (30, 3, 0)
     reversed_ = lds(-scores, subsets, measured)
-    assert reversed_.value == pytest.approx(-1.0)
+    assert (reversed_.value, reversed_.seed_averaged) == pytest.approx((-1.0, -1.0))
     assert reversed_.per_seed == pytest.approx((-1.0, -1.0, -1.0))
 
 
-def test_lds_per_seed_values_and_their_mean() -> None:
-    scores, subsets, truth = _planted(n_seeds=1)
-    measured = np.column_stack([truth[:, 0], -truth[:, 0]])
+def test_lds_is_the_papers_per_seed_definition_on_hand_made_inputs() -> None:
+    # Five subsets of three contributors, three seeds whose measurements rank the subsets differently.
+    scores = pd.Series([3.0, -1.0, 0.5, 2.0], index=["a", "b", "c", "d"])
+    subsets = [("a", "b"), ("a", "c"), ("b", "d"), ("c", "d"), ("a", "d")]
+    measured = np.array([[1.0, 2.0, 0.5], [2.0, 1.0, 3.0], [0.0, 0.5, 0.1], [3.0, 2.5, 1.0], [4.0, 0.0, 2.0]])
+    predicted = [2.0, 3.5, 1.0, 2.5, 5.0]
+    per_seed = [stats.spearmanr(predicted, measured[:, j]).statistic for j in range(3)]
     result = lds(scores, subsets, measured)
-    assert result.per_seed == pytest.approx((1.0, -1.0))
-    assert result.per_seed_mean == pytest.approx(0.0)
+    assert result.per_seed == pytest.approx(per_seed)
+    assert result.value == pytest.approx(np.mean(per_seed))
+    # The authors' interval: 1.96 * np.std (ddof 0) over the seeds / sqrt(seeds).
+    half = 1.959964 * np.std(per_seed) / math.sqrt(3)
+    assert (result.ci_low, result.ci_high) == pytest.approx((np.mean(per_seed) - half, np.mean(per_seed) + half))
+    assert result.seed_averaged == pytest.approx(stats.spearmanr(predicted, measured.mean(axis=1)).statistic)
+    assert result.value < result.seed_averaged  # averaging the seeds first is a different, higher number here
 
 
 def test_lds_leaves_out_missing_runs_and_reports_them() -> None:
@@ -103,38 +139,49 @@ def test_lds_leaves_out_missing_runs_and_reports_them() -> None:
     result = lds(scores, subsets, holed)
     assert (result.n_subsets, result.n_missing) == (29, 4)
     keep = [row for row in range(30) if row != 4]
-    mean = np.nanmean(holed[keep], axis=1)
-    predicted = [scores[list(subsets[row])].sum() for row in keep]
-    assert result.value == pytest.approx(stats.spearmanr(predicted, mean).statistic)
-    assert result.per_seed[1] == pytest.approx(
-        stats.spearmanr([p for p, row in zip(predicted, keep) if row != 7], np.delete(holed[keep, 1], 6)).statistic
+    predicted = np.array([scores[list(subsets[row])].sum() for row in keep])
+    column = holed[keep, 1]
+    ok = np.isfinite(column)
+    assert result.per_seed[1] == pytest.approx(stats.spearmanr(predicted[ok], column[ok]).statistic)
+    assert result.value == pytest.approx(
+        np.mean([stats.spearmanr(predicted, holed[keep, 0]).statistic, result.per_seed[1],
+                 stats.spearmanr(predicted, holed[keep, 2]).statistic])
     )
+    assert result.seed_averaged == pytest.approx(stats.spearmanr(predicted, np.nanmean(holed[keep], axis=1)).statistic)
 
 
-def test_lds_interval_widens_with_seed_noise() -> None:
+def test_lds_intervals_widen_with_seed_noise() -> None:
     widths = []
     for noise in (0.2, 1.0, 3.0):
         result = lds(*_planted(noise=noise))
-        assert result.ci_low <= result.value <= result.ci_high
-        widths.append(result.ci_high - result.ci_low)
+        assert result.bootstrap_low <= result.value <= result.bootstrap_high
+        assert result.seed_averaged_low <= result.seed_averaged <= result.seed_averaged_high
+        widths.append(result.bootstrap_high - result.bootstrap_low)
     assert widths[0] < widths[1] < widths[2]
 
 
-def test_lds_interval_covers_the_population_value() -> None:
-    # Single-member subsets make Σ score a normal variable x; measured = x + noise, so the seed mean is bivariate
-    # normal with x, whose Spearman correlation is (6/π)·asin(ρ/2).
+def test_lds_bootstrap_covers_the_population_value() -> None:
+    # Single-member subsets make Σ score a normal variable x; each seed measures x + noise, bivariate normal with x,
+    # whose Spearman correlation is (6/π)·asin(ρ/2) with ρ = 1/sqrt(1 + noise²): the per-seed LDS's population value.
     names = [f"p{i}" for i in range(40)]
-    noise, n_seeds = 2.3, 3
-    rho = 1 / math.sqrt(1 + noise**2 / n_seeds)
-    truth = 6 / math.pi * math.asin(rho / 2)
+    noise, n_seeds = 1.5, 3
+    truth = 6 / math.pi * math.asin(1 / math.sqrt(1 + noise**2) / 2)
     rng = np.random.default_rng(11)
     covered = []
-    for rep in range(200):
+    for rep in range(120):
         x = rng.normal(size=len(names))
         measured = x[:, None] + noise * rng.normal(size=(len(names), n_seeds))
         result = lds(pd.Series(x, index=names), [[n] for n in names], measured, n_bootstrap=400, seed=rep)
-        covered.append(result.ci_low <= truth <= result.ci_high)
+        covered.append(result.bootstrap_low <= truth <= result.bootstrap_high)
     assert 0.88 <= np.mean(covered) <= 0.99
+
+
+def test_lds_with_one_seed_has_no_interval_over_seeds() -> None:
+    scores, subsets, measured = _planted(n_seeds=1, noise=0.5)
+    result = lds(scores, subsets, measured[:, 0])
+    assert result.value == pytest.approx(result.seed_averaged)
+    assert math.isnan(result.ci_low) and math.isnan(result.ci_high)
+    assert math.isfinite(result.bootstrap_low)
 
 
 @pytest.mark.parametrize(
@@ -168,7 +215,98 @@ def test_lds_result_is_strict_json() -> None:
     measured = np.column_stack([truth[:, 0], np.full(30, np.nan)])  # the second seed never ran
     payload = lds(scores, subsets, measured).to_dict()
     assert payload["per_seed"] == [pytest.approx(1.0), None]
+    assert payload["value"] == pytest.approx(1.0) and payload["ci_low"] is None  # one seed: no interval over seeds
     assert json.loads(json.dumps(payload, allow_nan=False))["n_missing"] == 30
+
+
+def _additive_plan(n: int = 8, budget: int = 64, seed: int = 0, estimator: str = "kernelshap"):
+    """A plan over n contributors with their member sets, and planted additive weights."""
+    names = [f"p{i}" for i in range(n)]
+    plan = coalitions.plan(names, estimator, budget, seed)
+    return names, plan, member_sets(plan), np.random.default_rng(seed).normal(1.0, 0.5, n)
+
+
+def test_budget_curve_prices_each_prefix_and_ends_at_the_whole_plan() -> None:
+    names, plan, sets, w = _additive_plan(estimator="permutation")
+    weight = pd.Series(w, index=names)
+    utilities = pd.DataFrame({"coalition": list(sets), "utility": [weight[list(m)].sum() for m in sets.values()],
+                              "seconds": 2.0})
+    subsets = heldout_subsets(names, 12, seed=1)
+    measured = np.array([[weight[list(s)].sum()] * 2 for s in subsets])
+    curve = budget_curve(plan, utilities, subsets=subsets, measured=measured, contributors=names, setup_seconds=100)
+    assert curve["budget"].is_monotonic_increasing and curve["budget"].iloc[-1] == len(plan)
+    assert curve["seconds"].tolist() == pytest.approx((100 + 2.0 * curve["budget"]).tolist())
+    # Permutation values of an additive game are its weights once a prefix has two permutations: every LDS is 1.
+    assert curve["lds"].to_numpy() == pytest.approx(1.0)
+
+
+# --- multi-fidelity values -----------------------------------------------------------------------------------------
+
+
+def _retrained_rows(sets: dict, prefix: list[str], utility, rng, seeds: int = 3, noise: float = 0.2) -> pd.DataFrame:
+    rows = [(c, j, utility(sets[c]) + (noise * rng.normal() if sets[c] else 0.0)) for c in prefix for j in range(seeds)]
+    return pd.DataFrame(rows, columns=["coalition", "repeat", "utility"])
+
+
+def test_multifidelity_of_an_affine_cheap_utility_is_the_rescaled_cheap_estimate() -> None:
+    # u_sft = 2 + 0.5 * u_retrain exactly: the slope is 2, the residual game is constant, its values are zero, and
+    # the multi-fidelity values are the cheap values rescaled to the retraining game's units.
+    names, plan, sets, w = _additive_plan(estimator="permutation")
+    weight = pd.Series(w, index=names)
+    truth = {c: weight[list(m)].sum() for c, m in sets.items()}
+    cheap = pd.DataFrame({"coalition": list(truth), "utility": [2 + 0.5 * u for u in truth.values()]})
+    prefix = list(sets)[:24]
+    retrained = pd.DataFrame([(c, j, truth[c]) for c in prefix for j in range(2)],
+                             columns=["coalition", "repeat", "utility"])
+    result = multifidelity_values(plan, cheap, plan.head(24), retrained, contributors=names)
+    assert result.beta == pytest.approx(2.0) and result.beta_stderr == pytest.approx(0.0, abs=1e-9)
+    table = result.table.set_index("contributor").loc[names]
+    assert table["value"].to_numpy() == pytest.approx(2 * table["sft_value"].to_numpy())
+    assert table["value"].to_numpy() == pytest.approx(w)  # additive: permutation sampling is exact
+    assert (result.n_cheap, result.n_retrained, result.n_seeds) == (64, 24, 2)
+
+
+def test_multifidelity_beats_biased_sft_and_its_interval_covers_the_retraining_values() -> None:
+    # Retraining game: additive + pairwise terms (exact Shapley values known); the cheap utility is the same game
+    # plus a smooth bias (a size term and a second additive game) plus noise; retrains have seed noise.
+    n, budget, prefix_size = 8, 64, 24
+    errors, covered = {"mf": [], "sft": []}, []
+    for rep in range(60):
+        rng = np.random.default_rng(rep)
+        names, plan, sets, w = _additive_plan(n, budget, seed=rep)
+        q, a = np.triu(rng.normal(0, 0.2, (n, n)), 1), rng.normal(0, 1, n)
+        phi = w + 0.5 * (q.sum(axis=0) + q.sum(axis=1))
+
+        def game(members, names=names, w=w, q=q):
+            z = np.isin(names, members)
+            return w @ z + z @ q @ z
+
+        def bias(members, names=names, a=a):
+            z = np.isin(names, members)
+            return 0.3 * a @ z + 0.5 * z.sum() ** 2 / n
+
+        cheap = pd.DataFrame({"coalition": list(sets),
+                              "utility": [game(m) + bias(m) + 0.05 * rng.normal() for m in sets.values()]})
+        prefix = list(sets)[:prefix_size]
+        result = multifidelity_values(plan, cheap, plan.head(prefix_size), _retrained_rows(sets, prefix, game, rng),
+                                      contributors=names)
+        table = result.table.set_index("contributor").loc[names]
+        errors["mf"].append(np.sqrt(np.mean((table["value"] - phi) ** 2)))
+        errors["sft"].append(np.sqrt(np.mean((table["sft_value"] - phi) ** 2)))
+        covered.append(np.mean((table["ci_low"] <= phi) & (phi <= table["ci_high"])))
+    assert np.mean(errors["mf"]) < 0.8 * np.mean(errors["sft"])
+    assert 0.89 <= np.mean(covered) <= 0.99
+
+
+def test_multifidelity_needs_a_prefix_of_the_cheap_plan() -> None:
+    names, plan, sets, _ = _additive_plan()
+    cheap = pd.DataFrame({"coalition": list(sets), "utility": np.arange(len(sets), dtype=float)})
+    later = plan.iloc[[0, 1, 4, 5, 2, 3]]
+    retrained = pd.DataFrame({"coalition": later["coalition"], "utility": 1.0})
+    with pytest.raises(ValueError, match="not the first rows of the cheap plan"):
+        multifidelity_values(plan, cheap, later, retrained, contributors=names)
+    with pytest.raises(ValueError, match=r"raise evaluation\.agreement_coalitions"):
+        multifidelity_values(plan, cheap, plan.head(2), retrained.head(2), contributors=names)
 
 
 # --- counterfactual -----------------------------------------------------------------------------------------------
@@ -186,7 +324,7 @@ def test_removals_break_ties_by_id() -> None:
 
 
 def test_removals_must_leave_someone_to_train_on() -> None:
-    with pytest.raises(ValueError, match="fraction=0.9 removes 3 of 3 contributors"):
+    with pytest.raises(ValueError, match=r"fraction=0\.9 removes 3 of 3 contributors"):
         counterfactual_removals(pd.Series([1.0, 2.0, 3.0], index=["a", "b", "c"]), fraction=0.9)
 
 
@@ -318,3 +456,71 @@ def test_job_overhead_counts_only_what_each_job_measured(tmp_path) -> None:
     job("b00001", 60.0, [20.0, 50.0], [False, True])  # resumed: only the 50 s it measured count, 10 s overhead
     job("b00002", 4.0, [30.0], [False])  # all stored: a rerun's overhead, left out
     assert job_overhead(tmp_path / "benchmarks") == pytest.approx(20 / 150)
+
+
+def test_job_costs_sum_wall_time_with_stored_coalitions_and_take_the_peak_memory(tmp_path) -> None:
+    from diffcredit.fidelity import job_costs
+
+    bench = tmp_path / "benchmarks"
+    (bench / "sft" / "kernelshap").mkdir(parents=True)
+    (tmp_path / "sft" / "kernelshap" / "batches").mkdir(parents=True)
+    (bench / "baselines").mkdir()
+    for path, wall, rss in ((bench / "sft" / "kernelshap" / "b00000.tsv", 50.0, 300.5),
+                            (bench / "sft" / "kernelshap" / "aggregate.tsv", 2.0, 120.0),
+                            (bench / "baselines" / "dtrak.tsv", 30.0, "-")):
+        pd.DataFrame({"s": [wall], "max_rss": [rss]}).to_csv(path, sep="\t", index=False)
+    # The batch found one coalition stored (measured by another plan's job in 25 s): it counts at its cost.
+    pd.DataFrame({"seconds": [20.0, 25.0], "fresh": [True, False]}).to_csv(
+        tmp_path / "sft" / "kernelshap" / "batches" / "b00000.tsv", sep="\t", index=False)
+    assert job_costs(bench, ["sft/kernelshap/**/*.tsv"]) == {"wall_seconds": 77.0, "peak_rss_mb": 300.5, "n_jobs": 2}
+    assert job_costs(bench, ["baselines/dtrak.tsv"]) == {"wall_seconds": 30.0, "peak_rss_mb": None, "n_jobs": 1}
+    assert job_costs(bench, ["baselines/inrun.tsv"]) == {"wall_seconds": None, "peak_rss_mb": None, "n_jobs": 0}
+
+
+# --- `snakemake evaluate` on the tiny config ----------------------------------------------------------------------
+
+TINY = ROOT / "tests" / "configs" / "tiny.yaml"
+# Two alphas (one LDS each) and enough retrained coalitions for multi-fidelity values of their own (two pairs).
+EVALUATE = {"evaluation": {"alpha": [0.25, 0.5], "agreement_coalitions": 6}}
+
+
+def _evaluate(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    overlay = workdir / "evaluate.yaml"
+    overlay.write_text(yaml.safe_dump(EVALUATE))
+    command = [sys.executable, "-m", "snakemake", "evaluate", "--cores", "2", "--configfile", str(TINY), str(overlay)]
+    result = subprocess.run([*command, *args], cwd=workdir, capture_output=True, text=True, timeout=3000)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result
+
+
+def test_evaluate_dry_run_plans_multifidelity_values_and_the_report(tmp_path) -> None:
+    output = _evaluate(workflow_copy(tmp_path), "-n").stdout
+    for rule in ("multifidelity", "counterfactual", "evaluation_report", "evaluate"):
+        assert re.search(rf"^{rule}\s+1$", output, re.MULTILINE), f"{rule} is not planned once:\n{output[-3000:]}"
+
+
+@pytest.mark.slow
+def test_evaluate_reports_every_method_per_alpha_with_costs_and_the_budget_comparison(tmp_path) -> None:
+    workdir = workflow_copy(tmp_path)
+    _evaluate(workdir)
+    out = workdir / "results" / "tiny" / "evaluation"
+    report = json.loads((out / "report.json").read_text())
+    rankings = ["sft_shapley", "finetune_shapley", "loo", "banzhaf", "dtrak", "inrun", "multifidelity_shapley"]
+    assert report["lds_alpha"] == 0.5 and set(report["lds_by_alpha"]) == {"0.25", "0.5"}
+    for name in rankings:
+        row = report["lds"][name]
+        assert report[f"lds_{name}"] == row["value"]  # the headline is the paper's per-seed LDS
+        assert report[f"lds_seed_averaged_{name}"] == row["seed_averaged"]
+        assert row["value"] == pytest.approx(np.mean([rho for rho in row["per_seed"] if rho is not None]))
+    table = pd.read_csv(out / "lds.tsv", sep="\t")
+    assert sorted(table.groupby("alpha")["n_subsets"].first().items()) == [(0.25, 4), (0.5, 4)]
+    methods = pd.read_csv(out / "methods.tsv", sep="\t").set_index("ranking")
+    assert set(methods.index) == set(rankings)
+    assert (methods["wall_seconds"] > 0).all() and (methods["peak_rss_mb"] > 0).all()
+    curve = pd.read_csv(out / "budget.tsv", sep="\t")
+    assert set(curve["mode"]) == {"sft", "finetune", "retrain", "multifidelity"}
+    assert curve.groupby(["alpha", "mode"])["seconds"].is_monotonic_increasing.all()
+    mf = report["multifidelity"]
+    assert (mf["n_retrained"], mf["n_seeds"]) == (6, 2) and np.isfinite(mf["beta"])
+    for figure in ("methods.png", "budget.png"):
+        assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,9 +1,11 @@
 """Evaluation: how close credited values come to what retraining from scratch would give.
 
-Three checks (REFERENCES.md section 5), all on utilities oriented so that higher is better:
+Four checks (REFERENCES.md sections 1 and 5), all on utilities oriented so that higher is better:
 
-- the linear datamodeling score (LDS): retrain on held-out subsets keeping a share ``alpha`` of the contributors and
-  correlate (Spearman) the summed scores of each subset's members with the property measured after retraining;
+- the linear datamodeling score (LDS) as the paper defines it: retrain on held-out subsets keeping int(α·n) of the
+  contributors, with several training seeds; per seed, correlate (Spearman) the summed scores of each subset's
+  members with the property measured after retraining; average over the seeds (one LDS per α);
+- the budget-matched comparison: the LDS of values from growing prefixes of a plan against the compute they cost;
 - the counterfactual: retrain without the top contributors of each ranking and compare the property's change;
 - utility agreement: correlate the approximate (fine-tuned) utilities of coalitions with retrained ones, also with
   coalition size taken out, since both grow with size and size alone would make any method look good.
@@ -27,11 +29,14 @@ from diffcredit.seeds import derive_seed
 
 __all__ = [
     "LDSResult",
+    "alphas",
+    "budget_curve",
     "counterfactual_removals",
     "counterfactual_table",
     "heldout_subsets",
     "lds",
     "random_ranking",
+    "subset_size",
     "utility_agreement",
 ]
 
@@ -40,17 +45,26 @@ __all__ = [
 class LDSResult:
     """Linear datamodeling score of one ranking, as a correlation in [-1, 1] (the papers print it ×100).
 
-    ``value`` correlates with the seed-mean property; ``per_seed`` with each training seed alone, and
-    ``per_seed_mean`` is their average, the number the papers report. The interval belongs to ``value``.
+    ``value`` is the paper's LDS (Lu et al. 2025, ``lds.py::evaluate_lds``): the Spearman correlation of the summed
+    scores with the property of each training seed alone (``per_seed``), averaged over the seeds. Two intervals
+    belong to it: ``ci_low``/``ci_high``, the paper's ``value ± z·sd/√seeds`` over the per-seed correlations (sd with
+    ddof 0, as ``np.std`` in the authors' code; NaN with fewer than two seeds), and ``bootstrap_low``/
+    ``bootstrap_high``, a percentile bootstrap over subsets (each resampled with all its seeds), which also covers
+    which subsets were drawn. ``seed_averaged`` is a different, higher number -- the Spearman against the seed-mean
+    property (the datamodels/dattri convention) -- with its own bootstrap interval.
     """
 
     value: float
-    per_seed: tuple[float, ...]
-    per_seed_mean: float
     ci_low: float
     ci_high: float
+    bootstrap_low: float
+    bootstrap_high: float
+    per_seed: tuple[float, ...]
+    seed_averaged: float
+    seed_averaged_low: float
+    seed_averaged_high: float
     confidence: float
-    n_subsets: int  # subsets with at least one measurement, i.e. those behind `value`
+    n_subsets: int  # subsets with at least one measurement
     n_seeds: int
     n_missing: int  # NaN (missing) measurements, subset x seed
 
@@ -59,37 +73,67 @@ class LDSResult:
         return {key: _json_safe(item) for key, item in asdict(self).items()}
 
 
-def heldout_subsets(
-    contributors: Sequence[str], n_subsets: int, alpha: float = 0.5, *, seed: int
-) -> list[tuple[str, ...]]:
-    """Draw ``n_subsets`` subsets of ``round(alpha * n)`` contributors each, for retraining in the LDS.
+def alphas(alpha: float | Sequence[float]) -> tuple[float, ...]:
+    """The shares of contributors kept, as a tuple: ``evaluation.alpha`` may be one number or a list."""
+    values = (alpha,) if isinstance(alpha, (int, float)) else tuple(alpha)
+    if not values:
+        raise ValueError("alpha=[]: give at least one share of contributors to keep, e.g. 0.5")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            raise ValueError(f"alpha={value!r}: the share of contributors kept must lie strictly between 0 and 1")
+    return tuple(float(value) for value in values)
 
-    Subsets are distinct until all ``C(n, k)`` are used, members are sorted, and the result depends only on the set
-    of contributors and ``seed`` (through its own "lds-subsets" stream, independent of the estimation coalitions).
-    Prefix-stable: a larger ``n_subsets`` only appends subsets.
+
+def subset_size(alpha: float, n: int) -> int:
+    """Contributors kept in a held-out subset: int(α·n) as in the paper, at least one kept and one left out.
+
+    The product is rounded to 9 decimals first so that, e.g., 0.29 · 100 keeps 29 rather than 28.
+    """
+    size = int(round(alpha * n, 9))
+    if not 0 < size < n:
+        raise ValueError(
+            f"alpha={alpha} keeps {size} of {n} contributors; a held-out subset must keep at least one and "
+            "leave out at least one: choose alpha so that 1 <= int(alpha * n) <= n - 1"
+        )
+    return size
+
+
+def heldout_subsets(
+    contributors: Sequence[str], n_subsets: int, alpha: float | Sequence[float] = 0.5, *, seed: int
+) -> list[tuple[str, ...]]:
+    """Draw ``n_subsets`` subsets of ``int(alpha * n)`` contributors for each alpha, for retraining in the LDS.
+
+    With a list of alphas the subsets of each come one block after the other, in the order given; each alpha has
+    its own random stream (labelled by its subset size), so adding an alpha or raising ``n_subsets`` leaves the
+    subsets already drawn unchanged (prefix-stable per alpha), and a subset's alpha is known from its size.
+    Within an alpha, subsets are distinct until all ``C(n, k)`` are used and members are sorted; the result depends
+    only on the set of contributors and ``seed``.
     """
     ids = sorted(_checked_ids(contributors))
     if n_subsets < 1:
         raise ValueError(f"n_subsets={n_subsets}: draw at least one subset")
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha={alpha}: the share of contributors kept must lie strictly between 0 and 1")
-    size = _round_half_up(alpha * len(ids))
-    if not 0 < size < len(ids):
-        raise ValueError(
-            f"alpha={alpha} keeps {size} of {len(ids)} contributors; a held-out subset must keep at least one and "
-            "leave out at least one: choose alpha so that 1 <= round(alpha * n) <= n - 1"
-        )
-    n_distinct = math.comb(len(ids), size)
-    rng = np.random.default_rng(derive_seed(seed, "lds-subsets"))
+    shares = alphas(alpha)
+    sizes = [subset_size(share, len(ids)) for share in shares]
+    for position, size in enumerate(sizes):
+        if size in sizes[:position]:
+            raise ValueError(
+                f"alpha={shares[position]} and alpha={shares[sizes.index(size)]} both keep {size} of {len(ids)} "
+                "contributors; list each subset size once"
+            )
     drawn: list[tuple[str, ...]] = []
-    seen: set[tuple[str, ...]] = set()
-    while len(drawn) < n_subsets:
-        subset = tuple(ids[i] for i in np.sort(rng.choice(len(ids), size=size, replace=False)))
-        # A redraw depends only on the subsets before it, which keeps the sequence prefix-stable.
-        if subset in seen and len(seen) < n_distinct:
-            continue
-        seen.add(subset)
-        drawn.append(subset)
+    for size in sizes:
+        n_distinct = math.comb(len(ids), size)
+        rng = np.random.default_rng(derive_seed(seed, "lds-subsets", size))
+        block: list[tuple[str, ...]] = []
+        seen: set[tuple[str, ...]] = set()
+        while len(block) < n_subsets:
+            subset = tuple(ids[i] for i in np.sort(rng.choice(len(ids), size=size, replace=False)))
+            # A redraw depends only on the subsets before it, which keeps the sequence prefix-stable.
+            if subset in seen and len(seen) < n_distinct:
+                continue
+            seen.add(subset)
+            block.append(subset)
+        drawn.extend(block)
     return drawn
 
 
@@ -105,9 +149,8 @@ def lds(
     """Linear datamodeling score of ``scores`` (contributor -> score) against retraining on ``subsets``.
 
     ``measured[s, j]`` is the property of the model retrained on ``subsets[s]`` with training seed ``j`` (a 1-D array
-    is one seed); NaN marks a missing run, which is left out and counted in ``n_missing``. The interval is a
-    percentile bootstrap over subsets, each resampled with all its seeds, so it covers both which subsets were drawn
-    and the seed noise in their means (seeds alone, usually 3, are too few for an interval of their own).
+    is one seed); NaN marks a missing run, which is left out and counted in ``n_missing``. A seed measured on fewer
+    than 3 subsets has no correlation of its own (NaN in ``per_seed``) and is left out of the mean.
     """
     if not 0 < confidence < 1:
         raise ValueError(f"confidence={confidence}: must lie strictly between 0 and 1, e.g. 0.95")
@@ -127,28 +170,78 @@ def lds(
         raise ValueError(
             f"only {n_kept} of {len(subsets)} subsets have a finite measurement; a rank correlation needs at least 3"
         )
-    # A seed measured on fewer than 3 subsets has no defined rank correlation of its own.
-    per_seed = tuple(
-        float(_spearman(predicted[ok], column[ok])) if ok.sum() >= 3 else math.nan
-        for column, ok in zip(runs.T, present.T)
-    )
-    defined = [rho for rho in per_seed if math.isfinite(rho)]
+    x, runs = predicted[kept], runs[kept]
+    per_seed = _per_seed_spearman(x, runs)
+    defined = per_seed[np.isfinite(per_seed)]
+    value = float(defined.mean()) if defined.size else math.nan
+    z = stats.norm.ppf((1 + confidence) / 2)
+    half = z * defined.std() / math.sqrt(defined.size) if defined.size >= 2 else math.nan
     rng = np.random.default_rng(derive_seed(seed, "lds-bootstrap"))
     resample = rng.integers(0, n_kept, size=(n_bootstrap, n_kept))
-    boot = _spearman(predicted[kept][resample], mean[resample])
-    tail = (1 - confidence) / 2
-    low, high = np.nanquantile(boot, [tail, 1 - tail]) if np.isfinite(boot).any() else (np.nan, np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample with no defined seed: NaN, left out
+        boot = np.nanmean(_per_seed_spearman(x[resample], runs[resample]), axis=-1)
+    boot_low, boot_high = _percentiles(boot, confidence)
+    mean_low, mean_high = _percentiles(_spearman(x[resample], mean[resample]), confidence)
     return LDSResult(
-        value=float(_spearman(predicted[kept], mean)),
-        per_seed=per_seed,
-        per_seed_mean=float(np.mean(defined)) if defined else math.nan,
-        ci_low=float(low),
-        ci_high=float(high),
+        value=value,
+        ci_low=float(value - half),
+        ci_high=float(value + half),
+        bootstrap_low=boot_low,
+        bootstrap_high=boot_high,
+        per_seed=tuple(float(rho) for rho in per_seed),
+        seed_averaged=float(_spearman(x, mean)),
+        seed_averaged_low=mean_low,
+        seed_averaged_high=mean_high,
         confidence=confidence,
         n_subsets=n_kept,
         n_seeds=runs.shape[1],
         n_missing=int((~present).sum()),
     )
+
+
+def budget_curve(
+    coalitions: pd.DataFrame,
+    utilities: pd.DataFrame,
+    *,
+    subsets: Sequence[Sequence[str]],
+    measured: np.ndarray,
+    contributors: Sequence[str] | None = None,
+    setup_seconds: float = 0.0,
+    points: int = 8,
+    confidence: float = 0.95,
+) -> pd.DataFrame:
+    """The LDS of values estimated from growing prefixes of ``coalitions`` against the compute they cost.
+
+    ``utilities`` (``coalition``, ``utility``, ``seconds``; a row per measurement) cover the plan; about ``points``
+    log-spaced prefixes end at the whole plan, and a prefix too short for values of its own (too few complete
+    draws) is left out. Compute is ``setup_seconds`` (what every coalition needs first: training, pruning,
+    recovery) plus the seconds of every measurement in the prefix. One row per prefix: ``budget`` (coalitions),
+    ``seconds``, ``lds`` with the paper's ``ci_low``/``ci_high`` over seeds, and ``seed_averaged``.
+    """
+    from diffcredit.coalitions import require_columns
+    from diffcredit.shapley import aggregate
+
+    require_columns(utilities, ("coalition", "utility", "seconds"), "utilities")
+    if points < 1:
+        raise ValueError(f"points={points}: use at least one prefix")
+    total = len(coalitions)
+    budgets = np.unique(np.geomspace(min(4, total), total, points).round().astype(int))
+    rows = []
+    for budget in budgets:
+        prefix = coalitions.head(budget)
+        used = utilities[utilities["coalition"].isin(prefix["coalition"])]
+        try:
+            values = aggregate(prefix, used, contributors=contributors, confidence=confidence).table
+        except ValueError:
+            if budget < total:  # too few complete draws in a short prefix; the whole plan must give values
+                continue
+            raise
+        result = lds(values.set_index("contributor")["value"], subsets, measured, confidence, n_bootstrap=1)
+        rows.append({"budget": int(budget), "seconds": setup_seconds + float(used["seconds"].sum()),
+                     "lds": result.value, "ci_low": result.ci_low, "ci_high": result.ci_high,
+                     "seed_averaged": result.seed_averaged})
+    return pd.DataFrame(rows)
 
 
 def counterfactual_removals(scores: pd.Series, fraction: float = 0.4) -> tuple[str, ...]:
@@ -285,6 +378,29 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 def _spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Spearman correlation along the last axis (Pearson of average ranks), vectorised for the bootstrap."""
     return _pearson(stats.rankdata(x, axis=-1), stats.rankdata(y, axis=-1))
+
+
+def _per_seed_spearman(x: np.ndarray, runs: np.ndarray) -> np.ndarray:
+    """Spearman of ``x`` (..., subsets) with each seed's column of ``runs`` (..., subsets, seeds) over the subsets
+    that seed measured; NaN for a seed with fewer than 3 of them or a constant side. Shape (..., seeds)."""
+    y = np.moveaxis(runs, -1, -2)
+    ok = np.isfinite(y)
+    ranks = [stats.rankdata(np.where(ok, side, np.nan), axis=-1, nan_policy="omit") for side in (x[..., None, :], y)]
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        rx, ry = (r - np.nanmean(r, axis=-1, keepdims=True) for r in ranks)
+        rho = np.nansum(rx * ry, axis=-1) / np.sqrt(np.nansum(rx**2, axis=-1) * np.nansum(ry**2, axis=-1))
+    return np.where(ok.sum(axis=-1) >= 3, rho, np.nan)
+
+
+def _percentiles(boot: np.ndarray, confidence: float) -> tuple[float, float]:
+    """Percentile interval of the finite bootstrap replicates (NaN, NaN if none is finite)."""
+    tail = (1 - confidence) / 2
+    finite = boot[np.isfinite(boot)]
+    if not finite.size:
+        return math.nan, math.nan
+    low, high = np.quantile(finite, [tail, 1 - tail])
+    return float(low), float(high)
 
 
 def _summed_scores(scores: pd.Series, subsets: Sequence[Sequence[str]]) -> np.ndarray:

@@ -1,4 +1,5 @@
-# `snakemake evaluate`: fidelity of the credited values against retraining from scratch (slow: it retrains).
+# `snakemake evaluate`: fidelity of the credited values against retraining from scratch (slow: it retrains): the LDS
+# per alpha, the budget-matched comparison, multi-fidelity values, counterfactuals, every method's cost.
 
 
 rule counterfactual:
@@ -29,21 +30,58 @@ rule counterfactual:
         "../scripts/counterfactual.py"
 
 
+# Values of the retraining game from every sft coalition plus the retrained prefix (diffcredit.multifidelity).
+rule multifidelity:
+    input:
+        contributors=rules.prepare_data.output.contributors,
+        cheap_plan=f"{RUN}/plans/{MAIN}.tsv",
+        cheap=f"{RUN}/sft/{MAIN}/utilities.tsv",
+        retrained_plan=f"{RUN}/plans/agreement.tsv",
+        retrained=f"{RUN}/retrain/agreement/utilities.tsv",
+    output:
+        values=f"{RUN}/evaluation/multifidelity/shapley.csv",
+        summary=f"{RUN}/evaluation/multifidelity/summary.json",
+    params:
+        confidence=config["estimator"]["confidence"],
+    log:
+        f"{RUN}/logs/evaluation/multifidelity.log",
+    benchmark:
+        f"{RUN}/benchmarks/evaluation/multifidelity.tsv"
+    conda:
+        ENV
+    resources:
+        runtime=minutes(10),
+        mem_mb=memory(2000),
+    script:
+        "../scripts/multifidelity.py"
+
+
 rule evaluation_report:
     input:
         unpack(ranking_values),
+        contributors=rules.prepare_data.output.contributors,
         lds_plan=f"{RUN}/plans/lds.tsv",
         lds_retrain=f"{RUN}/retrain/lds/utilities.tsv",
         agreement_plan=f"{RUN}/plans/agreement.tsv",
         agreement_retrain=f"{RUN}/retrain/agreement/utilities.tsv",
         agreement_sft=f"{RUN}/sft/agreement/utilities.tsv",
         agreement_finetune=f"{RUN}/finetune/agreement/utilities.tsv",
+        estimation_plan=f"{RUN}/plans/{MAIN}.tsv",
+        estimation_sft=f"{RUN}/sft/{MAIN}/utilities.tsv",
+        estimation_finetune=f"{RUN}/finetune/{MAIN}/utilities.tsv",
+        multifidelity=rules.multifidelity.output.summary if MULTIFIDELITY else [],
         counterfactual=rules.counterfactual.output[0],
     output:
         report=f"{RUN}/evaluation/report.json",
         lds=f"{RUN}/evaluation/lds.tsv",
+        methods=f"{RUN}/evaluation/methods.tsv",
+        methods_figure=f"{RUN}/evaluation/methods.png",
+        budget=f"{RUN}/evaluation/budget.tsv",
+        budget_figure=f"{RUN}/evaluation/budget.png",
     params:
         rankings=list(RANKINGS),
+        alpha=config["evaluation"]["alpha"],
+        jobs=RANKING_JOBS,
         confidence=config["estimator"]["confidence"],
         benchmarks=f"{RUN}/benchmarks",
     log:
@@ -53,7 +91,7 @@ rule evaluation_report:
     conda:
         ENV
     resources:
-        runtime=minutes(10),
+        runtime=minutes(30),
         mem_mb=memory(2000),
     script:
         "../scripts/evaluation_report.py"

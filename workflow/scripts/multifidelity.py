@@ -1,0 +1,17 @@
+"""Multi-fidelity values of the retraining game: every sft coalition plus the retrained prefix of the plan."""
+import sys
+
+sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (snakemake is injected)
+
+from diffcredit import fidelity
+
+fidelity.multifidelity(
+    cheap_plan=snakemake.input.cheap_plan,
+    cheap=snakemake.input.cheap,
+    retrained_plan=snakemake.input.retrained_plan,
+    retrained=snakemake.input.retrained,
+    contributors=snakemake.input.contributors,
+    confidence=snakemake.params.confidence,
+    values_out=snakemake.output.values,
+    summary_out=snakemake.output.summary,
+)
