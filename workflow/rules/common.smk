@@ -182,7 +182,6 @@ RANKING_JOBS = {
 }
 
 
-
 def ranking_values(wildcards):
     return RANKINGS
 
