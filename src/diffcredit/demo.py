@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -39,9 +40,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fid-samples", type=int, default=512, help="generated images per stage for its FID")
     parser.add_argument("--classifier-steps", type=int, default=1500, help="training steps of the FID classifier")
     args = parser.parse_args(argv)
+    # progress of training and sampling (rate, ETA) in the terminal
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
     train_data, heldout = split_heldout(load_digits(), args.heldout, derive_seed(args.seed, "split"))
-    fit = {"batch_size": args.batch_size, "lr": args.lr, "log_every": 250}
+    fit = {"batch_size": args.batch_size, "lr": args.lr}
     seconds: dict[str, float] = {}
     samples: dict[str, np.ndarray] = {"real (held out)": heldout.images[: args.samples]}
     fid: dict[str, float] = {}
@@ -53,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def sample(label: str, model) -> None:
         start = time.perf_counter()
-        images = generate(model, max(args.samples, args.fid_samples), seed=derive_seed(args.seed, "generation"))
+        images = generate(model, max(args.samples, args.fid_samples), seed=derive_seed(args.seed, "generation"),
+                          log_every=None)
         seconds[f"sample_{label}"] = time.perf_counter() - start
         samples[label] = images[: args.samples]
         fid[label] = score(images[: args.fid_samples])
