@@ -276,3 +276,4 @@ def _write_stats(path: str, result, *, stage: str) -> None:
         payload.update(seconds=result.seconds, steps=result.steps, device=result.device,
                        final_loss=float(np.mean(result.losses[-50:])) if result.losses else None)
     write_json(path, payload)
+                       peak_memory=result.peak_memory,

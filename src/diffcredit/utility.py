@@ -51,6 +51,8 @@ class UtilitySettings:
     inference_steps: int = 50
     sampler: str = "ddim"
     property_options: dict = field(default_factory=dict)
+    precision: str = "fp32"
+    sample_batch_size: int = 256
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -125,7 +127,7 @@ def coalition_model(
             grad_clip=settings.grad_clip,
             schedule=settings.schedule,
             device=device,
-            log=lambda message: None,
+            precision=settings.precision,
         )
         seconds["train"] = time.perf_counter() - tic - seconds["load"]
     return model, seconds
@@ -151,12 +153,14 @@ def measure_coalition(
     from diffcredit.models import save_model
     from diffcredit.properties import oriented
     from diffcredit.sampling import generate
-    from diffcredit.training import select_device
+    from diffcredit.training import peak_memory, reset_peak_memory, select_device
 
     model, seconds = coalition_model(
         members, repeat, data=data, settings=settings, start_model=start_model, device=device
     )
     tic = time.perf_counter()
+    target_device = select_device(device or "auto")
+    reset_peak_memory(target_device)
     samples = generate(
         model,
         settings.n_samples,
@@ -168,7 +172,9 @@ def measure_coalition(
     )
     seconds["sample"] = time.perf_counter() - tic
     tic = time.perf_counter()
+        batch_size=settings.sample_batch_size,
     value = float(score(samples))
+        precision=settings.precision,
     seconds["score"] = time.perf_counter() - tic
     if "checkpoints" in keep:
         save_model(model, keep_dir / "model")
@@ -186,7 +192,8 @@ def measure_coalition(
         "n_samples": settings.n_samples,
         "seed": settings.seed,
         "seconds": seconds,
-        "device": str(select_device(device or "auto")),
+        "device": str(target_device),
+        "peak_memory": peak_memory(target_device),  # CUDA bytes over fine-tune, generation and scoring
     }
     return record, samples
 
