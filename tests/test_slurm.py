@@ -26,7 +26,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from workflow_files import workflow_copy
+from workflow_files import fail_once, workflow_copy
 
 pytestmark = pytest.mark.slurm
 
@@ -105,12 +105,11 @@ def stored_records(workdir: Path) -> dict[Path, int]:
 class Run:
     """Snakemake running in its own session in `workdir`, its output in `workdir`/snakemake.log."""
 
-    def __init__(self, workdir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, *args: str) -> None:
         self.workdir, self.log = workdir, workdir / "snakemake.log"
         with self.log.open("w") as log:
             self.process = subprocess.Popen([sys.executable, "-m", "snakemake", *args], cwd=workdir, stdout=log,
-                                            stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                                            start_new_session=True)
+                                            stderr=subprocess.STDOUT, start_new_session=True)
         self.deadline = time.monotonic() + RUN_TIMEOUT
 
     def output(self) -> str:
@@ -150,7 +149,7 @@ class Run:
                     f"{self.output()[-4000:]}")
 
 
-def start_cluster_run(workdir: Path, *args: str, budget: int | None = None, env: dict[str, str] | None = None) -> Run:
+def start_cluster_run(workdir: Path, *args: str, budget: int | None = None) -> Run:
     """The tiny config on the cluster, with a larger KernelSHAP `budget` if given (it keeps the plan's coalitions and
     adds jobs of new ones). `args` come first: targets must precede `--configfile`, which takes several values."""
     configfiles = [str(TINY)]
@@ -158,7 +157,7 @@ def start_cluster_run(workdir: Path, *args: str, budget: int | None = None, env:
         overlay = workdir / f"budget-{budget}.yaml"
         overlay.write_text(yaml.safe_dump({"estimator": {"name": "kernelshap", "budget": budget}}))
         configfiles.append(str(overlay))
-    return Run(workdir, *args, *PROFILES, "--configfile", *configfiles, env=env)
+    return Run(workdir, *args, *PROFILES, "--configfile", *configfiles)
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +192,8 @@ def local_run(tmp_path_factory) -> Path:
 def cluster_run(cluster, tmp_path_factory) -> tuple[Path, str]:
     """The tiny config on the cluster, whose first coalition job fails once (injected, before any work)."""
     workdir = cluster_copy(tmp_path_factory.mktemp("cluster"))
-    output = start_cluster_run(workdir, env={"DIFFCREDIT_FAIL_ONCE": str(workdir / "failed-once")}).finish()
+    fail_once(workdir, "coalition_utilities", workdir / "failed-once")
+    output = start_cluster_run(workdir).finish()
     return workdir, output
 
 
@@ -250,7 +250,7 @@ def test_cluster_values_equal_the_local_run(cluster_run, local_run):
 
 def test_injected_failure_is_retried(cluster_run):
     workdir, _ = cluster_run
-    assert (workdir / "failed-once").exists(), "DIFFCREDIT_FAIL_ONCE did not reach the coalition job"
+    assert (workdir / "failed-once").exists(), "the injected failure did not reach the coalition job"
     jobs = slurm_jobs(workdir)
     failed = [job for job in jobs if job.state != "COMPLETED"]
     assert [(job.rule, job.state, job.attempt) for job in failed] == [("coalition_utilities", "FAILED", 1)]

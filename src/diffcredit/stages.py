@@ -51,17 +51,27 @@ def prepare_data(
 
 
 def train_full(
-    *, train_data: str, out: str, stats_out: str, unet: dict, schedule: dict, seed: int, **training
+    *, train_data: str, out: str, stats_out: str, unet: dict, schedule: dict, seed: int, inrun: dict | None = None,
+    **training
 ) -> None:
-    """Train the full model (the grand coalition) from scratch."""
+    """Train the full model (the grand coalition) from scratch; with `inrun` (heldout_data, out, first_order_out,
+    order, validation_batch_size), accumulate In-Run Data Shapley during this very run."""
+    from diffcredit.attribution import inrun as in_run
     from diffcredit.models import build_model, save_model, unet_config_for
     from diffcredit.training import train
 
     data = ContributorData.load(train_data)
     model = build_model(unet_config_for(data.images.shape, unet), seed=derive_seed(seed, "full-init"))
+    observer = None
+    if inrun:
+        observer = in_run.observer_for(data, inrun["heldout_data"], seed=seed, schedule=schedule,
+                                       order=inrun["order"], validation_batch_size=inrun["validation_batch_size"])
     result = train(model, data.images, schedule=schedule, seed=derive_seed(seed, "full-train"),
-                   log_every=_log_interval(training["steps"]), **training)
+                   log_every=_log_interval(training["steps"]), observer=observer, **training)
     save_model(model, out)
+    if observer is not None:
+        in_run.write_values(observer, data, out=inrun["out"], first_order_out=inrun["first_order_out"],
+                            seconds=result.seconds)
     _write_stats(stats_out, result, stage="train_full")
 
 
@@ -155,20 +165,17 @@ def write_plan(spec: dict, out: str) -> None:
 
 
 def coalition_utilities(
-    *, coalitions: str, batch: list[str], train_data: str, reference: str, start_model: str | None, store: str,
-    out: str, repeats: int, settings: dict, keep: list[str] = (), keep_dir: str | None = None, log=print,
+    *, batch: dict[str, list], train_data: str, reference: str, start_model: str | None, store: str, out: str,
+    repeats: int, settings: dict, keep: list[str] = (), keep_dir: str | None = None, log=print,
 ) -> None:
-    """Measure v(S) for the coalitions `batch` of a plan; finished measurements come from the store."""
-    from diffcredit.coalitions import read_coalitions
+    """Measure v(S) for one job's plan rows; finished measurements come from the store.
 
-    plan = read_coalitions(coalitions)
-    rows = plan[plan["coalition"].isin(batch)]
-    missing = sorted(set(batch) - set(rows["coalition"]))
-    if missing:
-        raise ValueError(f"coalitions {missing[:5]} are not in {coalitions}: the plan changed; rerun the plan rule")
+    `batch` holds the rows' columns ``coalition``, ``members`` and, if the plan has it, ``repeats``: each row is
+    measured max(its ``repeats``, `repeats`) times.
+    """
     data = ContributorData.load(train_data)
     table = evaluate_coalitions(
-        rows,
+        pd.DataFrame(batch),
         repeats=repeats,
         data=data,
         settings=utility_settings(data, settings),
@@ -184,6 +191,8 @@ def coalition_utilities(
 
 def utility_settings(data: ContributorData, settings: dict) -> UtilitySettings:
     """UtilitySettings from the workflow's settings dict, with the UNet config resolved for `data`."""
+    from diffcredit.models import unet_config_for
+
     settings = dict(settings)
     return UtilitySettings(model_config=unet_config_for(data.images.shape, settings.pop("unet", None)), **settings)
 
@@ -199,24 +208,75 @@ def collect_utilities(batches: list[str], out: str) -> pd.DataFrame:
 
 def aggregate(
     *, coalitions: str, utilities: str, contributors: str, confidence: float, values_out: str,
-    convergence_out: str, figure_out: str,
+    convergence_out: str, figure_out: str, convergence_figure_out: str, rounds_out: str,
+    round_values: list[str] = (), decisions: list[str] = (),
 ) -> None:
-    """Shapley values (or the plan's estimator's values) with intervals, their convergence, and a figure."""
-    from diffcredit.coalitions import read_coalitions, read_contributors
-    from diffcredit.figures import plot_values
+    """The plan's estimator's values with intervals, their convergence, the rounds, and the two figures.
+
+    With adaptive rounds (see :mod:`diffcredit.rounds`), `round_values` and `decisions` are each round's values and
+    stopping decision, and the values are those of the plan prefix the last round evaluated; without, the whole plan
+    is one round.
+    """
+    from diffcredit.coalitions import read_coalitions
+    from diffcredit.estimators import REGISTRY
+    from diffcredit.figures import plot_convergence, plot_values
+    from diffcredit.rounds import decide, read_decision, round_of, rounds_table
+
+    decided = [read_decision(path) for path in decisions]
+    plan = read_coalitions(coalitions)
+    if decided:
+        plan = plan.head(decided[-1].n_coalitions)
+    result, prop = _estimate(plan, utilities, contributors, confidence)
+    if decided:
+        per_round = [pd.read_csv(path) for path in round_values]
+    else:
+        decided = [decide(result.table, None, round=0, n_coalitions=len(plan), rule="none", target=None)]
+        per_round = [result.table]
+    sizes = [decision.n_coalitions for decision in decided]
+    table = result.table.assign(round=len(decided) - 1)
+    convergence = result.convergence.assign(round=round_of(result.convergence["n_coalitions"], sizes))
+    rounds = rounds_table(per_round, decided)
+    write_table(table, values_out, sep=",")
+    write_table(convergence, convergence_out)
+    write_table(rounds, rounds_out)
+    estimator = str(table["estimator"].iloc[0])
+    name = REGISTRY[estimator].values
+    efficiency = f"; sum = {table['value'].sum():.4g}" if name == "Shapley" else ""
+    plot_values(table, figure_out, confidence=confidence, name=name,
+                title=f"{estimator}: {name} values of {prop} (oriented: higher is better){efficiency}")
+    plot_convergence(convergence, rounds, convergence_figure_out, confidence=confidence, name=name,
+                     title=f"{estimator}: {name} values of {prop} against the coalitions used")
+
+
+def round_values(
+    *, coalitions: str, utilities: str, contributors: str, confidence: float, n_coalitions: int, round: int,
+    previous: str | None, stopping: dict, last: bool, values_out: str, decision_out: str,
+) -> None:
+    """One adaptive round: the values of the plan's first `n_coalitions` rows and whether another round runs.
+
+    `previous` is the round before's values (the ``rank_stable`` rule compares with it); `last` says the budget is
+    spent.
+    """
+    from diffcredit.coalitions import read_coalitions
+    from diffcredit.rounds import decide, write_decision
+
+    result, _ = _estimate(read_coalitions(coalitions).head(n_coalitions), utilities, contributors, confidence)
+    write_table(result.table, values_out, sep=",")
+    decision = decide(result.table, pd.read_csv(previous) if previous else None, round=round,
+                      n_coalitions=n_coalitions, rule=stopping["rule"], target=stopping["target"],
+                      relative=stopping["relative"], last=last)
+    write_decision(decision, decision_out)
+
+
+def _estimate(plan: pd.DataFrame, utilities: str, contributors: str, confidence: float):
+    """The aggregation of `plan`'s measured utilities, and the name of the property they measure."""
+    from diffcredit.coalitions import read_contributors
     from diffcredit.shapley import aggregate as estimate
     from diffcredit.shapley import read_utilities
 
     measured = read_utilities(utilities)
-    result = estimate(read_coalitions(coalitions), measured, contributors=read_contributors(contributors),
-                      confidence=confidence)
-    write_table(result.table, values_out, sep=",")
-    write_table(result.convergence, convergence_out)
-    prop = measured["property"].iloc[0] if "property" in measured else "utility"
-    estimator = result.table["estimator"].iloc[0] if "estimator" in result.table else ""
-    plot_values(result.table, figure_out, confidence=confidence,
-                title=f"{estimator} values of {prop} (oriented: higher is better); "
-                      f"sum = {result.table['value'].sum():.4g}")
+    result = estimate(plan, measured, contributors=read_contributors(contributors), confidence=confidence)
+    return result, (measured["property"].iloc[0] if "property" in measured else "utility")
 
 
 def sample_figure(
@@ -248,14 +308,10 @@ def sample_figure(
 
 
 def bundle(files: dict[str, str], checksums_out: str, *, config: dict) -> None:
-    """Archive `files` with the run's config and package versions; writes the archive beside `checksums_out`."""
-    from importlib.metadata import version
+    """Archive `files` with the run's config and the environment that made them (see bundle.environment)."""
+    from diffcredit.bundle import environment, make_bundle
 
-    from diffcredit.bundle import make_bundle
-
-    packages = ("diffcredit", "torch", "diffusers", "torch-pruning", "clean-fid", "numpy", "pandas", "snakemake")
-    make_bundle(files, Path(checksums_out).parent,
-                          metadata={"config": config, "versions": {p: version(p) for p in packages}})
+    make_bundle(files, Path(checksums_out).parent, metadata={"config": config, "environment": environment()})
 
 
 def _log_interval(steps: int) -> int:
@@ -274,6 +330,6 @@ def _write_stats(path: str, result, *, stage: str) -> None:
     payload = {"stage": stage}
     if result is not None:
         payload.update(seconds=result.seconds, steps=result.steps, device=result.device,
+                       peak_memory=result.peak_memory,
                        final_loss=float(np.mean(result.losses[-50:])) if result.losses else None)
     write_json(path, payload)
-                       peak_memory=result.peak_memory,

@@ -51,8 +51,6 @@ class UtilitySettings:
     inference_steps: int = 50
     sampler: str = "ddim"
     property_options: dict = field(default_factory=dict)
-    precision: str = "fp32"
-    sample_batch_size: int = 256
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -106,7 +104,11 @@ def coalition_model(
     seconds: dict[str, float] = {}
     tic = time.perf_counter()
     if not members:
-        model = build_model(settings.model_config, seed=derive_seed(settings.seed, "untrained-model"))
+        # Each repeat of v(∅) is another initialisation, so its repeats measure the seed noise; repeat 0 keeps the
+        # seed of single measurements, so stored records stay valid.
+        init = (derive_seed(settings.seed, "untrained-model") if repeat == 0 else
+                derive_seed(settings.seed, "untrained-model", repeat))
+        model = build_model(settings.model_config, seed=init)
     elif settings.mode == "retrain":
         model = build_model(settings.model_config, seed=derive_seed(settings.seed, "retrain-init", repeat))
     else:
@@ -127,7 +129,7 @@ def coalition_model(
             grad_clip=settings.grad_clip,
             schedule=settings.schedule,
             device=device,
-            precision=settings.precision,
+            log=lambda message: None,
         )
         seconds["train"] = time.perf_counter() - tic - seconds["load"]
     return model, seconds
@@ -153,14 +155,12 @@ def measure_coalition(
     from diffcredit.models import save_model
     from diffcredit.properties import oriented
     from diffcredit.sampling import generate
-    from diffcredit.training import peak_memory, reset_peak_memory, select_device
+    from diffcredit.training import select_device
 
     model, seconds = coalition_model(
         members, repeat, data=data, settings=settings, start_model=start_model, device=device
     )
     tic = time.perf_counter()
-    target_device = select_device(device or "auto")
-    reset_peak_memory(target_device)
     samples = generate(
         model,
         settings.n_samples,
@@ -172,9 +172,7 @@ def measure_coalition(
     )
     seconds["sample"] = time.perf_counter() - tic
     tic = time.perf_counter()
-        batch_size=settings.sample_batch_size,
     value = float(score(samples))
-        precision=settings.precision,
     seconds["score"] = time.perf_counter() - tic
     if "checkpoints" in keep:
         save_model(model, keep_dir / "model")
@@ -192,8 +190,7 @@ def measure_coalition(
         "n_samples": settings.n_samples,
         "seed": settings.seed,
         "seconds": seconds,
-        "device": str(target_device),
-        "peak_memory": peak_memory(target_device),  # CUDA bytes over fine-tune, generation and scoring
+        "device": str(select_device(device or "auto")),
     }
     return record, samples
 
@@ -215,6 +212,8 @@ def evaluate_coalitions(
 ) -> pd.DataFrame:
     """Utilities of every row of `coalitions` (``coalition``, ``members``), one row per (coalition, repeat).
 
+    A row is measured max(its ``repeats`` cell, `repeats`) times (just `repeats` without that column).
+
     `keep` names what to keep of each new measurement under `keep_dir` (see `measure_coalition`).
     Stored records are reused; new ones are stored as soon as they are measured. The first `preview` samples of each
     new measurement are stored beside its record for figures. Column ``fresh`` tells the rows measured by this call.
@@ -223,10 +222,12 @@ def evaluate_coalitions(
 
     prop = load_property(settings.property, reference_dir, **settings.property_options)
     fingerprint = settings.fingerprint(start_model)
+    planned = coalitions["repeats"].to_numpy(int) if "repeats" in coalitions else np.ones(len(coalitions), int)
+    counts = np.maximum(planned, repeats)
     rows = []
-    for coalition, members_cell in zip(coalitions["coalition"], coalitions["members"]):
+    for coalition, members_cell, count in zip(coalitions["coalition"], coalitions["members"], counts):
         members = [m for m in str(members_cell).split(",") if m] if isinstance(members_cell, str) else []
-        for repeat in range(repeats):
+        for repeat in range(int(count)):
             key = record_key(fingerprint, members, repeat)
             record = store.get(key)
             fresh = record is None

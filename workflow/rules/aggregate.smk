@@ -1,14 +1,20 @@
 rule aggregate:
     input:
+        unpack(round_files),
         plan=f"{RUN}/plans/{{plan}}.tsv",
         utilities=f"{RUN}/{{mode}}/{{plan}}/utilities.tsv",
         contributors=rules.prepare_data.output.contributors,
     output:
         values=f"{RUN}/{{mode}}/{{plan}}/shapley.csv",
         convergence=f"{RUN}/{{mode}}/{{plan}}/convergence.tsv",
-        figure=report(f"{RUN}/{{mode}}/{{plan}}/shapley.png", caption="../report/shapley.rst", category="Values"),
+        rounds=f"{RUN}/{{mode}}/{{plan}}/rounds.tsv",
+        figure=report(f"{RUN}/{{mode}}/{{plan}}/shapley.png", caption="../report/values.rst", category="Values"),
+        convergence_figure=report(
+            f"{RUN}/{{mode}}/{{plan}}/convergence.png", caption="../report/convergence.rst", category="Values"
+        ),
     params:
         confidence=config["estimator"]["confidence"],
+        kind=value_kind,
     log:
         f"{RUN}/logs/{{mode}}/{{plan}}/aggregate.log",
     benchmark:
@@ -48,3 +54,33 @@ rule sample_figure:
         mem_mb=memory(4000),
     script:
         "../scripts/sample_figure.py"
+
+
+# The report's pages (`snakemake --report`): the main values with their intervals, the cost of every stage from the
+# benchmark files, and the configuration. It runs last: its inputs are the default target's other products.
+rule report_pages:
+    input:
+        values=f"{RUN}/{config['utility']['mode']}/{MAIN}/shapley.csv",
+        rounds=f"{RUN}/{config['utility']['mode']}/{MAIN}/rounds.tsv",
+        samples=rules.sample_figure.output[0],
+        bundle=f"{RUN}/bundle/SHA256SUMS",
+    output:
+        values=report(REPORT_PAGES["values"], caption="../report/values_table.rst", category="Values"),
+        costs=report(REPORT_PAGES["costs"], caption="../report/costs.rst", category="Cost"),
+        config=report(REPORT_PAGES["config"], caption="../report/config.rst", category="Configuration"),
+    params:
+        kind=REGISTRY[MAIN].values,
+        estimator=MAIN,
+        confidence=config["estimator"]["confidence"],
+        benchmarks=benchmark_patterns,
+    log:
+        f"{RUN}/logs/report_pages.log",
+    benchmark:
+        f"{RUN}/benchmarks/report_pages.tsv"
+    conda:
+        ENV
+    resources:
+        runtime=minutes(10),
+        mem_mb=memory(2000),
+    script:
+        "../scripts/report_pages.py"

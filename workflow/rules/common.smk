@@ -1,9 +1,10 @@
-# Parse-time helpers: paths, the coalition plans (static, so `snakemake -n` lists every coalition job), settings
-# handed to the scripts, and resources scaled by attempt.
+# Parse-time helpers: paths, the coalition plans (static, so `snakemake -n` lists every coalition job of the current
+# round), the adaptive rounds, settings handed to the scripts, and resources scaled by attempt.
 from functools import lru_cache
 
-from diffcredit import stages
+from diffcredit import rounds, stages
 from diffcredit.contributors import contributor_ids
+from diffcredit.estimators import REGISTRY
 
 RUN = f"results/{config['name']}"
 ENV = "../../envs/diffcredit.yaml"
@@ -17,6 +18,7 @@ wildcard_constraints:
     mode="sft|finetune|retrain",
     plan="|".join(ESTIMATORS + EVALUATION_PLANS),
     batch=r"b\d{5}",
+    round=r"r\d\d+",
 
 
 @lru_cache
@@ -29,6 +31,8 @@ def plan_spec(plan):
     """What determines the coalitions of `plan` (see diffcredit.stages.plan_table)."""
     main = config["estimator"]
     budget = config["evaluation"]["banzhaf_budget"] if plan == "banzhaf" and main["name"] != "banzhaf" else main["budget"]
+    if plan == MAIN and ADAPTIVE:
+        budget = round_sizes(plan)[-1]  # the plan of the last possible round; earlier rounds evaluate its prefixes
     evaluation = config["evaluation"]
     return {
         "plan": plan,
@@ -52,20 +56,95 @@ def plan_table(plan):
     return stages.plan_table(**plan_spec(plan))
 
 
+# Adaptive budgets (diffcredit.rounds): the main estimator's plan is evaluated in rounds of growing prefixes, and a
+# checkpoint after each round decides whether the next one exists.
+MAIN = config["estimator"]["name"]
+STOPPING = config["estimator"]["stopping"]
+ADAPTIVE = STOPPING["rule"] != "none"
+rounds.check_stopping(STOPPING, sampled=REGISTRY[MAIN].sampled, budget=config["estimator"]["budget"])
+
+
+@lru_cache
+def round_sizes(plan):
+    """Coalitions evaluated by each round of `plan`: adaptive rounds for the main estimator, else one round."""
+    if plan != MAIN or not ADAPTIVE:
+        return (len(plan_table(plan)),)
+    limit = 2 ** len(contributors())
+    return tuple(rounds.round_sizes(config["estimator"]["budget"], STOPPING["round_budget"], STOPPING["max_budget"], limit))
+
+
+def round_id(index):
+    return f"r{index:02d}"
+
+
 @lru_cache
 def batches(plan):
-    """Coalition ids of `plan` in jobs of `coalitions_per_job` (fixed boundaries: a larger budget adds jobs)."""
-    ids = list(plan_table(plan)["coalition"])
-    size = config["coalitions_per_job"]
-    return {f"b{i // size:05d}": ids[i : i + size] for i in range(0, len(ids), size)}
+    """Plan rows of `plan` in jobs of `coalitions_per_job`, cut also where a round ends, so that every job belongs to
+    one round and a larger budget or a new round only adds jobs. Each job: its round and its rows' columns."""
+    table = plan_table(plan)
+    size, ends = config["coalitions_per_job"], round_sizes(plan)
+    cuts = sorted(set(range(0, len(table), size)) | set(ends[:-1]))
+    columns = [name for name in ("coalition", "members", "repeats") if name in table]
+    jobs = {}
+    for index, (start, stop) in enumerate(zip(cuts, cuts[1:] + [len(table)])):
+        rows = table.iloc[start:stop]
+        jobs[f"b{index:05d}"] = (int(rounds.round_of(start + 1, ends)), {c: rows[c].tolist() for c in columns})
+    return jobs
 
 
-def batch_members(wildcards):
-    return batches(wildcards.plan)[wildcards.batch]
+def batch_rows(wildcards):
+    return batches(wildcards.plan)[wildcards.batch][1]
+
+
+def batches_until(mode, plan, last_round):
+    """The job tables of `plan` up to round `last_round`."""
+    chosen = [batch for batch, (index, _) in batches(plan).items() if index <= last_round]
+    return expand(f"{RUN}/{mode}/{plan}/batches/{{batch}}.tsv", batch=chosen)
+
+
+def round_batch_files(wildcards):
+    return batches_until(wildcards.mode, wildcards.plan, int(wildcards.round[1:]))
+
+
+def adaptive(plan):
+    return plan == MAIN and ADAPTIVE
+
+
+def final_round(wildcards):
+    """The round whose stopping decision ended the rounds of (mode, plan): each decision is a checkpoint."""
+    if not adaptive(wildcards.plan):
+        return 0
+    for index in range(len(round_sizes(wildcards.plan))):
+        decision = checkpoints.round_values.get(mode=wildcards.mode, plan=wildcards.plan, round=round_id(index))
+        if rounds.read_decision(decision.output.decision).stop:
+            return index
+    raise ValueError(f"no stopping decision ended the rounds of {wildcards.plan}: the last round always stops")
 
 
 def batch_files(wildcards):
-    return expand(f"{RUN}/{wildcards.mode}/{wildcards.plan}/batches/{{batch}}.tsv", batch=batches(wildcards.plan))
+    """The job tables of every round that ran."""
+    return batches_until(wildcards.mode, wildcards.plan, final_round(wildcards))
+
+
+def round_files(wildcards):
+    """The adaptive rounds' values and stopping decisions (none without adaptive rounds)."""
+    indices = [round_id(index) for index in range(final_round(wildcards) + 1)] if adaptive(wildcards.plan) else []
+    rounds_dir = f"{RUN}/{wildcards.mode}/{wildcards.plan}/rounds"
+    return {
+        "round_values": expand(f"{rounds_dir}/{{round}}/values.csv", round=indices),
+        "decisions": expand(f"{rounds_dir}/{{round}}/decision.json", round=indices),
+    }
+
+
+def round_params(wildcards):
+    """What the round's checkpoint needs: its size, whether it is the last possible one, and the stopping rule."""
+    index, sizes = int(wildcards.round[1:]), round_sizes(wildcards.plan)
+    return {"round": index, "n_coalitions": sizes[index], "last": index == len(sizes) - 1, "stopping": STOPPING}
+
+
+def previous_round_values(wildcards):
+    index = int(wildcards.round[1:])
+    return [] if index == 0 else f"{RUN}/{wildcards.mode}/{wildcards.plan}/rounds/{round_id(index - 1)}/values.csv"
 
 
 def start_model(wildcards):
@@ -132,13 +211,30 @@ def memory(base_mb):
     return mem_mb
 
 
+VALUE_FILES = ("shapley.csv", "convergence.tsv", "rounds.tsv", "shapley.png", "convergence.png")
+
+
 def values_of(mode, plan):
-    return [f"{RUN}/{mode}/{plan}/{name}" for name in ("shapley.csv", "convergence.tsv", "shapley.png")]
+    return [f"{RUN}/{mode}/{plan}/{name}" for name in VALUE_FILES]
+
+
+def value_kind(wildcards):
+    """What the plan's values are ("Shapley", "Banzhaf", "leave-one-out"), for the figures' captions."""
+    return REGISTRY[wildcards.plan].values
 
 
 def default_targets():
     main = values_of(config["utility"]["mode"], config["estimator"]["name"])
-    return main + [f"{RUN}/figures/samples.png", f"{RUN}/bundle/SHA256SUMS"]
+    return main + [f"{RUN}/figures/samples.png", f"{RUN}/bundle/SHA256SUMS", *REPORT_PAGES.values()]
+
+
+# Pages of `snakemake --report` (aggregate.smk): the values with their intervals, the cost of each stage, the config.
+REPORT_PAGES = {name: f"{RUN}/report/{name}.html" for name in ("values", "costs", "config")}
+
+
+def benchmark_patterns(wildcards):
+    """Rule name -> its benchmark file pattern, for the cost table (wildcards become globs there)."""
+    return {rule.name: str(rule.benchmark) for rule in workflow.rules if rule.benchmark is not None}
 
 
 def bundle_files(wildcards):
@@ -150,7 +246,7 @@ def bundle_files(wildcards):
         "utilities.tsv": f"{RUN}/{mode}/{plan}/utilities.tsv",
         "samples.png": f"{RUN}/figures/samples.png",
     }
-    for name in ("shapley.csv", "convergence.tsv", "shapley.png"):
+    for name in VALUE_FILES:
         files[name] = f"{RUN}/{mode}/{plan}/{name}"
     for stage in ("full", "pruned", "recovered"):
         files[f"models/{stage}.json"] = f"{RUN}/models/{stage}.json"
@@ -159,26 +255,12 @@ def bundle_files(wildcards):
 
 # Rankings compared by the LDS and counterfactuals (evaluate.smk): name -> values table. The main estimator's values
 # are called "shapley" whatever the estimator, so the report's keys stay stable (lds_sft_shapley, lds_loo, ...).
-MAIN = config["estimator"]["name"]
 RANKINGS = {
     "sft_shapley": f"{RUN}/sft/{MAIN}/shapley.csv",
     "finetune_shapley": f"{RUN}/finetune/{MAIN}/shapley.csv",
     "loo": f"{RUN}/sft/loo/shapley.csv",
     "banzhaf": f"{RUN}/sft/banzhaf/shapley.csv",
     **{method: f"{RUN}/baselines/{method}/values.csv" for method in config["evaluation"]["baselines"]},
-}
-# Multi-fidelity values need values from a prefix of the estimation plan, which only sampled estimators give.
-MULTIFIDELITY = MAIN not in ("exact", "loo")
-if MULTIFIDELITY:
-    RANKINGS["multifidelity_shapley"] = f"{RUN}/evaluation/multifidelity/shapley.csv"
-# Per ranking, the jobs (benchmark-file globs under {RUN}/benchmarks) whose wall time and peak memory it costs.
-RANKING_JOBS = {
-    "sft_shapley": [f"sft/{MAIN}/**/*.tsv"],
-    "finetune_shapley": [f"finetune/{MAIN}/**/*.tsv"],
-    "loo": ["sft/loo/**/*.tsv"],
-    "banzhaf": ["sft/banzhaf/**/*.tsv"],
-    "multifidelity_shapley": [f"sft/{MAIN}/**/*.tsv", "retrain/agreement/**/*.tsv", "evaluation/multifidelity.tsv"],
-    **{method: [f"baselines/{method}.tsv", f"baselines/{method}/**/*.tsv"] for method in config["evaluation"]["baselines"]},
 }
 
 

@@ -1,4 +1,4 @@
-"""Shapley values with confidence intervals, the convergence table and the values figure."""
+"""The plan's values with confidence intervals, the convergence and rounds tables, and their figures."""
 import sys
 
 sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (snakemake is injected)
@@ -10,7 +10,11 @@ stages.aggregate(
     utilities=snakemake.input.utilities,
     contributors=snakemake.input.contributors,
     confidence=snakemake.params.confidence,
+    round_values=list(snakemake.input.round_values),
+    decisions=list(snakemake.input.decisions),
     values_out=snakemake.output.values,
     convergence_out=snakemake.output.convergence,
+    rounds_out=snakemake.output.rounds,
     figure_out=snakemake.output.figure,
+    convergence_figure_out=snakemake.output.convergence_figure,
 )

@@ -3,21 +3,11 @@ import sys
 
 sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (snakemake is injected)
 
-import os
-from pathlib import Path
-
 from diffcredit import stages
-
-# Fault injection for the workflow's own tests: fail once, before any work, when the marker file does not exist yet.
-marker = os.environ.get("DIFFCREDIT_FAIL_ONCE")
-if marker and not Path(marker).exists():
-    Path(marker).touch()
-    raise RuntimeError(f"injected failure (DIFFCREDIT_FAIL_ONCE={marker})")
 
 stages.set_threads(snakemake.threads)
 stages.coalition_utilities(
-    coalitions=snakemake.input.plan,
-    batch=list(snakemake.params.batch),
+    batch=dict(snakemake.params.batch),
     train_data=snakemake.input.train,
     reference=snakemake.input.reference,
     start_model=snakemake.input.start_model or None,

@@ -1,0 +1,12 @@
+"""The report's pages: the values with their intervals, the cost of every stage, the configuration."""
+import sys
+
+sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (snakemake is injected)
+
+from diffcredit import report
+
+report.values_page(snakemake.input.values, snakemake.input.rounds, snakemake.output.values,
+                   estimator=snakemake.params.estimator, kind=snakemake.params.kind,
+                   confidence=snakemake.params.confidence)
+report.costs_page(dict(snakemake.params.benchmarks), snakemake.output.costs)
+report.config_page(snakemake.config, snakemake.output.config)
