@@ -79,20 +79,35 @@ def reference_banzhaf(game: Callable[[Sequence[str]], float], players: Sequence[
     return np.array(values)
 
 
+def concave(weights: Sequence[float], scale: float = 3.0) -> Callable[[Sequence[str]], float]:
+    """v(S) = scale·sqrt(Σ_{i∈S} w_i): diminishing returns, every order of interaction present."""
+    weights = np.asarray(weights, float)
+
+    def game(members: Sequence[str]) -> float:
+        return float(scale * np.sqrt(sum(weights[int(m[1:])] for m in members)))
+
+    return game
+
+
 def utilities(
     table: pd.DataFrame,
     game: Callable[[Sequence[str]], float],
     *,
-    seeds: int = 1,
+    seeds: int | None = None,
     noise: float = 0.0,
     rng: np.random.Generator | None = None,
 ) -> pd.DataFrame:
-    """Utility rows for every planned coalition: ``seeds`` rows each, with Gaussian noise of sd ``noise``."""
+    """Utility rows for every planned coalition with Gaussian noise of sd ``noise``: ``seeds`` rows each, or as many
+    as the plan's ``repeats`` column asks for (1 where it has none)."""
     rng = rng or np.random.default_rng(0)
+    if seeds is not None:
+        repeats = np.full(len(table), seeds)
+    else:
+        repeats = table["repeats"].astype(int).to_numpy() if "repeats" in table else np.ones(len(table), int)
     rows = [
         (coalition, seed, game(members) + noise * rng.normal())
-        for coalition, members in member_sets(table).items()
-        for seed in range(seeds)
+        for (coalition, members), k in zip(member_sets(table).items(), repeats)
+        for seed in range(k)
     ]
     return pd.DataFrame(rows, columns=["coalition", "seed", "utility"])
 

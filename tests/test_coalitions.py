@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from diffcredit.coalitions import (
-    ESTIMATORS,
     member_sets,
     parse_coalitions,
     parse_plan,
@@ -19,9 +19,12 @@ from diffcredit.coalitions import (
     read_contributors,
     write_coalitions,
 )
+from diffcredit.coalitions import kernel_mass, stratum_pairs
+from diffcredit.estimators import DEFAULT
+from diffcredit.estimators import NAMES as ESTIMATORS
 
 PLAYERS = [f"p{i}" for i in range(6)]
-SAMPLED = ("permutation", "kernelshap", "banzhaf")
+SAMPLED = ("permutation", "kernelshap", "kernelshap_leverage", "kernelshap_unbiased", "banzhaf")
 
 
 def sizes(table: pd.DataFrame) -> np.ndarray:
@@ -95,9 +98,9 @@ def test_kernelshap_pairs_complements_after_the_empty_and_grand_coalition():
         assert set(sets[left]).isdisjoint(sets[right]) and len(sets[left]) + len(sets[right]) == len(PLAYERS)
 
 
-def test_kernelshap_sizes_follow_the_shapley_kernel():
+def test_unbiased_kernelshap_sizes_follow_the_shapley_kernel():
     n = 10
-    table = plan([f"p{i}" for i in range(n)], "kernelshap", 1000, seed=0)
+    table = plan([f"p{i}" for i in range(n)], "kernelshap_unbiased", 1000, seed=0)
     sets = member_sets(table)
     drawn = np.array([len(sets[left]) for left, _ in draws(table)])
     s = np.arange(1, n)
@@ -107,19 +110,98 @@ def test_kernelshap_sizes_follow_the_shapley_kernel():
     np.testing.assert_allclose(observed, expected, atol=0.03)
 
 
-def test_permutation_samples_are_chains_adding_one_contributor_each():
+def stratum_counts(table: pd.DataFrame, n: int) -> np.ndarray:
+    sets = member_sets(table)
+    sizes = [min(len(sets[left]), n - len(sets[left])) for left, _ in draws(table)]
+    return np.bincount(sizes, minlength=n // 2 + 1)[1:]
+
+
+def test_kernelshap_allocates_pairs_to_strata_in_proportion_to_the_kernel():
+    n = 10
+    players = [f"p{i}" for i in range(n)]
+    mass = kernel_mass(n)  # strata {1, 9}, {2, 8}, {3, 7}, {4, 6}, {5}
+    np.testing.assert_allclose(mass.sum(), 1)
+    np.testing.assert_allclose(mass[0] / mass[1], (1 / 9) / (1 / 16))
+    np.testing.assert_array_equal(stratum_pairs(n), [10, 45, 120, 210, 126])
+    table = plan(players, "kernelshap", 2 + 2 * 20, seed=0)
+    counts = stratum_counts(table, n)
+    assert counts.sum() == 20
+    # the allocation of 20 pairs by largest w_k / (count_k + 1): within one pair of the proportional share
+    assert (np.abs(counts - 20 * mass) <= 1).all(), counts
+    # with 40 pairs the first stratum is full (10 pairs) and the others share the rest in proportion
+    counts = stratum_counts(plan(players, "kernelshap", 2 + 2 * 40, seed=0), n)
+    assert counts[0] == 10 and (np.abs(counts[1:] - 30 * mass[1:] / mass[1:].sum()) <= 1).all(), counts
+    np.testing.assert_array_equal(table["stratum"][2::2].dropna().astype(int), table["stratum"][3::2].astype(int))
+
+
+def test_kernelshap_enumerates_the_strata_it_fills_and_never_repeats_a_pair():
+    n = 10
+    players = [f"p{i}" for i in range(n)]
+    table = plan(players, "kernelshap", 2 + 2 * 150, seed=3)
+    counts = stratum_counts(table, n)
+    assert counts[0] == 10 and counts[1] == 45  # sizes 1 and 9, 2 and 8: every pair, so those strata are exact
+    assert (counts[2:] < stratum_pairs(n)[2:]).all()
+    assert len({frozenset(m) for m in member_sets(table).values()}) == len(table)
+    # at the half size each pair {S, N∖S} is one pair, whichever side is listed first
+    halves = plan(players[:6], "kernelshap", 64, seed=1)
+    assert stratum_counts(halves, 6).tolist() == [6, 15, 10]
+    assert len({frozenset(m) for m in member_sets(halves).values()}) == 64
+
+
+def test_kernelshap_leverage_gives_every_size_the_same_share():
+    n = 12
+    table = plan([f"p{i}" for i in range(n)], "kernelshap_leverage", 2 + 2 * 66, seed=0)
+    counts = stratum_counts(table, n)  # strata 1–5 hold two sizes each, stratum 6 one: 12 : … : 12 : 6 pairs
+    np.testing.assert_array_equal(counts, [12, 12, 12, 12, 12, 6])
+
+
+def test_large_strata_are_sampled_without_replacement():
+    players = [f"p{i}" for i in range(40)]  # C(40, k) pairs are far too many to enumerate beyond k = 3
+    table = plan(players, "kernelshap", 3000, seed=2)
+    assert len({frozenset(m) for m in member_sets(table).values()}) == 3000
+    counts = stratum_counts(table, 40)
+    assert counts[0] == 40 and counts.sum() == 1499 and (counts > 0).sum() > 10
+
+
+def test_permutation_samples_are_antithetic_chains_adding_one_contributor_each():
+    n = len(PLAYERS)
     table = plan(PLAYERS, "permutation", 40, seed=2)
     sets = member_sets(table)
     row = {c: r for r, c in enumerate(table["coalition"])}
-    chains = draws(table)
-    assert len(chains) >= 5
-    for chain in chains:
-        assert len(chain) == len(PLAYERS) + 1
-        assert [len(sets[c]) for c in chain] == list(range(len(PLAYERS) + 1))
-        assert all(set(sets[a]) < set(sets[b]) for a, b in zip(chain, chain[1:]))
+    samples = draws(table)
+    assert len(samples) >= 2
+    for sample in samples:
+        assert len(sample) == 2 * (n + 1)
+        forward, backward = sample[: n + 1], sample[n + 1 :]
+        for chain in (forward, backward):
+            assert [len(sets[c]) for c in chain] == list(range(n + 1))
+            assert all(set(sets[a]) < set(sets[b]) for a, b in zip(chain, chain[1:]))
+        added = [(set(sets[b]) - set(sets[a])).pop() for a, b in zip(forward, forward[1:])]
+        again = [(set(sets[b]) - set(sets[a])).pop() for a, b in zip(backward, backward[1:])]
+        assert again == added[::-1]  # the second chain is the reversed order
     completed = [row[c] for cell_row, cell in enumerate(table["samples"]) for s in cell.split(";") if s
                  for c in s.split(",") if row[c] > cell_row]
     assert completed == []  # a sample only names coalitions planned at or before its row
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_the_empty_and_grand_coalition_are_measured_twice_by_default(estimator):
+    table = plan(PLAYERS, estimator, 30, seed=1)
+    sizes_ = sizes(table)
+    bound = (sizes_ == 0) | (sizes_ == len(PLAYERS)) | (np.arange(len(table)) < 2)
+    np.testing.assert_array_equal(table["repeats"].astype(int), np.where(bound, 2, 1))
+    once = plan(PLAYERS, estimator, 30, seed=1, bound_repeats=1)
+    assert (once["repeats"] == 1).all()
+    pd.testing.assert_frame_equal(once.drop(columns="repeats"), table.drop(columns="repeats"))
+    with pytest.raises(ValueError, match="bound_repeats must be a positive number"):
+        plan(PLAYERS, estimator, 30, seed=1, bound_repeats=0)
+
+
+def test_the_schema_offers_the_registry_estimators():
+    schema = yaml.safe_load((Path(__file__).parents[1] / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    name = schema["properties"]["estimator"]["properties"]["name"]
+    assert name["enum"] == list(ESTIMATORS)
+    assert name["default"] == DEFAULT
 
 
 def test_banzhaf_draws_each_contributor_with_probability_one_half():
@@ -152,9 +234,9 @@ def test_plan_refuses_bad_contributors(contributors, message):
 
 
 def test_plan_refuses_unknown_estimators_and_options():
-    with pytest.raises(ValueError, match="unknown estimator 'tmc'; choose one of exact, permutation"):
+    with pytest.raises(ValueError, match="unknown estimator 'tmc'; choose one of kernelshap, kernelshap_leverage"):
         plan(PLAYERS, "tmc", 10, seed=0)
-    with pytest.raises(ValueError, match=r"unknown planning options \['paired'\]"):
+    with pytest.raises(TypeError, match="paired"):
         plan(PLAYERS, "kernelshap", 10, seed=0, paired=False)
 
 
@@ -232,7 +314,7 @@ def test_bad_coalition_tables_are_refused_naming_the_row(table, contributors, me
 def test_other_coalition_tables_may_repeat_member_sets_but_plans_may_not():
     lds = table_of("a,b", "b", "a,b", ids=["s000000", "s000001", "s000002"], estimator=["lds"] * 3)
     assert member_sets(parse_coalitions(lds)[0]) == {"s000000": ("a", "b"), "s000001": ("b",), "s000002": ("a", "b")}
-    with pytest.raises(ValueError, match="must hold one of exact, permutation"):
+    with pytest.raises(ValueError, match="must hold one of kernelshap, kernelshap_leverage"):
         parse_plan(lds)
     repeated = table_of("a,b", "b", "b,a", estimator=["banzhaf"] * 3, draw=["0", "1", "2"])
     with pytest.raises(ValueError, match=r"row 3: coalition c000002 has the same members as c000000 \(row 1\)"):

@@ -7,12 +7,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from games import Game, additive, majority, pairwise, planned, reference_banzhaf, reference_shapley, utilities
+from games import (
+    Game,
+    additive,
+    concave,
+    majority,
+    pairwise,
+    planned,
+    reference_banzhaf,
+    reference_shapley,
+    utilities,
+)
 
-from diffcredit.coalitions import member_sets
-from diffcredit.shapley import TABLE_COLUMNS, aggregate, read_utilities, write_result
+from diffcredit.coalitions import member_sets, plan
+from diffcredit.estimators import NAMES, REGISTRY
+from diffcredit.shapley import CONDITIONAL, TABLE_COLUMNS, ValuationResult, aggregate, read_utilities, write_result
 
-SAMPLED = {"permutation": 40, "kernelshap": 40, "banzhaf": 40}
+SAMPLED = {"permutation": 40, "kernelshap": 40, "kernelshap_leverage": 40, "kernelshap_unbiased": 40, "banzhaf": 40}
+SHAPLEY_SAMPLED = ("kernelshap", "kernelshap_leverage", "kernelshap_unbiased", "permutation")
 GAMES = {
     "additive": additive([1.0, -2.0, 0.5, 3.0, 0.0], offset=1.0),
     "majority": majority([4, 3, 2, 1, 1], quota=6),
@@ -67,29 +79,72 @@ def test_loo_is_the_drop_from_the_grand_coalition():
     np.testing.assert_allclose(table["value"], expected, atol=1e-12)
 
 
-@pytest.mark.parametrize("estimator", ["exact", "permutation", "kernelshap"])
+@pytest.mark.parametrize("estimator", ["exact", *SHAPLEY_SAMPLED])
 @pytest.mark.parametrize("name", GAMES)
 def test_efficiency(estimator, name):
     game = GAMES[name]
-    table = values(game, estimator, 25, seed=3)
+    table = values(game, estimator, 30, seed=3)
     assert table["value"].sum() == pytest.approx(game(game.players) - game([]), abs=1e-9)
 
 
-@pytest.mark.parametrize(("estimator", "budget"), [("exact", None), ("loo", None), ("banzhaf", 32)])
+TWIN_BUDGETS = [("exact", None), ("loo", None), ("banzhaf", 32), ("kernelshap", 20), ("kernelshap_leverage", 20),
+                ("permutation", 20)]
+
+
+@pytest.mark.parametrize(("estimator", "budget"), TWIN_BUDGETS)
 def test_symmetric_players_get_equal_values(estimator, budget):
     table = values(game_with_twins_and_a_null(), estimator, budget)
     assert table["value"][0] == pytest.approx(table["value"][1], abs=1e-12)
     assert table["value"][0] != pytest.approx(table["value"][2])
 
 
-@pytest.mark.parametrize(("estimator", "budget"), [("exact", None), ("loo", None), ("permutation", 20)])
+@pytest.mark.parametrize(("estimator", "budget"), [b for b in TWIN_BUDGETS if b[0] != "banzhaf"])
 def test_null_player_gets_zero(estimator, budget):
     table = values(game_with_twins_and_a_null(), estimator, budget, seed=1)
     assert table["value"][4] == pytest.approx(0, abs=1e-12)
     assert table["stderr"][4] == pytest.approx(0, abs=1e-12)
 
 
-@pytest.mark.parametrize("estimator", ["exact", "permutation", "kernelshap", "banzhaf"])
+@pytest.mark.parametrize("estimator", ["kernelshap", "kernelshap_leverage", "permutation"])
+@pytest.mark.parametrize("n", [8, 10])
+def test_paired_estimators_are_exact_on_pairwise_games(estimator, n):
+    # Paired KernelSHAP is exact once the sampled matrix has full rank (about 3n coalitions: 30 of 1,024 at
+    # n = 10, measured); antithetic permutations from the first draw. The unbiased form is not exact.
+    game = pairwise(n, seed=n)
+    truth = reference_shapley(game, game.players)
+    for seed in range(5):
+        table = planned(game, estimator, 4 * n, seed)
+        result = aggregate(table, utilities(table, game))
+        np.testing.assert_allclose(result.values, truth, atol=1e-9)
+        np.testing.assert_allclose(result.stderr, 0, atol=1e-7)  # no sampling error and no seed noise
+    unbiased = values(game, "kernelshap_unbiased", 4 * n)
+    assert np.abs(unbiased["value"] - truth).max() > 0.05
+
+
+def test_kernelshap_with_every_coalition_is_exact_on_any_game():
+    game = GAMES["majority"]
+    table = planned(game, "kernelshap", 2 ** len(game.players))
+    result = aggregate(table, utilities(table, game))
+    np.testing.assert_allclose(result.values, reference_shapley(game, game.players), atol=1e-12)
+    np.testing.assert_allclose(result.stderr, 0, atol=1e-12)  # every stratum complete: no sampling error
+
+
+def test_kernelshap_is_more_accurate_than_the_unbiased_form():
+    game = concave(np.linspace(0.5, 2.0, 10))
+    players = [f"p{i}" for i in range(10)]
+    truth = reference_shapley(game, players)
+
+    def error(estimator: str) -> float:
+        errors = []
+        for seed in range(6):
+            table = plan(players, estimator, 64, seed)
+            errors.append(np.abs(aggregate(table, utilities(table, game), convergence=False).values - truth).mean())
+        return float(np.mean(errors))
+
+    assert error("kernelshap") < 0.5 * error("kernelshap_unbiased")
+
+
+@pytest.mark.parametrize("estimator", [name for name in NAMES if name != "loo"])
 def test_linearity(estimator):
     first, second = pairwise(6, seed=1), pairwise(6, seed=2)
     table = planned(first, estimator, 30, seed=4)
@@ -103,18 +158,20 @@ def test_linearity(estimator):
 
 @pytest.mark.parametrize("estimator", SAMPLED)
 def test_sampled_estimators_converge(estimator):
-    game = pairwise(8, seed=5)
-    truth = (reference_banzhaf if estimator == "banzhaf" else reference_shapley)(game, game.players)
+    players = [f"p{i}" for i in range(8)]
+    pairs = pairwise(8, seed=5)
+    game = Game(pairs.a, pairs.pairs, weights=np.arange(1.0, 9.0), quota=18, bonus=2.0)  # a majority term too
+    truth = (reference_banzhaf if estimator == "banzhaf" else reference_shapley)(game, players)
     error = {budget: np.mean([np.abs(values(game, estimator, budget, seed)["value"] - truth).max()
-                              for seed in range(4)]) for budget in (24, 240)}
-    assert error[240] < 0.6 * error[24]
+                              for seed in range(4)]) for budget in (40, 240)}
+    assert error[240] < 0.6 * error[40]
 
 
 @pytest.mark.parametrize("estimator", SAMPLED)
 def test_convergence_table_ends_at_the_values(estimator):
     game = pairwise(7, seed=6)
     table = planned(game, estimator, 100, seed=0)
-    rows = utilities(table, game, noise=0.1)
+    rows = utilities(table, game, seeds=1, noise=0.1)
     result = aggregate(table, rows)
     path = result.convergence
     assert list(path.columns) == ["n_coalitions", "contributor", "value", "stderr"]
@@ -132,27 +189,89 @@ def test_convergence_table_ends_at_the_values(estimator):
     np.testing.assert_allclose(middle["stderr"], again.table["stderr"])
 
 
-COVERAGE = {"exact": None, "loo": None, "permutation": 40, "kernelshap": 30, "banzhaf": 30}
+COVERAGE_GAME_SIZE = 8
 
 
-@pytest.mark.parametrize("estimator", COVERAGE)
-def test_intervals_cover_the_true_value_at_the_nominal_rate(estimator):
-    game = pairwise(6, seed=11)
-    players = game.players
-    if estimator == "banzhaf":
-        truth = reference_banzhaf(game, players)
-    elif estimator == "loo":
-        truth = np.array([game(players) - game([p for p in players if p != left]) for left in players])
-    else:
-        truth = reference_shapley(game, players)
+def coverage_game():
+    """Concave returns plus pairwise terms on 8 players (every order of interaction), with the truth of each kind."""
+    players = [f"p{i}" for i in range(COVERAGE_GAME_SIZE)]
+    base, pairs = concave(np.linspace(0.5, 2.0, len(players))), pairwise(len(players), seed=3, offset=0.0)
+
+    def game(members):
+        return base(members) + 0.3 * pairs(members)
+
+    table = plan(players, "exact", None, 0)
+    value = dict(zip(map(frozenset, member_sets(table).values()), utilities(table, game, seeds=1)["utility"]))
+    truths = {
+        "Shapley": reference_shapley(game, players),
+        "Banzhaf": reference_banzhaf(game, players),
+        "leave-one-out": np.array([game(players) - game([p for p in players if p != q]) for q in players]),
+    }
+    return players, value, truths
+
+
+def coverage(estimator: str, budget: int | None, repeats: str, seeds: int = 400, noise: float = 0.1) -> float:
+    """Share of 95% intervals holding the true value over plan seeds, with Gaussian seed noise (about 7% of the
+    value range); ``repeats`` "plan" measures as the plan asks (∅ and N twice), "all" twice everywhere."""
+    players, value, truths = coverage_game()
+    truth = truths[REGISTRY[estimator].values]
     covered = []
-    for seed in range(200):
-        table = planned(game, estimator, COVERAGE[estimator], seed)
-        noisy = utilities(table, game, seeds=2, noise=0.3, rng=np.random.default_rng(seed))
-        result = aggregate(table, noisy).table
-        covered.append((result["ci_low"] <= truth) & (truth <= result["ci_high"]))
-    rate = np.mean(covered)
-    assert 0.91 <= rate <= 0.985, rate
+    for seed in range(seeds):
+        table = plan(players, estimator, budget, seed)
+        times = table["repeats"].to_numpy(int) if repeats == "plan" else np.full(len(table), 2)
+        rng = np.random.default_rng(seed + 10_000)
+        exact = np.array([value[frozenset(m)] for m in member_sets(table).values()])
+        rows = pd.DataFrame({"coalition": np.repeat(table["coalition"].to_numpy(), times),
+                             "utility": np.repeat(exact, times) + noise * rng.normal(size=times.sum())})
+        result = aggregate(table, rows, convergence=False)
+        covered.append((result.ci_low <= truth) & (truth <= result.ci_high))
+    return float(np.mean(covered))
+
+
+def test_kernelshap_intervals_cover_at_the_nominal_rate():
+    rate = coverage("kernelshap", 128, "plan")
+    assert 0.93 <= rate <= 0.97, rate
+
+
+# Measured (400 seeds, benchmarks/RESULTS.md has the same table): outside 0.93–0.97 are kernelshap at 32 (0.972,
+# HC3 is slightly conservative when m ≈ n), permutation at 128 (0.92–0.93: few antithetic draws, heavy tails) and
+# with every coalition repeated at 32 (0.98), and the unbiased form at 32 (0.895).
+KNOWN_MISSES = {("kernelshap", 32, "plan"), ("kernelshap", 32, "all"), ("permutation", 128, "plan"),
+                ("permutation", 128, "all"), ("permutation", 32, "all"), ("kernelshap_unbiased", 32, "plan"),
+                ("kernelshap_unbiased", 32, "all")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("repeats", ["plan", "all"])
+@pytest.mark.parametrize("budget", [32, 128])
+@pytest.mark.parametrize("estimator", NAMES)
+def test_intervals_cover_the_true_value_at_the_nominal_rate(estimator, budget, repeats):
+    if not REGISTRY[estimator].sampled and budget != 32:
+        pytest.skip("exact and loo take no budget")
+    if (estimator, budget, repeats) in KNOWN_MISSES:
+        pytest.xfail("measured outside 0.93–0.97; see KNOWN_MISSES")
+    rate = coverage(estimator, budget if REGISTRY[estimator].sampled else None, repeats)
+    assert 0.93 <= rate <= 0.97, rate
+
+
+def test_single_measurements_are_stated_in_the_output():
+    game = pairwise(6, seed=2)
+    table = plan(game.players, "kernelshap", 30, 0, bound_repeats=1)
+    result = aggregate(table, utilities(table, game, noise=0.1))
+    assert "conditional on single measurements" in result.method
+    assert (result.to_frame()["seed_noise"] == CONDITIONAL).all()
+    repeated = aggregate(table, utilities(table, game, seeds=2, noise=0.1))
+    assert repeated.seed_noise.startswith("included") and "conditional" not in repeated.method
+
+
+def test_the_noise_of_shared_coalitions_enters_kernelshap_intervals():
+    # Complete strata carry no sampling error, but the seed noise of their utilities is in the interval.
+    game = additive(np.arange(6.0))
+    table = planned(game, "kernelshap", 2**6)
+    quiet = aggregate(table, utilities(table, game, noise=0.0))
+    loud = aggregate(table, utilities(table, game, noise=0.5, rng=np.random.default_rng(1)))
+    np.testing.assert_allclose(quiet.stderr, 0, atol=1e-12)
+    assert (loud.stderr > 0.05).all() and np.isfinite(loud.df).all()
 
 
 def test_more_seed_noise_widens_the_interval():
@@ -173,7 +292,7 @@ def test_more_seed_noise_widens_the_interval():
 def test_loo_gets_an_interval_from_repeated_utilities():
     game = pairwise(5, seed=3)
     table = planned(game, "loo", None)
-    single = aggregate(table, utilities(table, game, noise=0.2)).table
+    single = aggregate(table, utilities(table, game, seeds=1, noise=0.2)).table
     assert (single["stderr"] == 0).all()
     repeated = aggregate(table, utilities(table, game, seeds=4, noise=0.2))
     assert (repeated.table["stderr"] > 0).all()
@@ -196,7 +315,7 @@ def test_every_repeated_row_is_used():
 def test_confidence_sets_the_width():
     game = pairwise(6, seed=0)
     table = planned(game, "permutation", 40)
-    rows = utilities(table, game)
+    rows = utilities(table, game, noise=0.1)
     wide, narrow = (aggregate(table, rows, confidence=c).table for c in (0.99, 0.5))
     assert ((wide["ci_high"] - wide["ci_low"]) > (narrow["ci_high"] - narrow["ci_low"])).all()
     with pytest.raises(ValueError, match="confidence must be between 0 and 1, got 95"):
@@ -224,7 +343,7 @@ def test_missing_utilities_are_refused_or_excluded_explicitly():
 def test_exact_cannot_exclude_a_coalition():
     game = additive([1.0, 2.0])
     table = planned(game, "exact", None)
-    rows = utilities(table, game).assign(utility=[0.0, np.nan, 2.0, 3.0])
+    rows = utilities(table, game, seeds=1).assign(utility=[0.0, np.nan, 2.0, 3.0])
     with pytest.raises(ValueError, match="exact Shapley needs the utility of every coalition"):
         aggregate(table, rows, missing="exclude")
 
@@ -286,3 +405,23 @@ def test_a_large_utility_offset_changes_nothing(estimator):
     results = [aggregate(table, utilities(table, game, seeds=2, noise=0.1)).table for game in (small, large)]
     np.testing.assert_allclose(results[1]["value"], results[0]["value"], atol=1e-6)
     np.testing.assert_allclose(results[1]["stderr"], results[0]["stderr"], rtol=1e-4)
+
+
+def test_valuation_result_sorts_saves_loads_and_merges(tmp_path: Path):
+    game = pairwise(6, seed=7)
+    first, second = (aggregate(t := planned(game, "kernelshap", 40, seed), utilities(t, game, noise=0.1))
+                     for seed in (0, 1))
+    ordered = first.sorted()
+    assert list(ordered.values) == sorted(first.values, reverse=True)
+    assert ordered.to_frame()["rank"].tolist() == list(range(1, 7))
+    assert dict(zip(ordered.names, ordered.stderr)) == dict(zip(first.names, first.stderr))
+    first.save(tmp_path / "values.csv")
+    back = ValuationResult.load(tmp_path / "values.csv")
+    pd.testing.assert_frame_equal(back.to_frame(), first.to_frame(), check_dtype=False)
+    assert back.method == first.method and back.estimator == "kernelshap"
+    merged = first.merge(second.sorted())  # contributors are matched by name, not position
+    weight = first.n_coalitions / (first.n_coalitions + second.n_coalitions)
+    np.testing.assert_allclose(merged.values, weight * first.values + (1 - weight) * second.values)
+    assert (merged.stderr < np.maximum(first.stderr, second.stderr)).all()
+    with pytest.raises(ValueError, match="can merge only results of one estimator"):
+        first.merge(aggregate(t := planned(game, "banzhaf", 40), utilities(t, game)))

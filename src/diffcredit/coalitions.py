@@ -1,34 +1,45 @@
-"""Coalition planning: which coalitions of contributors to evaluate, for each Shapley estimator.
+"""Coalition planning: which coalitions of contributors to evaluate, for each estimator.
 
 A plan is a table with one row per distinct member set, in plan order:
 
 - ``coalition``: generated id ``c000000``, ``c000001``, ... (a path part for the per-coalition jobs);
 - ``members``: comma-separated contributor ids in the contributors file's order, ``""`` for the empty coalition;
 - ``estimator``: the estimator the plan was made for (the same on every row; ``aggregate`` reads it);
-- sampler columns:
+- ``repeats``: how many utility measurements (training seeds) the coalition should get. The empty and the grand
+  coalition and rows 0 and 1 (∅ and N in kernelshap and permutation plans) get ``bound_repeats`` (2 by default),
+  every other coalition 1, so that one utility per coalition elsewhere still yields an estimate of the seed noise;
+- sampler columns (see :mod:`diffcredit.estimators` for the estimators):
 
-  ============ ===================================================================================================
-  exact        none: all 2^n coalitions in bit-mask order (contributor j is bit j).
-  loo          ``left_out``: the contributor missing from the row ("" for the grand coalition, row 0).
-  banzhaf      ``draw``: index of the Bernoulli(1/2) draw that produced the row; repeated member sets are skipped,
-               so the rows are a uniform sample without replacement of all 2^n coalitions.
-  kernelshap   ``pair``: index of the draw (size s with p(s) ∝ (n-1)/(s(n-s)), then a uniform subset S), which
-               adds S and its complement as consecutive rows; rows 0 and 1 are the empty and the grand coalition.
-               ``samples``: see below (a draw of an already planned pair costs nothing but still counts).
-  permutation  ``permutation``, ``position``: the random permutation that first produced the row and the
-               row's size in it; rows 0 and 1 are the empty and the grand coalition, then each permutation adds
-               the prefixes not planned yet. ``samples``: see below.
-  ============ ===================================================================================================
+  =================== ============================================================================================
+  exact               none: all 2^n coalitions in bit-mask order (contributor j is bit j).
+  loo                 ``left_out``: the contributor missing from the row ("" for the grand coalition, row 0).
+  banzhaf             ``draw``: index of the Bernoulli(1/2) draw that produced the row; repeated member sets are
+                      skipped, so the rows are a uniform sample without replacement of all 2^n coalitions.
+  kernelshap,         ``pair``, ``stratum``, ``samples``: rows 0 and 1 are the empty and the grand coalition, then
+  kernelshap_leverage distinct pairs (S, N∖S) as consecutive rows. Stratum k holds the pairs with min(|S|, n−|S|) = k;
+                      within it the pairs come in a fixed seeded random order without replacement, and the next pair
+                      goes to the incomplete stratum with the largest w_k/(count_k + 1) (ties: the smaller k). For
+                      ``kernelshap`` w_k is the Shapley-kernel mass of the sizes k and n−k (proportional
+                      allocation: sizes 1 and n−1 fill first and a complete stratum is enumerated); for
+                      ``kernelshap_leverage`` w_k is the number of sizes in the stratum (Musco & Witter's leverage
+                      scores give every size the same mass).
+  kernelshap_unbiased ``pair``, ``samples``: i.i.d. draws (size s with p(s) ∝ (n-1)/(s(n-s)), then a uniform subset
+                      S), each adding S and its complement; a draw of an already planned pair costs nothing but
+                      still counts.
+  permutation         ``permutation``, ``position``: the antithetic draw (a random permutation and its reverse)
+                      that first produced the row and the row's size in it; rows 0 and 1 are the empty and the grand
+                      coalition, then each draw adds the prefixes of both orders not planned yet. ``samples``.
+  =================== ============================================================================================
 
-``samples`` lists the draws (kernelshap pairs, permutation chains) that are complete once the table reaches this
-row, ``;``-separated, each as the comma-separated coalition ids it uses (``S,complement`` or the chain
-``∅,{π1},{π1,π2},…,N``). A draw is recorded on the last new row it needs; a draw that needs no new row waits for
-the next row. Each draw appears exactly once, so estimators average over draws without duplicating member sets.
+``samples`` lists the draws (kernelshap pairs, antithetic permutation chains) that are complete once the table
+reaches this row, ``;``-separated, each as the comma-separated coalition ids it uses (``S,complement``, or the chain
+``∅,{π1},{π1,π2},…,N`` followed by the chain of the reversed order). A draw is recorded on the last new row it
+needs; a draw that needs no new row waits for the next row. Each draw appears exactly once.
 
 ``budget`` is the number of rows (distinct coalitions, the cost unit) for the sampled estimators; ``exact`` and
-``loo`` ignore it. Randomness is drawn in fixed blocks of draws from ``SeedSequence(seed, spawn_key=(label,
-block))``, so rows never depend on the budget: ``plan(..., budget=m)`` is the first m rows of any larger plan, and
-raising the budget only appends coalition jobs.
+``loo`` ignore it. Randomness is drawn in fixed blocks from ``SeedSequence(seed, spawn_key=(label, ...))``, so rows
+never depend on the budget: ``plan(..., budget=m)`` is the first m rows of any larger plan, and raising the budget
+only appends coalition jobs.
 
 :func:`read_coalitions` and :func:`parse_coalitions` accept any coalition table (also the LDS subsets, which may
 repeat a member set); :func:`parse_plan` adds the checks an estimator needs before aggregation.
@@ -37,6 +48,8 @@ repeat a member set); :func:`parse_plan` adds the checks an estimator needs befo
 from __future__ import annotations
 
 import graphlib
+import heapq
+import itertools
 import os
 import re
 import zlib
@@ -47,26 +60,23 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from scipy.special import comb
+
 from diffcredit.contributors import validate_contributor_id
 from diffcredit.io import write_table
 
-ESTIMATORS: tuple[str, ...] = ("exact", "permutation", "kernelshap", "banzhaf", "loo")
-SAMPLER_COLUMNS: dict[str, tuple[str, ...]] = {
-    "exact": (),
-    "loo": ("left_out",),
-    "banzhaf": ("draw",),
-    "kernelshap": ("pair", "samples"),
-    "permutation": ("permutation", "position", "samples"),
-}
-_INTEGER_COLUMNS = frozenset({"draw", "pair", "permutation", "position"})
+_INTEGER_COLUMNS = frozenset({"draw", "pair", "stratum", "permutation", "position", "repeats"})
+BOUND_REPEATS = 2  # utility measurements of the empty and the grand coalition by default
 MAX_EXACT_CONTRIBUTORS = 16
 # Coalition ids become path parts. Planned ones are c000000, c000001, ...; other tables (e.g. the LDS subsets,
 # s000000, ...) may use other prefixes.
 COALITION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 _STREAM = zlib.crc32(b"diffcredit.coalitions")  # keeps this stream apart from other children of the run seed
+_STRATA = zlib.crc32(b"diffcredit.coalitions.strata")  # the kernelshap strata's own orders
 _BLOCK = 256  # draws per random block; fixed, so the plan does not depend on the budget
 _MAX_DRAWS_PER_ROW = 200  # give up (instead of looping) when almost every coalition is already planned
+_ENUMERATED_STRATUM = 2**16  # kernelshap strata with at most this many pairs are enumerated, then shuffled
 _TEXT_ROWS = 1024  # member strings are built this many rows at a time
 
 
@@ -86,41 +96,66 @@ def read_contributors(path: str | os.PathLike[str]) -> list[str]:
 
 
 def plan(
-    contributors: Sequence[str], estimator: str, budget: int | None, seed: int, **options: object
+    contributors: Sequence[str], estimator: str, budget: int | None, seed: int, *,
+    bound_repeats: int = BOUND_REPEATS,
 ) -> pd.DataFrame:
     """Plan the coalitions to evaluate for ``estimator`` (see the module docstring for the table)."""
-    if options:
-        raise ValueError(f"unknown planning options {sorted(options)}; the samplers take none")
+    from diffcredit.estimators import estimator_named  # the registry refers to this module's planners
+
     ids = list(contributors)
     for position, value in enumerate(ids):
         validate_contributor_id(value, where=f"contributor {position + 1}")
     _refuse_duplicates(ids, "duplicate contributor")
     if not ids:
         raise ValueError("no contributors: a plan needs at least one")
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    entry = estimator_named(estimator)
+    if isinstance(bound_repeats, bool) or int(bound_repeats) != bound_repeats or bound_repeats < 1:
+        raise ValueError(f"bound_repeats must be a positive number of measurements, got {bound_repeats!r}")
     n = len(ids)
-    if estimator == "exact":
-        if n > MAX_EXACT_CONTRIBUTORS:
+    if entry.sampled:
+        if budget is None or isinstance(budget, bool) or int(budget) != budget or budget < 1:
+            raise ValueError(f"budget must be a positive number of coalitions for {estimator!r}, got {budget!r}")
+        budget = int(budget)
+        if budget > 2**n:
             raise ValueError(
-                f"exact Shapley needs 2^{n} coalitions for {n} contributors (limit {MAX_EXACT_CONTRIBUTORS}); "
-                "use a sampled estimator: --estimator kernelshap, permutation or banzhaf with a --budget"
+                f"budget {budget} exceeds the 2^{n} = {2**n} distinct coalitions of {n} contributors; "
+                "use --estimator exact"
             )
-        masks = (np.arange(2**n)[:, None] >> np.arange(n)) & 1
-        return _table(ids, estimator, masks.astype(bool), {})
-    if estimator == "loo":
-        masks = ~np.vstack([np.zeros(n, bool), np.eye(n, dtype=bool)])
-        return _table(ids, estimator, masks, {"left_out": [""] + ids})
-    if budget is None or isinstance(budget, bool) or int(budget) != budget or budget < 1:
-        raise ValueError(f"budget must be a positive number of coalitions for {estimator!r}, got {budget!r}")
-    budget = int(budget)
-    if budget > 2**n:
+    else:
+        budget = None
+    table = _collect(ids, estimator, budget, entry.columns, entry.planner(ids, seed))
+    table["repeats"] = pd.array(_repeats(table["members"], n, int(bound_repeats)), dtype="Int64")
+    return table
+
+
+def _repeats(members: pd.Series, n: int, bound: int) -> np.ndarray:
+    """``bound`` measurements for rows 0 and 1 and for the empty and the grand coalition, 1 elsewhere.
+
+    Rows 0 and 1 are ∅ and N in kernelshap and permutation plans; the rule looks at a row alone, so it keeps
+    plans prefix-stable, and every plan gets at least two repeated coalitions for the seed noise.
+    """
+    size = np.where(members == "", 0, members.str.count(",") + 1)
+    repeated = (size == 0) | (size == n) | (np.arange(len(members)) < 2)
+    return np.where(repeated, bound, 1)
+
+
+def exact_draws(ids: list[str], seed: int) -> Iterator[_Draws]:
+    """Every coalition once, in bit-mask order (the seed is not used)."""
+    n = len(ids)
+    if n > MAX_EXACT_CONTRIBUTORS:
         raise ValueError(
-            f"budget {budget} exceeds the 2^{n} = {2**n} distinct coalitions of {n} contributors; "
-            "use --estimator exact"
+            f"exact Shapley needs 2^{n} coalitions for {n} contributors (limit {MAX_EXACT_CONTRIBUTORS}); "
+            "use a sampled estimator: --estimator kernelshap, permutation or banzhaf with a --budget"
         )
-    draws = {"banzhaf": _banzhaf_draws, "kernelshap": _kernelshap_draws, "permutation": _permutation_draws}
-    return _collect(ids, estimator, budget, draws[estimator](n, seed))
+    masks = ((np.arange(2**n)[:, None] >> np.arange(n)) & 1).astype(bool)
+    yield _Draws(masks, np.arange(2**n), {}, sample=False)
+
+
+def loo_draws(ids: list[str], seed: int) -> Iterator[_Draws]:
+    """The grand coalition, then the grand coalition without each contributor in turn (the seed is not used)."""
+    n = len(ids)
+    masks = ~np.vstack([np.zeros(n, bool), np.eye(n, dtype=bool)])
+    yield _Draws(masks, np.arange(n + 1), {"left_out": np.array(["", *ids], dtype=object)}, sample=False)
 
 
 @dataclass(frozen=True)
@@ -137,10 +172,10 @@ class _Draws:
     sample: bool
 
 
-def _blocks(seed: int) -> Iterator[tuple[int, np.random.Generator]]:
+def _blocks(seed: int, *label: int) -> Iterator[tuple[int, np.random.Generator]]:
     block = 0
     while True:
-        yield block, np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_STREAM, block)))
+        yield block, np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(*label, block)))
         block += 1
 
 
@@ -154,19 +189,22 @@ def _bounds(n: int) -> _Draws:
     return _Draws(np.array([[False] * n, [True] * n]), np.array([-2, -1]), {}, sample=False)
 
 
-def _banzhaf_draws(n: int, seed: int) -> Iterator[_Draws]:
-    for block, rng in _blocks(seed):
+def banzhaf_draws(ids: list[str], seed: int) -> Iterator[_Draws]:
+    n = len(ids)
+    for block, rng in _blocks(seed, _STREAM):
         index = block * _BLOCK + np.arange(_BLOCK)
         yield _Draws(rng.random((_BLOCK, n)) < 0.5, index, {"draw": index}, sample=False)
 
 
-def _kernelshap_draws(n: int, seed: int) -> Iterator[_Draws]:
+def kernelshap_iid_draws(ids: list[str], seed: int) -> Iterator[_Draws]:
+    """I.i.d. paired draws: a size from the Shapley kernel, then a uniform subset of that size and its complement."""
+    n = len(ids)
     yield _bounds(n)
     if n < 2:
         return
     sizes = np.arange(1, n)
     p = 1.0 / (sizes * (n - sizes))
-    for block, rng in _blocks(seed):
+    for block, rng in _blocks(seed, _STREAM):
         drawn = rng.choice(sizes, size=_BLOCK, p=p / p.sum())
         mask = np.empty((_BLOCK, n), bool)
         # the first `size` contributors of a random permutation: a uniform subset of that size
@@ -175,20 +213,107 @@ def _kernelshap_draws(n: int, seed: int) -> Iterator[_Draws]:
         yield _Draws(np.stack([mask, ~mask], axis=1).reshape(-1, n), index, {"pair": index}, sample=True)
 
 
-def _permutation_draws(n: int, seed: int) -> Iterator[_Draws]:
+def stratum_pairs(n: int) -> np.ndarray:
+    """Number of distinct pairs {S, N∖S} with min(|S|, n−|S|) = k, for k = 1 … n//2 (index k − 1)."""
+    k = np.arange(1, n // 2 + 1)
+    return np.where(2 * k == n, comb(n, k, exact=False) / 2, comb(n, k, exact=False))
+
+
+def kernel_mass(n: int) -> np.ndarray:
+    """Shapley-kernel probability of each stratum k = 1 … n//2: p(k) + p(n−k), with p(s) ∝ 1/(s(n−s))."""
+    s = np.arange(1, n)
+    p = 1.0 / (s * (n - s))
+    p /= p.sum()
+    k = np.arange(1, n // 2 + 1)
+    return np.where(2 * k == n, p[k - 1], p[k - 1] + p[n - k - 1])
+
+
+def kernelshap_draws(ids: list[str], seed: int) -> Iterator[_Draws]:
+    """Stratified paired draws without replacement, allocated in proportion to the kernel mass of each stratum."""
+    return _stratified_draws(len(ids), seed, kernel_mass(len(ids)) if len(ids) > 1 else np.zeros(0))
+
+
+def leverage_draws(ids: list[str], seed: int) -> Iterator[_Draws]:
+    """Stratified paired draws without replacement, allocated in proportion to the number of sizes per stratum."""
+    n = len(ids)
+    k = np.arange(1, n // 2 + 1)
+    return _stratified_draws(n, seed, np.where(2 * k == n, 1.0, 2.0))
+
+
+def _stratified_draws(n: int, seed: int, weight: np.ndarray) -> Iterator[_Draws]:
     yield _bounds(n)
-    position = np.arange(n + 1)
-    for block, rng in _blocks(seed):
+    population = stratum_pairs(n)
+    streams = [_stratum_sequence(n, k, seed) for k in range(1, n // 2 + 1)]
+    count = np.zeros(len(streams), np.int64)
+    # a max-heap on w_k / (count_k + 1); a stratum leaves it once all its pairs are planned
+    heap = [(-w, k) for k, w in enumerate(weight)]
+    heapq.heapify(heap)
+    pair = 0
+    while heap:
+        chosen = []
+        while heap and len(chosen) < _BLOCK:
+            _, k = heapq.heappop(heap)
+            chosen.append(k)
+            count[k] += 1
+            if count[k] < population[k]:
+                heapq.heappush(heap, (-weight[k] / (count[k] + 1), k))
+        mask = np.array([next(streams[k]) for k in chosen])
+        index = np.repeat(pair + np.arange(len(chosen)), 2)
+        pair += len(chosen)
+        stratum = np.repeat(np.array(chosen) + 1, 2)
+        yield _Draws(np.stack([mask, ~mask], axis=1).reshape(-1, n), index, {"pair": index, "stratum": stratum},
+                     sample=True)
+
+
+def _stratum_sequence(n: int, k: int, seed: int) -> Iterator[np.ndarray]:
+    """The distinct pairs of stratum k in a fixed random order, each as the mask of its side S with |S| = k.
+
+    A half-size pair (2k = n) is represented by its side holding contributor 0. Small strata are enumerated and
+    shuffled; large ones are drawn at random, skipping pairs already drawn (rare there).
+    """
+    total = stratum_pairs(n)[k - 1]
+    if total <= _ENUMERATED_STRATUM:
+        sides = np.array(list(itertools.combinations(range(n), k)))
+        if 2 * k == n:
+            sides = sides[sides[:, 0] == 0]
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_STRATA, k)))
+        masks = np.zeros((len(sides), n), bool)
+        masks[np.arange(len(sides))[:, None], sides] = True
+        yield from masks[rng.permutation(len(masks))]
+        return
+    seen: set[bytes] = set()
+    for _, rng in _blocks(seed, _STRATA, k):
+        masks = np.empty((_BLOCK, n), bool)
+        masks[np.arange(_BLOCK)[:, None], _permutations(rng, n)] = np.arange(n) < k
+        if 2 * k == n:
+            masks[~masks[:, 0]] = ~masks[~masks[:, 0]]
+        for mask, key in zip(masks, np.packbits(masks, axis=1)):
+            key = key.tobytes()
+            if key not in seen:
+                seen.add(key)
+                yield mask
+
+
+def permutation_draws(ids: list[str], seed: int) -> Iterator[_Draws]:
+    """Antithetic draws: each random permutation's chain of prefixes, then the chain of its reverse."""
+    n = len(ids)
+    yield _bounds(n)
+    position = np.tile(np.arange(n + 1), 2)
+    for block, rng in _blocks(seed, _STREAM):
         for offset, order in enumerate(_permutations(rng, n)):
             rank = np.empty(n, np.int64)
             rank[order] = np.arange(n)
-            index = np.full(n + 1, block * _BLOCK + offset)
-            chain = rank[None, :] < position[:, None]  # row s: the first s contributors of the permutation
-            yield _Draws(chain, index, {"permutation": index, "position": position}, sample=True)
+            index = np.full(2 * (n + 1), block * _BLOCK + offset)
+            forward = rank[None, :] < np.arange(n + 1)[:, None]  # row s: the first s contributors of the order
+            backward = rank[None, :] >= n - np.arange(n + 1)[:, None]  # the first s of the reversed order
+            yield _Draws(np.vstack([forward, backward]), index, {"permutation": index, "position": position},
+                         sample=True)
 
 
-def _collect(ids: list[str], estimator: str, budget: int, blocks: Iterator[_Draws]) -> pd.DataFrame:
-    """Take the new member sets of the draws in order until ``budget`` rows; record complete samples."""
+def _collect(
+    ids: list[str], estimator: str, budget: int | None, names: Sequence[str], blocks: Iterator[_Draws]
+) -> pd.DataFrame:
+    """Take the new member sets of the draws in order until ``budget`` rows (None: all); record complete samples."""
     index_of: dict[bytes, int] = {}
     taken: list[tuple[_Draws, list[int]]] = []
     samples: dict[int, str] = {}
@@ -223,7 +348,7 @@ def _collect(ids: list[str], estimator: str, budget: int, blocks: Iterator[_Draw
             if len(index_of) == budget:
                 full = True
                 break
-            if idle > _MAX_DRAWS_PER_ROW * budget:
+            if budget is not None and idle > _MAX_DRAWS_PER_ROW * budget:
                 raise ValueError(
                     f"found only {len(index_of)} distinct coalitions for budget {budget} after {idle} draws "
                     f"without a new one: almost every coalition of {len(ids)} contributors is planned; "
@@ -232,12 +357,12 @@ def _collect(ids: list[str], estimator: str, budget: int, blocks: Iterator[_Draw
         if full:
             break
     columns: dict[str, object] = {}
-    for name in SAMPLER_COLUMNS[estimator]:
+    for name in names:
         if name == "samples":
             columns[name] = [samples.get(row, "") for row in range(len(index_of))]
         else:
             parts = [b.columns.get(name, np.full(len(b.draw), np.nan))[rows] for b, rows in taken]
-            columns[name] = np.concatenate(parts).astype(float)
+            columns[name] = np.concatenate(parts)
     return _table(ids, estimator, np.concatenate([b.masks[rows] for b, rows in taken]), columns)
 
 
@@ -371,15 +496,17 @@ def parse_plan(
 ) -> tuple[pd.DataFrame, list[str], sparse.csr_array]:
     """:func:`parse_coalitions` for a plan of :func:`plan`: one known estimator, its columns, distinct sets."""
     table, names, matrix = parse_coalitions(table, contributors, source)
+    from diffcredit.estimators import NAMES, REGISTRY  # the registry refers to this module's planners
+
     if "estimator" not in table.columns:
         raise ValueError(f"{source}: no 'estimator' column; aggregate a plan written by diffcredit plan")
     estimators = table["estimator"].unique()
-    if len(estimators) != 1 or estimators[0] not in ESTIMATORS:
+    if len(estimators) != 1 or estimators[0] not in REGISTRY:
         raise ValueError(
-            f"{source}: column 'estimator' must hold one of {', '.join(ESTIMATORS)} on every row, "
+            f"{source}: column 'estimator' must hold one of {', '.join(NAMES)} on every row, "
             f"found {sorted(estimators)}"
         )
-    for name in SAMPLER_COLUMNS[estimators[0]]:
+    for name in REGISTRY[estimators[0]].columns:
         if name not in table.columns:
             raise ValueError(f"{source}: the {estimators[0]} plan needs a {name!r} column; re-run diffcredit plan")
     sets = pd.Series([matrix.indices[a:b].tobytes() for a, b in zip(matrix.indptr[:-1], matrix.indptr[1:])])

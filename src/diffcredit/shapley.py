@@ -1,28 +1,46 @@
-"""Shapley (and Banzhaf, leave-one-out) values with confidence intervals from coalition utilities.
+"""Values with confidence intervals from coalition utilities: Shapley, Banzhaf and leave-one-out estimators.
 
-A coalition may have several utility rows (training seeds). Point estimates use each coalition's mean utility ū_c;
-the seed noise enters the interval through the pooled within-coalition variance σ² (pooled over every coalition
-with two or more rows, assuming one noise level), so that Var(ū_c) = σ²/k_c for a coalition with k_c rows. Without
-repeated rows the noise cannot be separated and only the sampling variance is reported.
+The estimators themselves are listed in :mod:`diffcredit.estimators`; :func:`aggregate` runs the one a plan records
+and returns a :class:`ValuationResult`.
 
-All estimators but Banzhaf are a mean over m independent draws of a statistic linear in the utilities,
+A coalition may have several utility rows (training seeds; plans ask for ``repeats`` of the empty and the grand
+coalition). Point estimates use each coalition's mean utility ū_c; the seed noise enters the interval through the
+pooled within-coalition variance σ² (pooled over every coalition with two or more rows, assuming one noise level),
+so that Var(ū_c) = σ²/k_c for a coalition with k_c rows. Every estimator is linear in the utilities given its plan,
+φ̂ = W ū, so the seed noise adds Σ_c W_ic² σ²/k_c to the variance of contributor i: this counts the noise of
+coalitions every draw shares (∅, N, enumerated strata) once, where resampling would miss it. Without any repeated
+row the noise cannot be separated: the output then says that the interval is conditional on single measurements.
+
+``kernelshap`` (and ``kernelshap_leverage``): stratified paired plans (see :mod:`diffcredit.coalitions`). Stratum k
+holds the pairs (S, N∖S) with min(|S|, n−|S|) = k and has kernel mass Q_k; its m_k planned pairs estimate its part
+of A = E[zzᵀ] and b = E[z(v(z) − v(∅))] by their mean of (zzᵀ + z̄z̄ᵀ)/2 and (z(v(S) − v(∅)) + z̄(v(N∖S) − v(∅)))/2,
+so Â = Σ_k Q_k Â_k and b̂ = Σ_k Q_k b̂_k. The values are the constrained closed form with the sampled matrix
+(Covert & Lee 2021, eq. 7; the paper's ``data_shapley``): φ = Â⁺(b̂ − 1(1ᵀÂ⁺b̂ − v(N) + v(∅))/(1ᵀÂ⁺1)). Efficiency
+holds exactly; with every stratum complete Â = A, b̂ = b and φ is exact. Strata without a planned pair are left out.
+Its interval linearises φ in (Â, b̂): with P = Â⁺ − Â⁺11ᵀÂ⁺/(1ᵀÂ⁺1), pair j's influence is
+ψ_j = P(b_j − A_jφ) = ((e_j − ē_j)/2)·P z_j (e, ē the residuals of S and N∖S; divided by 1 − h_j, the pair's
+leverage h_j = Q_k/m_k·z_jᵀPz_j, as in HC3, since with m pairs near n the fit absorbs much of each residual), and
+Var(φ̂) = Σ_k Q_k²(1 − m_k/N_k)
+s_k²/m_k over strata (s_k² the within-stratum variance of ψ less its seed noise; complete strata add nothing;
+strata with one pair are collapsed into one group) plus the seed noise above, with Satterthwaite degrees of freedom.
+Since P1 = 0, φ = Σ_j Q_k/(2m_k)·(v(S_j) − v(N∖S_j))·P z_j + Â⁺1/(1ᵀÂ⁺1)·(v(N) − v(∅)).
+
+The other estimators but Banzhaf are a mean over m independent draws of a statistic linear in the utilities,
 φ̂ = (1/m) Σ_k g_k with g_k = Σ_c G_kc ū_c:
 
 - ``exact``: one draw over all 2^n coalitions with the Shapley weights; its stderr is the seed noise alone.
 - ``loo``: one draw, v(N) − v(N∖{i}); its stderr is the seed noise alone.
-- ``permutation``: g_k holds the marginal contributions along permutation k's chain ∅ ⊂ … ⊂ N.
-- ``kernelshap``: constrained KernelSHAP (Covert & Lee 2021) with the exact A = E[zzᵀ] of the Shapley kernel and
-  paired draws (S, N∖S). Then A = c·I + a·11ᵀ with a = E[s(s−1)]/(n(n−1)), c = 1/2 − a, and the closed form
-  φ = A⁻¹(b − 1(1ᵀA⁻¹b − v(N) + v(∅))/1ᵀA⁻¹1) reduces per pair to
-  g_k = (z_S − |S|/n)(v(S) − v(N∖S))/(2c) + (v(N) − v(∅))/n, which is unbiased, sums to v(N) − v(∅) exactly
-  (efficiency) and makes the pairs independent, so the interval is a CLT over pairs (batch means with batches of
-  one pair) rather than a bootstrap.
+- ``permutation``: g_k is the mean of the marginal contributions along permutation k's chain ∅ ⊂ … ⊂ N and along
+  the chain of the reversed order (antithetic: exact for games with at most pairwise interactions).
+- ``kernelshap_unbiased``: constrained KernelSHAP (Covert & Lee 2021) with the exact A = E[zzᵀ] of the Shapley
+  kernel and i.i.d. paired draws (S, N∖S). Then A = c·I + a·11ᵀ with a = E[s(s−1)]/(n(n−1)), c = 1/2 − a, and the
+  closed form reduces per pair to g_k = (z_S − |S|/n)(v(S) − v(N∖S))/(2c) + (v(N) − v(∅))/n, which is unbiased and
+  sums to v(N) − v(∅) exactly, so the interval is a CLT over pairs.
 
 Their variance is estimated as Var(φ̂) = max(s² − T, 0)/m + Σ_c σ²/k_c·W_c², where s² is the variance of g_k over
 draws, W = (1/m) Σ_k G_k the estimator's weight on each coalition, and T = Σ_c σ²/k_c·(Σ_k G_kc² − m W_c²)/(m−1)
-the part of s² that is seed noise. This counts the noise of a coalition shared by many draws (∅ and N) once
-instead of treating it as independent per draw. The interval is value ± t_{df}·stderr with df = m − 1 for
-sampled draws and the pooled noise degrees of freedom for ``exact`` and ``loo``.
+the part of s² that is seed noise. The interval is value ± t_{df}·stderr with df = m − 1 for sampled draws and the
+pooled noise degrees of freedom for ``exact`` and ``loo``.
 
 ``banzhaf`` (maximum sample reuse, Wang & Jia): value_i = mean ū over planned coalitions with i − mean without i.
 The planned coalitions are a uniform sample without replacement, so each mean's variance is
@@ -35,32 +53,147 @@ the draws complete within the first q rows), with σ² pooled over the whole pla
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import scipy.linalg
 from scipy import sparse
 from scipy.special import comb, stdtrit
 
 from diffcredit import coalitions as plans
-from diffcredit.io import write_table
+from diffcredit.io import write_json, write_table
 
 MISSING_POLICIES = ("error", "exclude")
-TABLE_COLUMNS = ("contributor", "value", "stderr", "ci_low", "ci_high", "rank", "n_coalitions", "estimator")
+TABLE_COLUMNS = ("contributor", "value", "stderr", "ci_low", "ci_high", "df", "rank", "n_coalitions", "estimator",
+                 "seed_noise")
+CONDITIONAL = "not measured: interval conditional on single measurements"
 _GRID_POINTS = 20
+_MAX_LEVERAGE = 0.95  # caps the HC3 inflation of one pair's residual at 20×
 _LISTED = 10  # ids named in an error message before "and k more"
 
 
 @dataclass(frozen=True)
-class ShapleyResult:
-    """Values with intervals (``table``), their course over the plan (``convergence``) and how they were made."""
+class ValuationResult:
+    """Values of contributors with standard errors and intervals, from one estimator (Shapley, Banzhaf or LOO).
 
-    table: pd.DataFrame
-    convergence: pd.DataFrame
+    ``values``, ``stderr``, ``ci_low``, ``ci_high`` and ``df`` (the t-interval's degrees of freedom) are arrays in
+    the order of ``names``. ``convergence`` holds value and stderr on plan prefixes (``n_coalitions``,
+    ``contributor``, ``value``, ``stderr``); ``method`` says how the values and intervals were made, ``seed_noise``
+    whether the seed noise is in the interval, ``excluded`` which planned coalitions had no finite utility.
+
+    >>> result = aggregate(plan_table, utility_rows)          # doctest: +SKIP
+    >>> result.sorted().to_frame().head()                     # doctest: +SKIP
+    >>> result.save("values.csv"); ValuationResult.load("values.csv")  # doctest: +SKIP
+    """
+
+    names: tuple[str, ...]
+    values: np.ndarray
+    stderr: np.ndarray
+    ci_low: np.ndarray
+    ci_high: np.ndarray
+    df: np.ndarray
+    estimator: str
     method: str
+    confidence: float = 0.95
+    n_coalitions: int = 0
+    seed_noise: str = CONDITIONAL
     excluded: tuple[str, ...] = ()
+    convergence: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(
+        columns=["n_coalitions", "contributor", "value", "stderr"]))
+
+    @classmethod
+    def from_estimates(
+        cls, names: Sequence[str], values: np.ndarray, stderr: np.ndarray, df: np.ndarray, *, estimator: str,
+        method: str, confidence: float = 0.95, **fields: object,
+    ) -> ValuationResult:
+        """Build a result, with the t-intervals of ``confidence`` from ``stderr`` and ``df``."""
+        values, stderr = np.asarray(values, float), np.asarray(stderr, float)
+        df = np.broadcast_to(np.asarray(df, float), values.shape).copy()
+        with np.errstate(invalid="ignore"):
+            half = np.where(stderr > 0, stdtrit(df, 0.5 + confidence / 2), 0.0) * stderr
+        return cls(tuple(names), values, stderr, values - half, values + half, df, estimator, method, confidence,
+                   **fields)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per contributor: the columns of :data:`TABLE_COLUMNS` (the layout of the values CSV)."""
+        frame = pd.DataFrame({"contributor": list(self.names), "value": self.values, "stderr": self.stderr,
+                              "ci_low": self.ci_low, "ci_high": self.ci_high, "df": self.df})
+        frame["rank"] = frame["value"].rank(ascending=False, method="min").astype("Int64")
+        frame["n_coalitions"] = self.n_coalitions
+        frame["estimator"] = self.estimator
+        frame["seed_noise"] = self.seed_noise
+        return frame
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """The values table (:meth:`to_frame`)."""
+        return self.to_frame()
+
+    def sorted(self, descending: bool = True) -> ValuationResult:
+        """The same result with the contributors ordered by value (highest first unless ``descending=False``)."""
+        order = np.argsort(-self.values if descending else self.values, kind="stable")
+        return replace(self, names=tuple(np.array(self.names, dtype=object)[order]),
+                       **{name: getattr(self, name)[order] for name in ("values", "stderr", "ci_low", "ci_high", "df")})
+
+    def merge(self, other: ValuationResult) -> ValuationResult:
+        """Combine with an independent estimate of the same values (e.g. a plan of another seed).
+
+        The values are averaged with weights proportional to the coalitions each used (as pyDVL merges results);
+        the variances combine accordingly, with Satterthwaite degrees of freedom. Rounds of one prefix-stable plan
+        are not independent: aggregate the longer plan instead, which already holds the earlier rounds.
+        """
+        if other.estimator != self.estimator or set(other.names) != set(self.names):
+            raise ValueError(
+                f"can merge only results of one estimator over the same contributors, got {self.estimator} and "
+                f"{other.estimator} over {len(self)} and {len(other)} contributors"
+            )
+        order = pd.Index(other.names).get_indexer(self.names)
+        weight = self.n_coalitions / (self.n_coalitions + other.n_coalitions)
+        values = weight * self.values + (1 - weight) * other.values[order]
+        parts = np.array([weight**2 * self.stderr**2, (1 - weight) ** 2 * other.stderr[order] ** 2])
+        variance = parts.sum(axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            df = variance**2 / (parts[0] ** 2 / self.df + parts[1] ** 2 / other.df[order])
+        df = np.where(variance > 0, df, np.inf)
+        return ValuationResult.from_estimates(
+            self.names, values, np.sqrt(variance), df, estimator=self.estimator,
+            method=f"merged ({self.method}) with ({other.method})", confidence=self.confidence,
+            n_coalitions=self.n_coalitions + other.n_coalitions,
+            seed_noise=self.seed_noise if self.seed_noise == other.seed_noise else "mixed",
+            excluded=tuple(sorted(set(self.excluded) | set(other.excluded))),
+        )
+
+    def save(self, path: str | os.PathLike[str], convergence: str | os.PathLike[str] | None = None) -> None:
+        """Write the values CSV and, beside it, ``<name>.json`` with the method and level (both atomically)."""
+        write_result(self, path, convergence)
+        write_json(Path(path).with_suffix(".json"), {
+            "estimator": self.estimator, "method": self.method, "confidence": self.confidence,
+            "seed_noise": self.seed_noise, "excluded": list(self.excluded),
+        })
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ValuationResult:
+        """Read a result written by :meth:`save` (the JSON beside the CSV is optional)."""
+        frame = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"contributor": str})
+        plans.require_columns(frame, ("contributor", "value", "stderr", "ci_low", "ci_high"), str(path))
+        meta_path = Path(path).with_suffix(".json")
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        first = frame.iloc[0] if len(frame) else {}
+        return cls(
+            tuple(frame["contributor"]), *(frame[c].to_numpy(float) for c in ("value", "stderr", "ci_low", "ci_high")),
+            frame["df"].to_numpy(float) if "df" in frame else np.full(len(frame), np.inf),
+            meta.get("estimator", first.get("estimator", "")), meta.get("method", ""),
+            meta.get("confidence", 0.95), int(first.get("n_coalitions", 0)) if len(frame) else 0,
+            meta.get("seed_noise", first.get("seed_noise", CONDITIONAL)), tuple(meta.get("excluded", ())),
+        )
 
 
 @dataclass(frozen=True)
@@ -122,13 +255,18 @@ def aggregate(
     contributors: Sequence[str] | None = None,
     confidence: float = 0.95,
     missing: str = "error",
-) -> ShapleyResult:
+    convergence: bool = True,
+) -> ValuationResult:
     """Estimate each contributor's value with the estimator recorded in the plan (see the module docstring).
 
+    ``convergence=False`` skips the estimates on plan prefixes (the result's convergence table then holds the
+    final estimate only), which is about 20 times faster for repeated aggregation (benchmarks, tests).
     ``contributors`` fixes the output order (default: the plan's, see :func:`coalitions.parse_coalitions`).
     ``missing="error"`` refuses planned coalitions without a finite utility; ``"exclude"`` leaves them (and every
-    draw using them) out and lists them in ``ShapleyResult.excluded``. Every interval is analytic (no resampling).
+    draw using them) out and lists them in ``ValuationResult.excluded``. Every interval is analytic (no resampling).
     """
+    from diffcredit.estimators import REGISTRY  # the registry refers to this module's aggregations
+
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be between 0 and 1, got {confidence!r}")
     if missing not in MISSING_POLICIES:
@@ -136,30 +274,28 @@ def aggregate(
     table, names, members = plans.parse_plan(coalitions, contributors)
     estimator = table["estimator"][0]
     measured, excluded = _measure(table["coalition"], validate_utilities(utilities), missing)
-    if estimator == "banzhaf":
-        path = _banzhaf_path(members, measured)
-        method = f"Banzhaf by maximum sample reuse over {path[-1][1].used} coalitions; Welch t-interval"
-    else:
-        builders = {"exact": _exact, "loo": _loo, "permutation": _permutation, "kernelshap": _kernelshap}
-        linear = builders[estimator](table, members, measured)
-        grid = np.array([len(table)])
-        if estimator in ("permutation", "kernelshap"):  # a draw with an excluded coalition is dropped whole
-            linear = _select(linear, ~np.isnan(measured.mean[linear.slots]).any(axis=1))
-            if len(linear.done) < 2:
-                raise ValueError(
-                    f"the {estimator} plan has {len(linear.done)} complete draw(s) with utilities; at least 2 "
-                    "are needed for an interval: raise the budget"
-                )
-            grid = _grid(len(table))
-        path = _linear_path(linear, measured, grid)
-        method = _METHODS[estimator].format(draws=len(linear.done), rows=len(table))
+    path, method = REGISTRY[estimator].aggregation(table, members, measured, _grid(len(table)) if convergence
+                                                   else np.array([len(table)]))
     if measured.df:
+        seed_noise = f"included (pooled from repeated utilities, df {measured.df})"
         method += f"; seed noise from repeated utilities (pooled, df {measured.df}) included"
     else:
-        method += "; no repeated utilities, so seed noise is not separated"
+        seed_noise = CONDITIONAL
+        method += "; no repeated utilities, so seed noise is not separated: the interval is conditional on single " \
+                  "measurements"
     if excluded:
         method += f"; {len(excluded)} coalition(s) without a finite utility excluded"
-    return _result(table, names, path, confidence, method, excluded)
+    estimate = path[-1][1]
+    convergence = pd.concat(
+        [pd.DataFrame({"n_coalitions": rows, "contributor": names, "value": e.value, "stderr": e.stderr})
+         for rows, e in path],
+        ignore_index=True,
+    )
+    return ValuationResult.from_estimates(
+        names, estimate.value, estimate.stderr, estimate.df, estimator=estimator,
+        method=f"{method}; {confidence:.0%} level", confidence=confidence, n_coalitions=estimate.used,
+        seed_noise=seed_noise, excluded=excluded, convergence=convergence,
+    )
 
 
 def _measure(planned: pd.Series, utilities: pd.DataFrame, missing: str) -> tuple[_Measured, tuple[str, ...]]:
@@ -202,7 +338,9 @@ def _listing(values: Sequence[str]) -> str:
     return shown + (f" and {len(values) - _LISTED} more" if len(values) > _LISTED else "")
 
 
-def _exact(table: pd.DataFrame, members: sparse.csr_array, measured: _Measured) -> _Linear:
+def exact_path(
+    table: pd.DataFrame, members: sparse.csr_array, measured: _Measured, grid: np.ndarray
+) -> tuple[list, str]:
     n = members.shape[1]
     if len(table) != 2**n:
         raise ValueError(f"an exact plan holds all 2^{n} = {2**n} coalitions, this one has {len(table)}")
@@ -212,10 +350,14 @@ def _exact(table: pd.DataFrame, members: sparse.csr_array, measured: _Measured) 
     size = z.sum(axis=1, keepdims=True)
     weight = 1.0 / (n * comb(n - 1, np.arange(n)))  # weight of a marginal contribution to a set of size s
     weights = np.where(z, weight[np.clip(size - 1, 0, n - 1)], -weight[np.clip(size, 0, n - 1)])
-    return _Linear(np.arange(len(table))[None, :], weights[None], np.array([len(table) - 1]))
+    linear = _Linear(np.arange(len(table))[None, :], weights[None], np.array([len(table) - 1]))
+    return (_linear_path(linear, measured, np.array([len(table)])),
+            f"exact Shapley over all {len(table)} coalitions; t-interval from seed noise only")
 
 
-def _loo(table: pd.DataFrame, members: sparse.csr_array, measured: _Measured) -> _Linear:
+def loo_path(
+    table: pd.DataFrame, members: sparse.csr_array, measured: _Measured, grid: np.ndarray
+) -> tuple[list, str]:
     n = members.shape[1]
     size = members.sum(axis=1)
     grand = np.flatnonzero(size == n)
@@ -227,7 +369,9 @@ def _loo(table: pd.DataFrame, members: sparse.csr_array, measured: _Measured) ->
     if (left_out < 0).any():
         raise ValueError(f"the leave-one-out plan lacks N without {np.flatnonzero(left_out < 0).tolist()}")
     weights = np.vstack([np.ones(n), -np.eye(n)])
-    return _Linear(np.concatenate([grand, left_out])[None, :], weights[None], np.array([len(table) - 1]))
+    linear = _Linear(np.concatenate([grand, left_out])[None, :], weights[None], np.array([len(table) - 1]))
+    return (_linear_path(linear, measured, np.array([len(table)])),
+            "leave-one-out v(N) - v(N without i); t-interval from seed noise only")
 
 
 def _samples(table: pd.DataFrame, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -247,9 +391,12 @@ def _samples(table: pd.DataFrame, width: int) -> tuple[np.ndarray, np.ndarray]:
     return np.array(draws, dtype=np.int64).reshape(-1, width), np.array(done, dtype=np.int64)
 
 
-def _permutation(table: pd.DataFrame, members: sparse.csr_array, measured: _Measured) -> _Linear:
+def permutation_path(
+    table: pd.DataFrame, members: sparse.csr_array, measured: _Measured, grid: np.ndarray
+) -> tuple[list, str]:
     n = members.shape[1]
-    chains, done = _samples(table, n + 1)
+    draws, done = _samples(table, 2 * (n + 1))
+    chains = draws.reshape(-1, n + 1)  # each draw: the chain of an order, then the chain of its reverse
     steps = members[chains[:, 1:].ravel()].astype(np.int8) - members[chains[:, :-1].ravel()].astype(np.int8)
     steps = sparse.csr_array(steps)
     steps.eliminate_zeros()
@@ -257,21 +404,21 @@ def _permutation(table: pd.DataFrame, members: sparse.csr_array, measured: _Meas
         raise ValueError("a permutation sample is not a chain ∅ ⊂ … ⊂ N adding one contributor per step")
     added = steps.indices.reshape(len(chains), n)  # contributor added at each step of each chain
     weights = np.zeros((len(chains), n + 1, n))
-    draw = np.arange(len(chains))[:, None]
-    weights[draw, np.arange(1, n + 1), added] += 1.0
-    weights[draw, np.arange(n), added] -= 1.0
-    return _Linear(chains, weights, done)
+    chain = np.arange(len(chains))[:, None]
+    weights[chain, np.arange(1, n + 1), added] += 0.5  # the mean of the two antithetic chains
+    weights[chain, np.arange(n), added] -= 0.5
+    linear = _Linear(draws, weights.reshape(len(draws), 2 * (n + 1), n), done)
+    return _sampled_path(linear, measured, grid, "permutation",
+                         "mean marginal contribution over {draws} antithetic permutation pairs; "
+                         "CLT t-interval over pairs")
 
 
-def _kernelshap(table: pd.DataFrame, members: sparse.csr_array, measured: _Measured) -> _Linear:
+def kernelshap_unbiased_path(
+    table: pd.DataFrame, members: sparse.csr_array, measured: _Measured, grid: np.ndarray
+) -> tuple[list, str]:
     n = members.shape[1]
-    if n < 2:
-        raise ValueError("kernelshap needs at least 2 contributors; use the exact estimator")
     pairs, done = _samples(table, 2)
-    size = members.sum(axis=1)
-    empty, grand = np.flatnonzero(size == 0), np.flatnonzero(size == n)
-    if len(empty) != 1 or len(grand) != 1:
-        raise ValueError("a kernelshap plan needs the empty and the grand coalition")
+    empty, grand = _bounds_of(members)
     z = members[pairs[:, 0]].toarray()
     if (z + members[pairs[:, 1]].toarray() != 1).any():
         raise ValueError("a kernelshap sample pairs a coalition with something other than its complement")
@@ -281,8 +428,162 @@ def _kernelshap(table: pd.DataFrame, members: sparse.csr_array, measured: _Measu
     alpha = (z - z.sum(axis=1, keepdims=True) / n) / (2 * c)
     m = len(pairs)
     weights = np.stack([alpha, -alpha, np.full((m, n), 1.0 / n), np.full((m, n), -1.0 / n)], axis=1)
-    slots = np.column_stack([pairs, np.full(m, grand[0]), np.full(m, empty[0])])
-    return _Linear(slots, weights, done)
+    slots = np.column_stack([pairs, np.full(m, grand), np.full(m, empty)])
+    return _sampled_path(_Linear(slots, weights, done), measured, grid, "kernelshap_unbiased",
+                         "unbiased constrained KernelSHAP (exact A) over {draws} i.i.d. paired draws; "
+                         "CLT t-interval over pairs")
+
+
+def _bounds_of(members: sparse.csr_array) -> tuple[int, int]:
+    """Rows of the empty and the grand coalition, which every KernelSHAP plan needs."""
+    n = members.shape[1]
+    if n < 2:
+        raise ValueError("kernelshap needs at least 2 contributors; use the exact estimator")
+    size = members.sum(axis=1)
+    empty, grand = np.flatnonzero(size == 0), np.flatnonzero(size == n)
+    if len(empty) != 1 or len(grand) != 1:
+        raise ValueError("a kernelshap plan needs the empty and the grand coalition")
+    return int(empty[0]), int(grand[0])
+
+
+def _sampled_path(linear: _Linear, measured: _Measured, grid: np.ndarray, name: str, method: str) -> tuple[list, str]:
+    """Drop the draws that use an excluded coalition, then estimate on the prefixes of the plan."""
+    linear = _select(linear, ~np.isnan(measured.mean[linear.slots]).any(axis=1))
+    if len(linear.done) < 2:
+        raise ValueError(
+            f"the {name} plan has {len(linear.done)} complete draw(s) with utilities; at least 2 are needed for an "
+            "interval: raise the budget"
+        )
+    return _linear_path(linear, measured, grid), method.format(draws=len(linear.done))
+
+
+def kernelshap_path(
+    table: pd.DataFrame, members: sparse.csr_array, measured: _Measured, grid: np.ndarray
+) -> tuple[list, str]:
+    """Stratified paired KernelSHAP with the sampled matrix on about 20 prefixes of the plan."""
+    n = members.shape[1]
+    empty, grand = _bounds_of(members)
+    if not np.isfinite(measured.mean[[empty, grand]]).all():
+        raise ValueError("kernelshap needs the utilities of the empty and the grand coalition; neither can be excluded")
+    pairs, done = _samples(table, 2)
+    size = members.sum(axis=1)
+    left, right = pairs[:, 0], pairs[:, 1]
+    if ((size[left] + size[right]) != n).any() or members[left].multiply(members[right]).sum() != 0:
+        raise ValueError("a kernelshap sample pairs a coalition with something other than its complement")
+    keep = np.isfinite(measured.mean[pairs]).all(axis=1)
+    small = size[left] <= n - size[left]  # put the smaller side first: its membership row is the sparse one
+    side, other = np.where(small, left, right)[keep], np.where(small, right, left)[keep]
+    done = done[keep]
+    if len(done) < 2:
+        raise ValueError(
+            f"the kernelshap plan has {len(done)} complete pair(s) with utilities; at least 2 are needed for an "
+            "interval: raise the budget"
+        )
+    pairs = _Pairs(
+        z=sparse.csr_array(members[side], dtype=float),
+        stratum=size[side],
+        difference=measured.mean[side] - measured.mean[other],
+        noise=np.nan_to_num(measured.noise[side] + measured.noise[other]),
+    )
+    delta = measured.mean[grand] - measured.mean[empty]
+    bound_noise = float(np.nan_to_num(measured.noise[grand] + measured.noise[empty]))
+    path = []
+    for q in grid:
+        stop = int(np.searchsorted(done, q))
+        if stop >= 2:
+            estimate = _stratified_kernelshap(pairs.head(stop), n, delta, bound_noise, measured.df)
+            path.append((int(q), estimate))
+    rows = path[-1][1].used
+    return path, (f"constrained KernelSHAP with the sampled matrix over {(rows - 2) // 2} stratified pairs; "
+                  "linearised t-interval with finite-population correction per stratum")
+
+
+@dataclass(frozen=True)
+class _Pairs:
+    """Planned pairs of a kernelshap plan: the smaller side's membership, its size, v(S) − v(N∖S), Var of that."""
+
+    z: sparse.csr_array
+    stratum: np.ndarray
+    difference: np.ndarray
+    noise: np.ndarray
+
+    def head(self, m: int) -> _Pairs:
+        return _Pairs(self.z[:m], self.stratum[:m], self.difference[:m], self.noise[:m])
+
+
+def _stratified_kernelshap(pairs: _Pairs, n: int, delta: float, bound_noise: float, noise_df: int) -> _Estimate:
+    """Values, stderr and degrees of freedom of stratified kernelshap from the pairs (see the module docstring)."""
+    k = pairs.stratum
+    count = np.bincount(k, minlength=n // 2 + 1)[1:]
+    mass, population = plans.kernel_mass(n), plans.stratum_pairs(n)
+    weight = mass[k - 1] / count[k - 1]  # Q_k / m_k per pair
+    z = pairs.z
+    column = z.T @ weight  # Σ w z
+    a_hat = (z.T @ sparse.diags_array(weight) @ z).toarray()
+    a_hat += (weight.sum() - column[:, None] - column[None, :]) / 2  # (zzᵀ + z̄z̄ᵀ)/2 = zzᵀ + (11ᵀ − z1ᵀ − 1zᵀ)/2
+    inverse = _pseudo_inverse(a_hat)
+    ones = inverse.sum(axis=1)  # Â⁺1
+    h = ones / ones.sum()
+
+    def project(rows):  # x ↦ P x for each row x (P is symmetric); rows may be sparse
+        return rows @ inverse - (rows @ ones)[:, None] * h[None, :]
+
+    value = project((z.T @ (weight * pairs.difference / 2))[None, :])[0] + h * delta
+    pz = project(z)
+    residual = pairs.difference - 2 * (z @ value) + delta  # e − ē: residual of S minus residual of N∖S
+    # HC3: a pair's own weight pulls the fit towards it (leverage w_j z_jᵀPz_j, averaging (n − 1)/m), which shrinks
+    # its residual; dividing by 1 − leverage approximates the delete-one-pair jackknife (coverage at m ≈ n)
+    leverage = np.clip(weight * np.asarray(z.multiply(pz).sum(axis=1)).ravel(), 0, _MAX_LEVERAGE)
+    residual = residual / (1 - leverage)
+    influence = residual[:, None] / 2 * pz  # ψ_j = P(b_j − A_j φ)
+    own_noise = pairs.noise[:, None] / 4 * pz**2  # seed noise in ψ_j
+    noise = ((weight / 2) ** 2 * pairs.noise) @ pz**2 + h**2 * bound_noise
+
+    parts, dfs = [], []
+    strata = np.flatnonzero(count)
+    single = [s for s in strata if count[s] == 1 and count[s] < population[s]]
+    for s in strata:
+        m = count[s]
+        if m == population[s] or m == 1:
+            continue
+        rows = k == s + 1
+        spread = influence[rows].var(axis=0, ddof=1) - own_noise[rows].mean(axis=0)
+        parts.append(mass[s] ** 2 * (1 - m / population[s]) * np.maximum(spread, 0) / m)
+        dfs.append(m - 1)
+    if len(single) >= 2:  # collapsed strata: one pair each, compared with their share of the group's total
+        rows = np.isin(k, np.array(single) + 1)
+        total = mass[k[rows] - 1][:, None] * influence[rows]
+        share = mass[k[rows] - 1] / mass[k[rows] - 1].sum()
+        parts.append(len(single) / (len(single) - 1) * ((total - share[:, None] * total.sum(axis=0)) ** 2).sum(0))
+        dfs.append(len(single) - 1)
+    elif single and parts:  # a lone one-pair stratum borrows the spread of the nearest stratum with several
+        s = single[0]
+        nearest = min((t for t in strata if 1 < count[t] < population[t]), key=lambda t: abs(t - s))
+        rows = k == nearest + 1
+        spread = influence[rows].var(axis=0, ddof=1) - own_noise[rows].mean(axis=0)
+        parts.append(mass[s] ** 2 * np.maximum(spread, 0))
+        dfs.append(count[nearest] - 1)
+    if noise_df:
+        parts.append(noise)
+        dfs.append(noise_df)
+    parts = np.array(parts).reshape(-1, n)
+    variance = parts.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        df = variance**2 / (parts**2 / np.array(dfs, float)[:, None]).sum(axis=0)
+    df = np.where(variance > 0, df, np.inf)
+    return _Estimate(value, np.sqrt(variance), df, 2 + 2 * len(k))
+
+
+def _pseudo_inverse(matrix: np.ndarray) -> np.ndarray:
+    """Inverse of a symmetric positive semi-definite matrix, or its pseudo-inverse when it is singular."""
+    try:
+        factor = scipy.linalg.cho_factor(matrix)
+        inverse = scipy.linalg.cho_solve(factor, np.eye(len(matrix)))
+        if np.isfinite(inverse).all() and np.linalg.cond(matrix) < 1e10:
+            return inverse
+    except np.linalg.LinAlgError:
+        pass
+    return scipy.linalg.pinvh(matrix)
 
 
 def _select(linear: _Linear, keep: np.ndarray) -> _Linear:
@@ -336,7 +637,9 @@ def _linear_path(linear: _Linear, measured: _Measured, grid: np.ndarray) -> list
     return path
 
 
-def _banzhaf_path(members: sparse.csr_array, measured: _Measured) -> list[tuple[int, _Estimate]]:
+def banzhaf_path(
+    table: pd.DataFrame, members: sparse.csr_array, measured: _Measured, grid: np.ndarray
+) -> tuple[list, str]:
     """Banzhaf estimates on plan prefixes, from per-contributor sums that grow by chunk between grid points."""
     rows, n = members.shape
     keep = np.isfinite(measured.mean)
@@ -345,7 +648,7 @@ def _banzhaf_path(members: sparse.csr_array, measured: _Measured) -> list[tuple[
     z = members.astype(float)
     inside, total = np.zeros((4, n)), np.zeros((4, 1))
     path, start = [], 0
-    for q in _grid(rows):
+    for q in grid:
         inside += (z[start:q].T @ per_row[start:q]).T
         total += per_row[start:q].sum(axis=0)[:, None]
         start = q
@@ -356,7 +659,7 @@ def _banzhaf_path(members: sparse.csr_array, measured: _Measured) -> list[tuple[
         raise ValueError(
             "banzhaf needs at least 2 planned coalitions with and 2 without every contributor: raise the budget"
         )
-    return path
+    return path, f"Banzhaf by maximum sample reuse over {path[-1][1].used} coalitions; Welch t-interval"
 
 
 def _banzhaf(inside: np.ndarray, outside: np.ndarray, n: int) -> _Estimate:
@@ -383,49 +686,8 @@ def _grid(rows: int) -> np.ndarray:
     return np.unique(np.geomspace(min(4, rows), rows, _GRID_POINTS).round().astype(int))
 
 
-_METHODS = {
-    "exact": "exact Shapley over all {rows} coalitions; t-interval from seed noise only",
-    "loo": "leave-one-out v(N) - v(N without i); t-interval from seed noise only",
-    "permutation": "mean marginal contribution over {draws} permutations; CLT t-interval over permutations",
-    "kernelshap": "constrained KernelSHAP (exact A) over {draws} paired draws; CLT t-interval over pairs",
-}
-
-
-def _result(
-    table: pd.DataFrame,
-    names: list[str],
-    path: list[tuple[int, _Estimate]],
-    confidence: float,
-    method: str,
-    excluded: tuple[str, ...],
-) -> ShapleyResult:
-    estimate = path[-1][1]
-    with np.errstate(invalid="ignore"):
-        half = np.where(estimate.stderr > 0, stdtrit(estimate.df, 0.5 + confidence / 2), 0.0) * estimate.stderr
-    values = pd.DataFrame(
-        {
-            "contributor": names,
-            "value": estimate.value,
-            "stderr": estimate.stderr,
-            "ci_low": estimate.value - half,
-            "ci_high": estimate.value + half,
-        }
-    )
-    values["rank"] = values["value"].rank(ascending=False, method="min").astype("Int64")
-    values["n_coalitions"] = estimate.used
-    values["estimator"] = table["estimator"][0]
-    convergence = pd.concat(
-        [
-            pd.DataFrame({"n_coalitions": rows, "contributor": names, "value": e.value, "stderr": e.stderr})
-            for rows, e in path
-        ],
-        ignore_index=True,
-    )
-    return ShapleyResult(values, convergence, f"{method}; {confidence:.0%} level", excluded)
-
-
 def write_result(
-    result: ShapleyResult, path: str | os.PathLike[str], convergence: str | os.PathLike[str] | None = None
+    result: ValuationResult, path: str | os.PathLike[str], convergence: str | os.PathLike[str] | None = None
 ) -> None:
     """Write the values table as CSV (and optionally the convergence table, TSV if named .tsv), atomically."""
     write_table(result.table, path, sep=",")
