@@ -12,13 +12,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from diffcredit.coalitions import ESTIMATORS
+from diffcredit.estimators import NAMES as ESTIMATORS
 
 
 def _plan(args: argparse.Namespace) -> int:
     from diffcredit.coalitions import plan, read_contributors, write_coalitions
 
-    table = plan(read_contributors(args.contributors), args.estimator, args.budget, args.seed)
+    table = plan(read_contributors(args.contributors), args.estimator, args.budget, args.seed,
+                 bound_repeats=args.bound_repeats)
     write_coalitions(table, args.out)
     print(f"planned {len(table)} {args.estimator} coalitions -> {args.out}")
     return 0
@@ -108,6 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--estimator", choices=ESTIMATORS, required=True)
     plan.add_argument("--budget", type=int, help="number of coalitions (sampled estimators; exact and loo ignore it)")
     plan.add_argument("--seed", type=int, default=0)
+    plan.add_argument("--bound-repeats", type=int, default=2,
+                      help="utility measurements of the empty and the grand coalition (the plan's 'repeats')")
     plan.add_argument("--out", type=Path, required=True, help="coalitions TSV to write")
     plan.set_defaults(run=_plan)
 

@@ -8,7 +8,7 @@ from diffcredit.estimators import REGISTRY
 
 RUN = f"results/{config['name']}"
 ENV = "../../envs/diffcredit.yaml"
-ESTIMATORS = ("exact", "permutation", "kernelshap", "banzhaf", "loo")
+from diffcredit.estimators import NAMES as ESTIMATORS  # the estimator registry
 # Plans that are not estimators: held-out subsets for the LDS, and the estimation prefix that is also retrained.
 EVALUATION_PLANS = ("lds", "agreement")
 START_MODEL = {"sft": f"{RUN}/models/recovered", "finetune": f"{RUN}/models/full", "retrain": []}
