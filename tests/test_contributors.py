@@ -8,15 +8,24 @@ import pytest
 from PIL import Image
 
 from diffcredit.contributors import (
+    HELDOUT,
+    REFERENCE_OWNER,
+    TRUSTED,
+    UNTRUSTED_NOTE,
     ContributorData,
+    check_reference,
     contributor_ids,
+    image_digests,
     load_arrays,
     load_digits,
     load_image_folder,
+    load_marketplace,
+    load_reference,
     load_source,
     split_heldout,
     validate_contributor_id,
     write_manifest,
+    yardstick,
 )
 
 
@@ -232,3 +241,105 @@ def test_contributor_ids_match_the_loaded_data_without_reading_images(tmp_path):
 def test_missing_manifest_is_named_with_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"manifest '.*absent.tsv' not found.*columns path, contributor"):
         contributor_ids("folder", manifest=tmp_path / "absent.tsv")
+
+
+# --- the trusted reference and the marketplace -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def market():
+    return load_marketplace()
+
+
+def test_marketplace_plants_every_case_and_never_shares_an_item_with_its_reference(market):
+    data, reference = market
+    assert data.contributor_ids == ["digit0", "digit1", "digit2", "digit3", "digit4", "dup2", "few4", "noisy3",
+                                    "blurred1", "glyphs", "noise"]
+    counts = data.counts()
+    assert counts["few4"] == 6 and counts.drop("few4").min() >= 100
+    assert data.labels is None and set(reference.contributors) == {REFERENCE_OWNER}
+    assert sorted(np.unique(reference.labels)) == [0, 1, 2, 3, 4] and len(reference) == 360
+    np.testing.assert_array_equal(data.subset(["dup2"]).images, data.subset(["digit2"]).images)
+    assert not set(image_digests(reference.images)) & set(image_digests(data.images))  # not even a copy
+    assert not set(reference.item_ids) & set(data.item_ids)
+    clean3, noisy3 = data.subset(["digit3"]).images, data.subset(["noisy3"]).images
+    assert 0.3 < np.abs(noisy3 - clean3).mean() < 0.6  # sd 0.6 noise, clipped to [-1, 1]
+    blurred = data.subset(["blurred1"]).images
+    sharpness = [np.abs(np.diff(images, axis=3)).mean() for images in (blurred, data.subset(["digit1"]).images)]
+    assert sharpness[0] < 0.75 * sharpness[1]  # a 1-pixel Gaussian blur: a third less contrast between neighbours
+    glyphs = data.subset(["glyphs"]).images
+    assert len(set(image_digests(glyphs))) == len(glyphs) and glyphs.max() == 1.0 and glyphs.min() == -1.0
+    again, _ = load_marketplace()
+    np.testing.assert_array_equal(again.images, data.images)  # a fixed construction
+    assert contributor_ids("marketplace") == data.contributor_ids
+    with pytest.raises(ValueError, match="leave path and manifest null"):
+        load_source("marketplace", path="x.npz")
+
+
+def test_load_reference_from_each_source(tmp_path, digits):
+    subset = write_tsv(tmp_path / "ref.tsv", [{"item": "digits-0003"}, {"item": "digits-0001"}])
+    ref = load_reference("digits", manifest=subset)
+    assert ref.item_ids.tolist() == ["digits-0001", "digits-0003"] and ref.labels.tolist() == [1, 3]
+    assert set(ref.contributors) == {REFERENCE_OWNER}
+    np.savez(tmp_path / "ref.npz", images=np.zeros((3, 8, 8), np.uint8))  # no contributors array needed
+    assert load_reference("npz", path=tmp_path / "ref.npz").images.shape == (3, 1, 8, 8)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")
+    assert len(load_reference("folder", manifest=write_tsv(tmp_path / "f.tsv", [{"path": "a.png"}]))) == 1
+    assert len(load_reference("marketplace")) == 360
+    with pytest.raises(ValueError, match="unknown item 'digits-9999'"):
+        load_reference("digits", manifest=write_tsv(tmp_path / "bad.tsv", [{"item": "digits-9999"}]))
+    with pytest.raises(ValueError, match="unknown reference source 'web'"):
+        load_reference("web")
+
+
+def test_bad_references_are_named_with_the_fix(digits):
+    train = digits.subset(["digit0", "digit1"])
+    empty = ContributorData(np.zeros((0, 1, 8, 8), np.float32), np.array([], str), np.array([], str))
+    with pytest.raises(ValueError, match=r"has no images.*data.reference"):
+        check_reference(empty, train)
+    big = ContributorData(np.zeros((2, 1, 16, 16), np.float32), np.array(["r", "r"]), np.array(["a", "b"]))
+    with pytest.raises(ValueError, match="1-channel 16x16 but the training images are 1-channel 8x8"):
+        check_reference(big, train)
+    rgb = ContributorData(np.zeros((2, 3, 8, 8), np.float32), np.array(["r", "r"]), np.array(["a", "b"]))
+    with pytest.raises(ValueError, match="3-channel 8x8 .* 1-channel 8x8: convert"):
+        check_reference(rgb, train)
+
+
+def test_a_reference_overlapping_the_training_items_is_counted_by_content(digits):
+    train = digits.subset(["digit0", "digit1", "digit2"])
+    # 3 renamed copies of digit1 items and 1 of digit0 among 10 reference images; the rest are digit5 items.
+    images = np.concatenate([train.subset(["digit1"]).images[:3], train.subset(["digit0"]).images[:1],
+                             digits.subset(["digit5"]).images[:6]])
+    reference = ContributorData(images, np.full(10, REFERENCE_OWNER), np.array([f"r{i}" for i in range(10)]))
+    warning = check_reference(reference, train)
+    assert warning.startswith("4 of 10 reference images (40.0%) are exact copies of training items")
+    assert "digit1 (3), digit0 (1)" in warning
+    assert check_reference(digits.subset(["digit5"]), train) is None
+
+
+def test_the_yardstick_is_named_and_a_marketplace_refuses_the_held_out_split():
+    assert yardstick({"source": "marketplace"}, marketplace=True) == TRUSTED
+    assert yardstick(None) == HELDOUT
+    with pytest.raises(ValueError, match=r"marketplace: true needs a trusted reference.*set data.reference"):
+        yardstick(None, marketplace=True)
+
+
+def test_prepare_data_with_a_reference_trains_on_every_item_and_logs_the_yardstick(tmp_path):
+    from diffcredit.stages import prepare_data
+
+    outputs = {"train_out": str(tmp_path / "train.npz"), "heldout_out": str(tmp_path / "heldout.npz"),
+               "contributors_out": str(tmp_path / "contributors.tsv")}
+    messages = []
+    prepare_data(source="digits", path=None, manifest=None, heldout_fraction=0.2, seed=0,
+                 reference={"source": "marketplace"}, log=messages.append, **outputs)
+    train, heldout = (ContributorData.load(outputs[k]) for k in ("train_out", "heldout_out"))
+    assert len(train) == 1797 and len(heldout) == 360 and set(heldout.contributors) == {REFERENCE_OWNER}
+    assert messages[0].startswith("warning: 360 of 360 reference images (100.0%) are exact copies")
+    assert messages[1].startswith("yardstick: trusted reference, 360 images (marketplace)")
+    messages.clear()
+    prepare_data(source="digits", path=None, manifest=None, heldout_fraction=0.2, seed=0, log=messages.append,
+                 **outputs)
+    assert messages == [f"yardstick: contributors' held-out items. Warning: {UNTRUSTED_NOTE}"]
+    with pytest.raises(ValueError, match="marketplace: true needs a trusted reference"):
+        prepare_data(source="digits", path=None, manifest=None, heldout_fraction=0.2, seed=0, marketplace=True,
+                     **outputs)

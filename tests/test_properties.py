@@ -19,6 +19,7 @@ from diffcredit.properties import (
     load_property,
     oriented,
     prepare_reference,
+    reference_provenance,
 )
 from diffcredit.properties.diversity import proportion_entropy
 from diffcredit.properties.features import (
@@ -28,6 +29,7 @@ from diffcredit.properties.features import (
     train_classifier,
 )
 from diffcredit.properties.inception_score import inception_score
+from diffcredit.properties.precision_recall import SCORES, knn_radii, manifold_scores
 
 CLASSIFIER_STEPS = 200
 FAST_KID = {"num_subsets": 10}  # clean-fid's 100 subsets cost seconds per call on a shared core
@@ -271,3 +273,119 @@ def test_samples_of_a_briefly_trained_model_fall_between_real_and_noise(referenc
     samples = sampling.generate(model, 256, seed=0, inference_steps=50)
     fid = load_property("fid", reference)
     assert fid(digits[0]) < fid(samples) < fid(noise)
+
+
+# --- precision, recall, density, coverage ------------------------------------------------------------------------
+
+
+def test_manifold_scores_hand_computed():
+    # 1-d features, k = 1. Reference radii: 0 -> 4, 4 -> 4, 12 -> 8; generated radii: 1 -> 1, 2 -> 1, 80 -> 78.
+    # Balls of the reference hold generated 1 and 2 (twice each), none holds 80: precision 2/3, density 4/3.
+    # Reference 0, 4 have a generated image within their radius, 12 (nearest 2, at 10 > 8) not: coverage 2/3.
+    # The outlier 80's ball (78) holds every reference image: recall 1, the inflation coverage is immune to.
+    reference, generated = np.array([[0.0], [4.0], [12.0]]), np.array([[1.0], [2.0], [80.0]])
+    np.testing.assert_array_equal(knn_radii(reference, 1), [4.0, 4.0, 8.0])
+    scores = manifold_scores(reference, generated, k=1)
+    assert scores == {"precision": 2 / 3, "recall": 1.0, "density": 4 / 3, "coverage": 2 / 3}
+
+
+def test_manifold_scores_of_the_reference_itself():
+    features = np.random.default_rng(0).normal(size=(50, 3))
+    scores = manifold_scores(features, features, k=3)
+    assert scores["precision"] == scores["recall"] == scores["coverage"] == 1.0
+    assert scores["density"] == pytest.approx(4 / 3)  # each ball holds its own centre and its 3 neighbours
+    with pytest.raises(ValueError, match="k=50 nearest neighbours need more than k points"):
+        knn_radii(features, 50)
+
+
+def test_manifold_properties_separate_quality_from_coverage(reference, digits, noise):
+    x_train, y_train = digits[0], digits[1]
+    one_class = x_train[y_train == 3]
+    score = {name: load_property(name, reference, k=5) for name in SCORES}
+    assert all(score[name].higher_is_better for name in SCORES)
+    # One well-drawn class: realistic (high precision and density) but covering about a tenth of the reference.
+    assert score["precision"](one_class) > 0.9 and score["density"](one_class) > 0.9
+    assert score["coverage"](one_class) < 0.2 and score["recall"](one_class) < 0.2
+    assert score["coverage"](x_train) == 1.0 and score["recall"](x_train) > 0.8
+    # Noise: density and coverage fall to almost nothing; precision only halves, because a few outlying reference
+    # digits have balls large enough to hold noise (measured 0.46 here), which is why density is the quality to use.
+    assert score["density"](noise) < 0.2 * score["density"](x_train) and score["coverage"](noise) < 0.1
+    assert 0.2 < score["precision"](noise) < 0.7
+
+
+# --- a trusted reference: a yardstick the contributors cannot move ----------------------------------------------
+
+
+def _stages_reference(tmp_path, contributors: np.ndarray, name: str, reference: dict | None):
+    """The workflow's two data stages on `contributors` (5 contributors of 8x8 images); returns the folder."""
+    from diffcredit import stages
+
+    folder = tmp_path / name
+    folder.mkdir()
+    owners = np.array([f"c{i % 5}" for i in range(len(contributors))])
+    np.savez(folder / "items.npz", images=contributors, contributors=owners, labels=np.arange(len(owners)) % 5)
+    files = {"train_out": str(folder / "train.npz"), "heldout_out": str(folder / "heldout.npz"),
+             "contributors_out": str(folder / "contributors.tsv")}
+    stages.prepare_data(source="npz", path=str(folder / "items.npz"), manifest=None, heldout_fraction=0.2, seed=0,
+                        reference=reference, log=lambda message: None, **files)
+    stages.prepare_reference(train_data=None if reference else files["train_out"], heldout_data=files["heldout_out"],
+                             out=str(folder / "reference"), seed=0, extractor=None, classifier_steps=30,
+                             feature_dim=16, reference=reference, log=lambda message: None)
+    return folder / "reference"
+
+
+@pytest.fixture(scope="module")
+def buyer(digits, tmp_path_factory):
+    """The buyer's reference: 200 labelled held-out digits in an npz; and two different sets of contributor items."""
+    folder = tmp_path_factory.mktemp("buyer")
+    x_ref, y_ref = digits[2][:200], digits[3][:200]
+    np.savez(folder / "buyer.npz", images=x_ref, labels=y_ref)
+    clean = digits[0][:300]
+    garbage = clean.copy()
+    garbage[:60] = np.random.default_rng(5).uniform(-1, 1, size=garbage[:60].shape)  # one contributor uploads noise
+    return {"source": "npz", "path": str(folder / "buyer.npz")}, clean, garbage
+
+
+def test_the_yardstick_cannot_move_when_a_contributor_changes_its_items(buyer, digits, noise, tmp_path):
+    spec, clean, garbage = buyer
+    first = _stages_reference(tmp_path, clean, "clean", spec)
+    second = _stages_reference(tmp_path, garbage, "garbage", spec)
+    for name in ("classifier.safetensors", "classifier.json", "reference.npz"):  # the extractor never saw the items
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+    samples = np.concatenate([digits[0][:100], noise[:20]])
+    for name in ("fid", "coverage", "precision", "diversity"):
+        assert load_property(name, first)(samples) == load_property(name, second)(samples), name
+    info = json.loads((first / "reference.json").read_text())
+    assert info["yardstick"] == "trusted reference" and info["source"] == spec
+    assert info["n_fit"] + info["n_reference"] == 200 and 95 < info["n_fit"] < 105  # half of each label
+    assert info["extractor_fit"] == (f"{info['n_fit']} reference images and labels, disjoint from the "
+                                     f"{info['n_reference']} images of the statistics")
+    assert reference_provenance(first)["trusted"] is True
+
+
+def test_without_a_reference_the_contributors_move_the_yardstick_and_it_says_so(buyer, tmp_path):
+    _, clean, garbage = buyer
+    first = _stages_reference(tmp_path, clean, "clean", None)
+    second = _stages_reference(tmp_path, garbage, "garbage", None)
+    assert (first / "classifier.safetensors").read_bytes() != (second / "classifier.safetensors").read_bytes()
+    provenance = reference_provenance(first)
+    assert provenance["yardstick"] == "contributors' held-out items" and provenance["trusted"] is False
+    assert provenance["statement"].startswith("Warning: the contributors shape their own yardstick")
+
+
+def test_an_unlabelled_trusted_reference_fits_the_extractor_on_pseudo_labels(digits, tmp_path):
+    prepare_reference(tmp_path, reference_images=digits[2][:120], seed=0, trusted=True, classifier_steps=20,
+                      feature_dim=16, n_clusters=6)
+    info = json.loads((tmp_path / "reference.json").read_text())
+    assert info["extractor_fit"] == (f"{info['n_fit']} reference images, k-means pseudo-labels (6 clusters), "
+                                     f"disjoint from the {info['n_reference']} images of the statistics")
+    assert info["n_fit"] + info["n_reference"] == 120
+    assert load_classifier(tmp_path / "classifier.safetensors").config.num_classes == 6
+    assert 0.0 < load_property("inception_score", tmp_path)(digits[0][:100]) <= 6.0
+
+
+def test_a_trusted_reference_refuses_contributor_items_and_an_empty_reference(digits, tmp_path):
+    with pytest.raises(ValueError, match="do not pass train_images"):
+        prepare_reference(tmp_path, reference_images=digits[2], train_images=digits[0], seed=0, trusted=True)
+    with pytest.raises(ValueError, match="the reference has no images"):
+        prepare_reference(tmp_path, reference_images=digits[2][:0], seed=0, trusted=True)
