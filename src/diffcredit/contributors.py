@@ -367,7 +367,7 @@ def check_reference(reference: ContributorData, train: ContributorData) -> str |
             f"the reference images are {c}-channel {h}x{w} but the training images are {tc}-channel {th}x{tw}: "
             "convert the reference to the training images' size and channels"
         )
-    owners = dict(zip(image_digests(train.images), zip(train.contributors, train.item_ids)))
+    owners = dict(zip(image_digests(train.images), zip(train.contributors, train.item_ids, strict=True), strict=True))
     copies = [owners[d] for d in image_digests(reference.images) if d in owners]
     if not copies:
         return None

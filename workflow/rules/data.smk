@@ -15,10 +15,6 @@ rule prepare_data:
         train=f"{RUN}/data/train.npz",
         heldout=f"{RUN}/data/heldout.npz",
         contributors=f"{RUN}/data/contributors.tsv",
-    params:
-        data=config["data"],
-        marketplace=config["marketplace"],
-        seed=config["seed"],
     log:
         f"{RUN}/logs/prepare_data.log",
     benchmark:
@@ -28,6 +24,10 @@ rule prepare_data:
     resources:
         runtime=minutes(10),
         mem_mb=memory(4000),
+    params:
+        data=config["data"],
+        marketplace=config["marketplace"],
+        seed=config["seed"],
     script:
         "../scripts/prepare_data.py"
 
@@ -38,10 +38,6 @@ rule reference:
         heldout=rules.prepare_data.output.heldout,
     output:
         directory(f"{RUN}/reference"),
-    params:
-        features=config["features"],
-        reference=config["data"]["reference"],
-        seed=config["seed"],
     log:
         f"{RUN}/logs/reference.log",
     benchmark:
@@ -52,5 +48,9 @@ rule reference:
     resources:
         runtime=minutes(20),
         mem_mb=memory(4000),
+    params:
+        features=config["features"],
+        reference=config["data"]["reference"],
+        seed=config["seed"],
     script:
         "../scripts/reference.py"

@@ -37,6 +37,8 @@ import torch
 from sklearn.cluster import KMeans
 from torch import nn
 
+from diffcredit.contributors import HELDOUT, TRUSTED, UNTRUSTED_NOTE, image_digests
+from diffcredit.io import write_atomic, write_json
 from diffcredit.properties.aesthetic import AestheticScore, load_predictor
 from diffcredit.properties.diversity import Diversity
 from diffcredit.properties.features import (
@@ -49,8 +51,6 @@ from diffcredit.properties.features import (
     save_classifier,
     train_classifier,
 )
-from diffcredit.contributors import HELDOUT, TRUSTED, UNTRUSTED_NOTE, image_digests
-from diffcredit.io import write_atomic, write_json
 from diffcredit.properties.fid import FID, KID, feature_stats
 from diffcredit.properties.inception_score import InceptionScore
 from diffcredit.properties.precision_recall import SCORES, ManifoldScore
@@ -119,7 +119,7 @@ def prepare_reference(
     if len(reference_images) == 0:
         raise ValueError("the reference has no images: name at least a few hundred images of the wanted distribution")
     info: dict = {
-        "seed": int(seed), "n_reference": int(len(reference_images)), "yardstick": TRUSTED if trusted else HELDOUT,
+        "seed": int(seed), "n_reference": len(reference_images), "yardstick": TRUSTED if trusted else HELDOUT,
         "reference_digest": _digest(reference_images), "source": source,
     }
     model: nn.Module
@@ -139,7 +139,7 @@ def prepare_reference(
             fit_images, fit_labels = reference_images[fitting], labels[fitting]
             reference_images = reference_images[~fitting]
             fit = f"{fitting.sum()} {fit}, disjoint from the {len(reference_images)} images of the statistics"
-            info.update(n_reference=int(len(reference_images)), n_fit=int(fitting.sum()))
+            info.update(n_reference=len(reference_images), n_fit=int(fitting.sum()))
         elif train_labels is None:
             raise ValueError(
                 "the training images have no labels, so no digit classifier can be trained: "
