@@ -70,8 +70,9 @@ def measurements(plan: pd.DataFrame) -> int:
 
 def html_table(page: str) -> pd.DataFrame:
     """The first table of an HTML page written by pandas, as strings."""
+    table = re.search(r"<table.*?</table>", page, re.S).group(0)
     rows = [re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", row, re.S) for row in re.findall(r"<tr[^>]*>(.*?)</tr>",
-                                                                                      page, re.S)]
+                                                                                      table, re.S)]
     return pd.DataFrame(rows[1:], columns=[cell.strip() for cell in rows[0]])
 
 

@@ -260,7 +260,8 @@ def round_values(
     from diffcredit.coalitions import read_coalitions
     from diffcredit.rounds import decide, write_decision
 
-    result, _ = _estimate(read_coalitions(coalitions).head(n_coalitions), utilities, contributors, confidence)
+    plan = read_coalitions(coalitions).head(n_coalitions)
+    result, _ = _estimate(plan, utilities, contributors, confidence, convergence=False)
     write_table(result.table, values_out, sep=",")
     decision = decide(result.table, pd.read_csv(previous) if previous else None, round=round,
                       n_coalitions=n_coalitions, rule=stopping["rule"], target=stopping["target"],
@@ -268,14 +269,15 @@ def round_values(
     write_decision(decision, decision_out)
 
 
-def _estimate(plan: pd.DataFrame, utilities: str, contributors: str, confidence: float):
+def _estimate(plan: pd.DataFrame, utilities: str, contributors: str, confidence: float, convergence: bool = True):
     """The aggregation of `plan`'s measured utilities, and the name of the property they measure."""
     from diffcredit.coalitions import read_contributors
     from diffcredit.shapley import aggregate as estimate
     from diffcredit.shapley import read_utilities
 
     measured = read_utilities(utilities)
-    result = estimate(plan, measured, contributors=read_contributors(contributors), confidence=confidence)
+    result = estimate(plan, measured, contributors=read_contributors(contributors), confidence=confidence,
+                      convergence=convergence)
     return result, (measured["property"].iloc[0] if "property" in measured else "utility")
 
 

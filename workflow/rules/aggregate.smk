@@ -12,9 +12,6 @@ rule aggregate:
         convergence_figure=report(
             f"{RUN}/{{mode}}/{{plan}}/convergence.png", caption="../report/convergence.rst", category="Values"
         ),
-    params:
-        confidence=config["estimator"]["confidence"],
-        kind=value_kind,
     log:
         f"{RUN}/logs/{{mode}}/{{plan}}/aggregate.log",
     benchmark:
@@ -24,6 +21,9 @@ rule aggregate:
     resources:
         runtime=minutes(10),
         mem_mb=memory(4000),
+    params:
+        confidence=config["estimator"]["confidence"],
+        kind=value_kind,
     script:
         "../scripts/aggregate.py"
 
@@ -37,11 +37,6 @@ rule sample_figure:
         plan=f"{RUN}/plans/{config['estimator']['name']}.tsv",
     output:
         report(f"{RUN}/figures/samples.png", caption="../report/samples.rst", category="Samples"),
-    params:
-        store=f"{RUN}/{config['utility']['mode']}/store",
-        schedule=config["model"]["schedule"],
-        inference_steps=config["utility"]["inference_steps"],
-        seed=config["seed"],
     log:
         f"{RUN}/logs/sample_figure.log",
     benchmark:
@@ -52,6 +47,11 @@ rule sample_figure:
     resources:
         runtime=minutes(10),
         mem_mb=memory(4000),
+    params:
+        store=f"{RUN}/{config['utility']['mode']}/store",
+        schedule=config["model"]["schedule"],
+        inference_steps=config["utility"]["inference_steps"],
+        seed=config["seed"],
     script:
         "../scripts/sample_figure.py"
 
@@ -68,11 +68,6 @@ rule report_pages:
         values=report(REPORT_PAGES["values"], caption="../report/values_table.rst", category="Values"),
         costs=report(REPORT_PAGES["costs"], caption="../report/costs.rst", category="Cost"),
         config=report(REPORT_PAGES["config"], caption="../report/config.rst", category="Configuration"),
-    params:
-        kind=REGISTRY[MAIN].values,
-        estimator=MAIN,
-        confidence=config["estimator"]["confidence"],
-        benchmarks=benchmark_patterns,
     log:
         f"{RUN}/logs/report_pages.log",
     benchmark:
@@ -82,5 +77,10 @@ rule report_pages:
     resources:
         runtime=minutes(10),
         mem_mb=memory(2000),
+    params:
+        kind=REGISTRY[MAIN].values,
+        estimator=MAIN,
+        confidence=config["estimator"]["confidence"],
+        benchmarks=benchmark_patterns,
     script:
         "../scripts/report_pages.py"

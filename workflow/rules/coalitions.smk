@@ -3,8 +3,6 @@ rule plan:
         contributors=rules.prepare_data.output.contributors,
     output:
         f"{RUN}/plans/{{plan}}.tsv",
-    params:
-        spec=plan_spec_of,
     log:
         f"{RUN}/logs/plan/{{plan}}.log",
     benchmark:
@@ -14,6 +12,8 @@ rule plan:
     resources:
         runtime=minutes(10),
         mem_mb=memory(2000),
+    params:
+        spec=plan_spec_of,
     script:
         "../scripts/plan.py"
 
@@ -28,6 +28,19 @@ rule coalition_utilities:
         start_model=start_model,
     output:
         f"{RUN}/{{mode}}/{{plan}}/batches/{{batch}}.tsv",
+    log:
+        f"{RUN}/logs/{{mode}}/{{plan}}/{{batch}}.log",
+    benchmark:
+        f"{RUN}/benchmarks/{{mode}}/{{plan}}/{{batch}}.tsv"
+    group:
+        "coalitions"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        runtime=minutes(60),
+        mem_mb=memory(4000),
+        gpu=1,
     params:
         batch=batch_rows,
         repeats=repeats,
@@ -35,19 +48,6 @@ rule coalition_utilities:
         store=f"{RUN}/{{mode}}/store",
         keep=KEEP,
         keep_dir=keep_dir,
-    log:
-        f"{RUN}/logs/{{mode}}/{{plan}}/{{batch}}.log",
-    benchmark:
-        f"{RUN}/benchmarks/{{mode}}/{{plan}}/{{batch}}.tsv"
-    conda:
-        ENV
-    group:
-        "coalitions"
-    threads: 1
-    resources:
-        runtime=minutes(60),
-        mem_mb=memory(4000),
-        gpu=1,
     script:
         "../scripts/coalition_utilities.py"
 
@@ -99,9 +99,6 @@ checkpoint round_values:
     output:
         values=f"{RUN}/{{mode}}/{{plan}}/rounds/{{round}}/values.csv",
         decision=f"{RUN}/{{mode}}/{{plan}}/rounds/{{round}}/decision.json",
-    params:
-        round=round_params,
-        confidence=config["estimator"]["confidence"],
     log:
         f"{RUN}/logs/{{mode}}/{{plan}}/rounds/{{round}}/values.log",
     benchmark:
@@ -111,5 +108,8 @@ checkpoint round_values:
     resources:
         runtime=minutes(10),
         mem_mb=memory(4000),
+    params:
+        round=round_params,
+        confidence=config["estimator"]["confidence"],
     script:
         "../scripts/round_values.py"

@@ -70,7 +70,9 @@ def round_sizes(plan):
     if plan != MAIN or not ADAPTIVE:
         return (len(plan_table(plan)),)
     limit = 2 ** len(contributors())
-    return tuple(rounds.round_sizes(config["estimator"]["budget"], STOPPING["round_budget"], STOPPING["max_budget"], limit))
+    return tuple(
+        rounds.round_sizes(config["estimator"]["budget"], STOPPING["round_budget"], STOPPING["max_budget"], limit)
+    )
 
 
 def round_id(index):
