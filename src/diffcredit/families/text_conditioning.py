@@ -1,0 +1,295 @@
+"""The base text-to-image pipeline: a ``UNet2DConditionModel`` conditioned on a frozen CLIP text encoder's embeddings.
+
+The base is a local diffusers folder with ``unet/``, ``text_encoder/``, ``tokenizer/`` and ``scheduler/`` (and
+``vae/`` for a latent model such as miniSD), or, for the CPU stand-in, built from small configs by :func:`tiny_base`
+with a tokenizer whose ``vocab.json``/``merges.txt`` are written from the captions themselves (nothing downloaded).
+
+The text encoder is frozen, so every distinct caption is encoded once (:class:`PromptTable`); items point at their
+caption's row. :class:`ConditionedUNet` gives the UNet the signature of an unconditional one, ``model(sample, t)``,
+so the one training loop of :mod:`diffcredit.training` trains it: the loop hands each batch's item indices to its
+``observer`` before the forward pass, and the wrapper looks up those items' embeddings. Generation uses the same
+per-item noise as :func:`diffcredit.sampling.generate` (common random numbers), with classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from diffcredit.io import atomic_dir
+
+REQUIRED = ("unet", "text_encoder", "tokenizer", "scheduler")
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
+SPECIAL = ("<|startoftext|>", "<|endoftext|>")
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TextPipeline:
+    """The parts of a text-to-image model. ``schedule``: the training noise schedule (DDPMScheduler kwargs);
+    ``autoencoder``/``scaling_factor``: the frozen latent autoencoder and its factor, None for a pixel-space base."""
+
+    unet: Any
+    text_encoder: Any
+    tokenizer: Any
+    schedule: dict
+    autoencoder: Any = None
+    scaling_factor: float | None = None
+
+
+def check_captions(item_ids: Sequence[str], captions: dict[str, str] | None, prompt: str | None) -> list[str]:
+    """One caption per item: from ``captions`` (item id -> text) or the one shared ``prompt``, never both.
+
+    Raises ValueError naming the items without a caption, before anything trains.
+    """
+    if (captions is None) == (prompt is None):
+        raise ValueError("give either captions per item or one shared prompt (data.prompt), not both or neither")
+    if prompt is not None:
+        return [prompt] * len(item_ids)
+    missing = [str(item) for item in item_ids if not str(captions.get(str(item), "")).strip()]
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(item_ids)} items have no caption, e.g. {missing[:3]}; add them to "
+                         "the captions file or set one shared prompt")
+    return [str(captions[str(item)]) for item in item_ids]
+
+
+def write_tokenizer(directory: str | Path, texts: Sequence[str], max_length: int = 16):
+    """A CLIP tokenizer whose vocabulary is built from ``texts`` (written to ``directory``) and returned.
+
+    The vocabulary holds the special tokens, the 256 byte-level symbols alone and word-final (so any text encodes
+    without unknown tokens) and, for every word of ``texts``, the chain of merges that builds it from its letters.
+    """
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTokenizer
+
+    symbols = sorted(ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate([*SPECIAL, *symbols, *(s + "</w>" for s in symbols)])}
+    merges = []
+    words = sorted({word for text in texts for word in re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]+", text.lower())})
+    for word in words:
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            merges.append(f"{merged} {piece}")
+            merged += piece
+            vocab.setdefault(merged, len(vocab))
+    merges = list(dict.fromkeys(merges))
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tokenizer = CLIPTokenizer.from_pretrained(directory, model_max_length=max_length)
+    tokenizer.save_pretrained(directory)  # records model_max_length beside the vocabulary
+    return tokenizer
+
+
+def tiny_unet_config(sample_size: int = 16, channels: int = 1, cross_attention_dim: int = 32) -> dict[str, Any]:
+    """A small ``UNet2DConditionModel`` (channels 32/64, cross-attention at the full resolution) for the stand-in."""
+    return {
+        "sample_size": sample_size,
+        "in_channels": channels,
+        "out_channels": channels,
+        "block_out_channels": [32, 64],
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "layers_per_block": 1,
+        "cross_attention_dim": cross_attention_dim,
+        "attention_head_dim": 8,
+        "norm_num_groups": 8,
+    }
+
+
+def tiny_text_encoder_config(tokenizer, hidden_size: int = 32) -> dict[str, Any]:
+    """A small CLIP text encoder for ``tokenizer``; its ids and positions match the tokenizer's."""
+    return {
+        "vocab_size": len(tokenizer), "hidden_size": hidden_size, "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": tokenizer.model_max_length,
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def tiny_base(
+    directory: str | Path, texts: Sequence[str], *, sample_size: int = 16, channels: int = 1, seed: int = 0,
+    schedule: dict | None = None, unet: dict | None = None,
+) -> TextPipeline:
+    """A freshly initialised pixel-space base for the stand-in; its tokenizer files are written to ``directory``."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from diffcredit.models import DEFAULT_SCHEDULE
+
+    tokenizer = write_tokenizer(Path(directory) / "tokenizer", texts)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_text_encoder_config(tokenizer)))
+        unet_model = UNet2DConditionModel(**{**tiny_unet_config(sample_size, channels), **(unet or {})})
+    return TextPipeline(unet_model, _frozen(text_encoder), tokenizer, {**DEFAULT_SCHEDULE, **(schedule or {})})
+
+
+def save_base(pipeline: TextPipeline, directory: str | Path) -> None:
+    """Write the base as a diffusers folder (atomically) that :func:`load_base` reads back."""
+    from diffusers import DDPMScheduler
+
+    with atomic_dir(directory) as staging:
+        pipeline.unet.save_pretrained(staging / "unet", safe_serialization=True)
+        pipeline.text_encoder.save_pretrained(staging / "text_encoder", safe_serialization=True)
+        pipeline.tokenizer.save_pretrained(staging / "tokenizer")
+        DDPMScheduler(**pipeline.schedule).save_pretrained(staging / "scheduler")
+        if pipeline.autoencoder is not None:
+            pipeline.autoencoder.save_pretrained(staging / "vae", safe_serialization=True)
+
+
+def load_base(directory: str | Path, device: str | torch.device = "cpu") -> TextPipeline:
+    """The base pipeline in a local diffusers folder (e.g. a staged miniSD), all parts frozen.
+
+    Raises FileNotFoundError naming every missing component before anything loads.
+    """
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from diffcredit.families.autoencoder import load_autoencoder
+
+    directory = Path(directory)
+    wanted = {"unet": "config.json", "text_encoder": "config.json", "tokenizer": "tokenizer_config.json",
+              "scheduler": "scheduler_config.json"}
+    missing = [f"{part}/{name}" for part, name in wanted.items() if not (directory / part / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"the base model folder {directory} lacks {', '.join(missing)}: a text-to-image base needs the "
+            f"diffusers components {', '.join(REQUIRED)} (and vae/ for a latent model); stage the whole pipeline"
+        )
+    scheduler = json.loads((directory / "scheduler" / "scheduler_config.json").read_text())
+    tokenizer = CLIPTokenizer.from_pretrained(directory / "tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(directory / "text_encoder", use_safetensors=True)
+    if text_encoder.config.eos_token_id != tokenizer.eos_token_id:
+        text_encoder.config.eos_token_id = tokenizer.eos_token_id  # pooled outputs are read at the eos token
+    unet = UNet2DConditionModel.from_pretrained(directory / "unet", use_safetensors=True)
+    if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
+        raise ValueError(f"{directory}: the UNet attends to {unet.config.cross_attention_dim}-dimensional text but "
+                         f"the text encoder gives {text_encoder.config.hidden_size}; the components do not match")
+    autoencoder = factor = None
+    if (directory / "vae" / "config.json").is_file():
+        autoencoder = load_autoencoder(directory / "vae", device)
+        factor = float(autoencoder.config.scaling_factor)  # the base UNet was trained with this factor
+    return TextPipeline(_frozen(unet.to(device)), _frozen(text_encoder.to(device)), tokenizer,
+                        {k: scheduler[k] for k in SCHEDULE_KEYS if k in scheduler}, autoencoder, factor)
+
+
+@torch.inference_mode()
+def encode_prompts(pipeline: TextPipeline, prompts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+    """Last hidden states of the frozen text encoder, float32 ``[len(prompts), max_length, dim]`` on the CPU."""
+    device = next(pipeline.text_encoder.parameters()).device
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        tokens = pipeline.tokenizer(list(prompts[start : start + batch_size]), padding="max_length",
+                                    max_length=pipeline.tokenizer.model_max_length, truncation=True,
+                                    return_tensors="pt")
+        out.append(pipeline.text_encoder(tokens.input_ids.to(device))[0].float().cpu())
+    return torch.cat(out)
+
+
+@dataclass
+class PromptTable:
+    """Each distinct caption's embedding once (``embeddings [P, L, D]``) and each item's row (``codes [N]``)."""
+
+    embeddings: torch.Tensor
+    codes: torch.Tensor
+
+    @classmethod
+    def build(cls, pipeline: TextPipeline, captions: Sequence[str]) -> PromptTable:
+        distinct, codes = np.unique(np.asarray(captions, dtype=str), return_inverse=True)
+        return cls(encode_prompts(pipeline, list(distinct)), torch.from_numpy(codes.astype(np.int64)))
+
+
+class ConditionedUNet(nn.Module):
+    """``model(sample, t)`` of a conditional UNet over a :class:`PromptTable`: the training loop's observer
+    (:meth:`observe`) names the batch's items, whose embeddings the next forward pass attends to."""
+
+    def __init__(self, unet, table: PromptTable) -> None:
+        super().__init__()
+        self.unet = unet
+        self.register_buffer("embeddings", table.embeddings, persistent=False)
+        self.register_buffer("codes", table.codes, persistent=False)
+        self._batch: torch.Tensor | None = None
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    def observe(self, model, index: torch.Tensor, *_) -> None:
+        self._batch = index
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor):
+        if self._batch is None or len(self._batch) != len(sample):
+            raise RuntimeError("ConditionedUNet needs its batch's item indices: pass observer=model.observe to train")
+        return self.unet(sample, timestep, encoder_hidden_states=self.embeddings[self.codes[self._batch]])
+
+
+def generate(
+    pipeline: TextPipeline, unet, prompts: Sequence[str], n: int, *, seed: int, guidance_scale: float = 1.0,
+    inference_steps: int = 50, sampler: str = "ddim", batch_size: int = 64, device: str | None = None,
+) -> np.ndarray:
+    """``n`` images (float32 ``[n, C, H, W]`` in ``[-1, 1]``) of ``unet``; image ``i`` is prompted with
+    ``prompts[i % len(prompts)]`` and starts from the noise of item ``i`` of :func:`diffcredit.sampling.generate`.
+
+    ``guidance_scale`` > 1 applies classifier-free guidance against the empty prompt. Latents are decoded by the
+    pipeline's autoencoder (after dividing by its scaling factor).
+    """
+    from diffcredit.families.autoencoder import decode
+    from diffcredit.sampling import SAMPLERS, make_sampler
+    from diffcredit.training import prepare_device, select_device
+
+    if n < 0 or not prompts or batch_size < 1 or inference_steps < 1:
+        raise ValueError(f"need n >= 0, prompts, batch_size >= 1, inference_steps >= 1; got {n}, {len(prompts)}, "
+                         f"{batch_size}, {inference_steps}")
+    target = select_device(device or "auto")
+    prepare_device(target)
+    scheduler = make_sampler(sampler, pipeline.schedule)
+    stochastic = SAMPLERS[sampler][2]
+    unet.to(target).eval()
+    pipeline.text_encoder.to(target)
+    guided = guidance_scale != 1.0
+    table = PromptTable.build(pipeline, [*prompts, ""] if guided else list(prompts))
+    embeddings, empty = table.embeddings.to(target), table.embeddings[table.codes[-1]].to(target)
+    codes = table.codes[torch.arange(n) % len(prompts)]
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    seeds = np.random.SeedSequence(seed).generate_state(n, dtype=np.uint64)  # as sampling.generate: (seed, i) only
+    batches = []
+    for start in range(0, n, batch_size):
+        generators = [torch.Generator().manual_seed(int(s)) for s in seeds[start : start + batch_size]]
+        sample = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(target)
+        states = embeddings[codes[start : start + batch_size].to(target)]
+        if guided:
+            states = torch.cat([empty.expand_as(states), states])
+        scheduler.set_timesteps(inference_steps)
+        sample = sample * scheduler.init_noise_sigma
+        noise = {"generator": generators} if stochastic else {}
+        with torch.inference_mode():
+            for t in scheduler.timesteps:
+                model_input = scheduler.scale_model_input(sample, t)
+                if guided:
+                    model_input = torch.cat([model_input, model_input])
+                prediction = unet(model_input, t, encoder_hidden_states=states).sample.float()
+                if guided:
+                    unconditional, conditional = prediction.chunk(2)
+                    prediction = unconditional + guidance_scale * (conditional - unconditional)
+                sample = scheduler.step(prediction, t, sample, **noise).prev_sample
+        if pipeline.autoencoder is not None:
+            batches.append(decode(pipeline.autoencoder, sample / pipeline.scaling_factor, device=str(target)))
+        else:
+            batches.append(sample.clamp(-1, 1).float().cpu().numpy())
+    return np.concatenate(batches) if batches else np.zeros((0, *shape), dtype=np.float32)
+
+
+def _frozen(model):
+    return model.eval().requires_grad_(False)

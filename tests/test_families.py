@@ -1,0 +1,314 @@
+"""The model families on tiny models built from configs: latent caching, text conditioning, LoRA save/load/prune."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from diffcredit.contributors import ContributorData, validate_contributor_id
+from diffcredit.families import FAMILIES, Family, LatentFamily, TextLoraFamily, family_class, lora
+from diffcredit.families import autoencoder as ae
+from diffcredit.families import text_conditioning as tc
+from diffcredit.glyphs import CONTRIBUTOR_FONTS, caption, load_glyphs
+from diffcredit.sampling import generate
+
+SAMPLING = {"inference_steps": 2, "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def glyphs():
+    return load_glyphs({k: CONTRIBUTOR_FONTS[k] for k in ("dejavu-sans", "dejavu-serif-bold")}, letters="AOX",
+                       size=8, variants=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_ae_config():
+    return {**ae.tiny_autoencoder_config(channels=1, latent_channels=2), "block_out_channels": [8, 16],
+            "norm_num_groups": 4}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, glyphs):
+    """A pixel-space text-to-image base on 8×8 glyphs, saved and loaded back as a diffusers folder."""
+    folder = tmp_path_factory.mktemp("base")
+    pipeline = tc.tiny_base(folder / "build", glyphs[1], sample_size=8, seed=0,
+                            unet={"block_out_channels": [16, 32]})
+    tc.save_base(pipeline, folder / "base")
+    return tc.load_base(folder / "base")
+
+
+def _captions(data, texts):
+    return dict(zip(data.item_ids, texts, strict=True))
+
+
+def _randomise_lora(unet, seed=0):
+    """A trained-looking adapter: fresh LoRAs have B = 0 and so change nothing."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in lora.lora_parameters(unet):
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+
+
+# --- glyphs -----------------------------------------------------------------------------------------------------
+
+
+def test_glyphs_are_fonts_as_contributors_with_letter_captions(glyphs):
+    data, captions = glyphs
+    assert data.images.shape == (2 * 3 * 2, 1, 8, 8) and data.images.dtype == np.float32
+    assert data.contributor_ids == ["dejavu-sans", "dejavu-serif-bold"]
+    assert all(validate_contributor_id(c) == c for c in CONTRIBUTOR_FONTS)
+    assert list(captions[:4]) == [caption("A"), caption("A"), caption("O"), caption("O")]
+    assert "dejavu" not in " ".join(captions)  # prompts name the letter, never the font
+    assert list(data.labels[:6]) == [0, 0, 1, 1, 2, 2]
+    sans, serif = data.subset(["dejavu-sans"]).images, data.subset(["dejavu-serif-bold"]).images
+    assert np.abs(sans - serif).mean() > 0.05  # the styles differ
+    assert data.images.min() >= -1.0 and data.images.max() <= 1.0 and data.images.max() > 0.5
+    again, _ = load_glyphs({"dejavu-sans": CONTRIBUTOR_FONTS["dejavu-sans"]}, letters="AOX", size=8, seed=0)
+    np.testing.assert_array_equal(again.images, sans)
+
+
+# --- autoencoder ------------------------------------------------------------------------------------------------
+
+
+def test_latents_are_cached_once_scaled_to_unit_std_and_decode_as_the_model_does(tmp_path, glyphs, tiny_ae_config):
+    data = glyphs[0]
+    model = ae.build_autoencoder(tiny_ae_config, seed=0)
+    ae.save_autoencoder(model, tmp_path / "vq")
+    model = ae.load_autoencoder(tmp_path / "vq")
+    assert not any(p.requires_grad for p in model.parameters())
+    factor = ae.cache_latents(model, data.images, data.item_ids, tmp_path / "latents.npz", autoencoder_digest="d1")
+    raw = ae.encode(model, data.images)
+    assert raw.shape == (len(data), 2, 4, 4)
+    assert factor == pytest.approx(1 / raw.std(dtype=np.float64))
+    order = data.item_ids[::-1]
+    scaled, stored = ae.load_latents(tmp_path / "latents.npz", order, autoencoder_digest="d1")
+    assert stored == pytest.approx(factor) and scaled.std() == pytest.approx(1.0, rel=1e-4)
+    np.testing.assert_allclose(scaled, raw[::-1] * factor, rtol=1e-6)
+    # the round trip: decoding the cached latents is the autoencoder's own reconstruction
+    with torch.no_grad():
+        expected = model(torch.from_numpy(data.images)).sample.clamp(-1, 1).numpy()
+    np.testing.assert_allclose(ae.decode(model, scaled[::-1] / factor), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="another autoencoder"):
+        ae.load_latents(tmp_path / "latents.npz", order, autoencoder_digest="d2")
+    with pytest.raises(ValueError, match="no latents for 1 item"):
+        ae.load_latents(tmp_path / "latents.npz", np.array([*order, "unknown"]))
+
+
+def test_training_the_autoencoder_lowers_its_reconstruction_error(glyphs, tiny_ae_config):
+    data = glyphs[0]
+    model = ae.build_autoencoder(tiny_ae_config, seed=0)
+    losses = ae.train_autoencoder(model, data.images, steps=30, batch_size=12, lr=3e-3, seed=0, device="cpu")
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+
+
+def test_an_autoencoder_whose_latents_the_unet_does_not_fit_is_named(tiny_ae_config, tiny_config):
+    fitting = {**tiny_config, "sample_size": 4, "in_channels": 2, "out_channels": 2}
+    ae.check_fits(tiny_ae_config, (1, 8, 8), fitting)
+    with pytest.raises(ValueError, match=r"in/out_channels 1/1 but the latents have 2 channels.*sample_size 8"):
+        ae.check_fits(tiny_ae_config, (1, 8, 8), tiny_config)
+    with pytest.raises(ValueError, match="do not divide by the autoencoder's downsampling factor 2"):
+        ae.check_fits(tiny_ae_config, (1, 9, 9), fitting)
+    with pytest.raises(ValueError, match="images have 3 channels but the autoencoder takes 1"):
+        ae.check_fits(tiny_ae_config, (3, 8, 8), fitting)
+    with pytest.raises(ValueError, match="is not an autoencoder"):
+        ae.build_autoencoder({**tiny_ae_config, "_class_name": "UNet2DModel"}, seed=0)
+
+
+def test_latent_family_refuses_a_unet_that_does_not_fit_before_training(tmp_path, glyphs, tiny_ae_config,
+                                                                        tiny_config):
+    data = glyphs[0]
+    model = ae.build_autoencoder(tiny_ae_config, seed=0)
+    ae.cache_latents(model, data.images, data.item_ids, tmp_path / "l.npz", autoencoder_digest="d")
+    with pytest.raises(ValueError, match="does not fit the autoencoder's latents"):
+        LatentFamily(tiny_config, autoencoder=model, latents=tmp_path / "l.npz", image_shape=(1, 8, 8))
+    config = {**tiny_config, "sample_size": 4, "in_channels": 2, "out_channels": 2}
+    family = LatentFamily(config, {"num_train_timesteps": 20}, autoencoder=model, latents=tmp_path / "l.npz",
+                          image_shape=(1, 8, 8))
+    unet = family.build(seed=0)
+    family.fit(unet, data.subset(["dejavu-sans"]), steps=2, batch_size=4, lr=1e-3, seed=0, device="cpu")
+    images = family.generate(unet, 3, seed=5, **SAMPLING)
+    latents = generate(unet, 3, seed=5, schedule=family.schedule, **SAMPLING)
+    assert images.shape == (3, 1, 8, 8)  # decoded back to pixels
+    np.testing.assert_allclose(images, ae.decode(model, latents / family.scaling_factor), atol=1e-6)
+
+
+# --- pixel family ---------------------------------------------------------------------------------------------
+
+
+def test_pixel_family_is_todays_models_training_and_sampling(tiny_config, tiny_schedule, digits):
+    from diffcredit.models import build_model
+    from diffcredit.training import train
+
+    family = family_class("pixel")(tiny_config, tiny_schedule)
+    assert {"pixel": Family, "latent": LatentFamily, "text_lora": TextLoraFamily} == FAMILIES
+    data = ContributorData(digits.images[:16], digits.contributors[:16], digits.item_ids[:16])
+    ours, theirs = family.build(seed=3), build_model(tiny_config, seed=3)
+    family.fit(ours, data, steps=2, batch_size=8, lr=1e-3, seed=1, device="cpu")
+    train(theirs, data.images, steps=2, batch_size=8, lr=1e-3, seed=1, schedule=tiny_schedule, device="cpu")
+    np.testing.assert_array_equal(family.generate(ours, 2, seed=0, **SAMPLING),
+                                  generate(theirs, 2, seed=0, schedule=tiny_schedule, **SAMPLING))
+    _, stats = family.prune(ours, 0.5)
+    assert stats["parameters_after"] < stats["parameters_before"] == family.count_parameters(ours)
+    with pytest.raises(ValueError, match="unknown model family 'sd'"):
+        family_class("sd")
+
+
+# --- text conditioning ------------------------------------------------------------------------------------------
+
+
+def test_tokenizer_written_from_the_captions_encodes_them_without_unknown_tokens(tmp_path):
+    from transformers import CLIPTokenizer
+
+    tc.write_tokenizer(tmp_path / "tok", ["the letter A", "a Post-Impressionism painting"], max_length=12)
+    tokenizer = CLIPTokenizer.from_pretrained(tmp_path / "tok")
+    assert tokenizer.model_max_length == 12
+    ids = tokenizer("The letter a").input_ids
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.convert_ids_to_tokens(ids[1:-1]) == ["the</w>", "letter</w>", "a</w>"]  # whole words
+    unseen = tokenizer("zebra 42!").input_ids[1:-1]
+    assert len(unseen) > 2 and tokenizer.unk_token_id not in unseen[:-1]  # spelled out in byte symbols
+
+
+def test_a_base_folder_missing_a_component_is_named(tmp_path, base):
+    tc.save_base(base, tmp_path / "b")
+    import shutil
+
+    shutil.rmtree(tmp_path / "b" / "tokenizer")
+    (tmp_path / "b" / "scheduler" / "scheduler_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"lacks tokenizer/tokenizer_config.json, scheduler/scheduler_config.json"):
+        tc.load_base(tmp_path / "b")
+
+
+def test_captions_missing_for_some_items_are_named():
+    assert tc.check_captions(["a", "b"], None, "a painting") == ["a painting", "a painting"]
+    assert tc.check_captions(["a", "b"], {"a": "x", "b": "y"}, None) == ["x", "y"]
+    with pytest.raises(ValueError, match=r"2 of 3 items have no caption, e.g. \['b', 'c'\]"):
+        tc.check_captions(["a", "b", "c"], {"a": "x", "b": " "}, None)
+    with pytest.raises(ValueError, match="not both or neither"):
+        tc.check_captions(["a"], {"a": "x"}, "a painting")
+
+
+def test_the_conditioned_unet_attends_to_each_items_caption(base, glyphs):
+    _, captions = glyphs
+    table = tc.PromptTable.build(base, captions)
+    assert len(table.embeddings) == 3 and list(table.codes[:4]) == [0, 0, 1, 1]  # one row per distinct caption
+    conditioned = tc.ConditionedUNet(base.unet, table)
+    sample, t = torch.randn(2, 1, 8, 8), torch.tensor([5, 5])
+    conditioned.observe(conditioned, torch.tensor([0, 2]))
+    with torch.no_grad():
+        out = conditioned(sample, t).sample
+        direct = base.unet(sample, t, encoder_hidden_states=tc.encode_prompts(base, [captions[0], captions[2]])).sample
+    torch.testing.assert_close(out, direct)
+    with pytest.raises(RuntimeError, match=r"observer=model\.observe"):
+        conditioned(torch.randn(3, 1, 8, 8), torch.tensor([5, 5, 5]))
+
+
+# --- LoRA -------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def text_family(base, glyphs):
+    data, captions = glyphs
+    return TextLoraFamily(base, _captions(data, captions), rank=4)
+
+
+def test_lora_save_then_load_gives_identical_images(tmp_path, text_family):
+    unet = text_family.build(seed=0)
+    _randomise_lora(unet)
+    text_family.save(unet, tmp_path / "lora")
+    assert (tmp_path / "lora" / lora.WEIGHTS).is_file()
+    loaded = text_family.load(tmp_path / "lora")
+    first = text_family.generate(unet, 3, seed=1, **SAMPLING)
+    np.testing.assert_array_equal(text_family.generate(loaded, 3, seed=1, **SAMPLING), first)
+    assert not np.array_equal(text_family.generate(text_family.null_model(0), 3, seed=1, **SAMPLING), first)
+
+
+def test_the_null_model_is_the_base_and_disabling_the_lora_gives_it_back(text_family, base):
+    null = text_family.null_model(seed=0)
+    assert not lora.lora_layers(null)
+    reference = text_family.generate(base.unet, 4, seed=2, **SAMPLING)
+    np.testing.assert_array_equal(text_family.generate(null, 4, seed=2, **SAMPLING), reference)
+    adapted = text_family.build(seed=0)
+    fresh = text_family.generate(adapted, 4, seed=2, **SAMPLING)
+    np.testing.assert_array_equal(fresh, reference)  # B starts at zero
+    _randomise_lora(adapted)
+    adapted.disable_adapters()
+    np.testing.assert_array_equal(text_family.generate(adapted, 4, seed=2, **SAMPLING), reference)
+
+
+def test_lora_importance_is_torch_prunings_magnitude_on_the_rank_group(text_family):
+    unet = text_family.build(seed=0)
+    _randomise_lora(unet)
+    layer = next(iter(lora.lora_layers(unet).values()))
+    a, b = layer.lora_A[lora.ADAPTER].weight, layer.lora_B[lora.ADAPTER].weight
+    closed = 0.5 * (a.pow(2).sum(1) + b.pow(2).sum(0))
+    torch.testing.assert_close(lora.importance(layer), (closed / closed.mean()).detach())
+
+
+def test_a_pruned_lora_keeps_at_most_its_share_drops_the_weakest_and_reloads_with_its_ranks(tmp_path,
+                                                                                           text_family):
+    unet = text_family.build(seed=0)
+    _randomise_lora(unet)
+    name, layer = next(iter(lora.lora_layers(unet).items()))
+    with torch.no_grad():  # plant the weakest component of the first module
+        layer.lora_A[lora.ADAPTER].weight[2] *= 1e-3
+        layer.lora_B[lora.ADAPTER].weight[:, 2] *= 1e-3
+    original = layer.lora_A[lora.ADAPTER].weight.detach().clone()
+    pruned, stats = text_family.prune(unet, 0.5)
+    assert stats["parameters_after"] <= 0.5 * stats["parameters_before"]
+    assert text_family.count_parameters(unet) == stats["parameters_before"]  # the input is left unchanged
+    ranks = lora.ranks(pruned)
+    assert ranks == stats["ranks"] and min(ranks.values()) >= 1 and len(set(ranks.values())) > 1
+    left = lora.lora_layers(pruned)[name].lora_A[lora.ADAPTER].weight.detach()
+    matches = [int(torch.cdist(row[None], original).argmin()) for row in left]
+    assert 2 not in matches and matches == sorted(set(matches))  # the planted one went; the rest kept their order
+    torch.testing.assert_close(left, original[matches])
+    text_family.save(pruned, tmp_path / "pruned")
+    assert lora.read_ranks(tmp_path / "pruned") == ranks
+    config = lora.saved_config(tmp_path / "pruned")
+    assert {k: config["rank_pattern"].get(k, config["r"]) for k in ranks} == ranks
+    assert config["alpha_pattern"] == {k: float(v) for k, v in config["rank_pattern"].items()}  # scale stays 1
+    loaded = text_family.load(tmp_path / "pruned")
+    assert lora.ranks(loaded) == ranks
+    np.testing.assert_array_equal(text_family.generate(loaded, 2, seed=3, **SAMPLING),
+                                  text_family.generate(pruned, 2, seed=3, **SAMPLING))
+    with pytest.raises(ValueError, match="pruned by magnitude"):
+        text_family.prune(unet, 0.5, importance="taylor")
+
+
+def test_a_lora_whose_ranks_do_not_match_its_config_is_named(tmp_path, text_family):
+    unet = text_family.build(seed=0)
+    pruned, _ = text_family.prune(unet, 0.5)
+    text_family.save(pruned, tmp_path / "l")
+    path = tmp_path / "l" / lora.WEIGHTS
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata()
+    config = json.loads(metadata["lora_adapter_metadata"])
+    config["unet.rank_pattern"] = {}  # a stale config: every module claims the original rank
+    save_file(load_file(path), path, metadata={**metadata, "lora_adapter_metadata": json.dumps(config)})
+    with pytest.raises(ValueError, match="rank disagrees with the recorded LoRA config"):
+        text_family.load(tmp_path / "l")
+
+
+def test_fitting_a_lora_trains_only_the_adapter(text_family, glyphs):
+    data = glyphs[0]
+    unet = text_family.build(seed=0)
+    base_before = {k: v.clone() for k, v in unet.state_dict().items() if "lora" not in k}
+    lora_before = [p.detach().clone() for p in lora.lora_parameters(unet)]
+    result = text_family.fit(unet, data.subset(["dejavu-sans"]), steps=3, batch_size=4, lr=1e-2, seed=0,
+                             device="cpu")
+    assert result.steps == 3
+    after = unet.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in base_before.items())
+    assert any(not torch.equal(a, b) for a, b in zip(lora_before, lora.lora_parameters(unet), strict=True))
+    family = TextLoraFamily(text_family.base, {data.item_ids[0]: "x"}, rank=2)
+    with pytest.raises(ValueError, match="have no caption"):
+        family.fit(copy.deepcopy(unet), data, steps=1, batch_size=2, lr=1e-3, seed=0, device="cpu")
