@@ -1,6 +1,8 @@
-# Non-Shapley attribution baselines, each written as {RUN}/baselines/<method>/values.csv (contributor, value, ...),
-# the layout of shapley.csv, for the LDS and counterfactual evaluations: D-TRAK, In-Run Data Shapley, encoded
-# ensembles. Settings: config["baselines"][<method>] over BASELINE_DEFAULTS (common.smk).
+# Non-Shapley attribution baselines, each written as {RUN}/baselines/<method>/values.csv (contributor, value, ...,
+# the layout of shapley.csv) for the LDS and counterfactual evaluations. One rule per method family: the TRAK family
+# (one feature job per output function, one scoring job per method), In-Run Data Shapley, similarity, the paper's
+# heuristics, add-one-in and encoded ensembles. Settings: config["baselines"] (defaults and documentation: the
+# schema and config/README.md); method lists: common.smk.
 
 
 rule baselines:
@@ -8,58 +10,170 @@ rule baselines:
         baseline_values(),
 
 
-rule baseline_dtrak:
+# Projected per-item gradients of the training items and the targets (the loss features also carry Journey-TRAK's
+# trajectory features); the projection is streamed, so memory does not grow with parameters x k.
+rule trak_features:
     input:
         model=rules.train_full.output.model,
         train=rules.prepare_data.output.train,
         heldout=rules.prepare_data.output.heldout,
     output:
-        f"{RUN}/baselines/dtrak/values.csv",
+        f"{RUN}/baselines/trak_features/{{trak_output}}.npz",
     params:
-        settings=baseline_settings("dtrak"),
+        settings=trak_feature_settings(),
         inference_steps=config["utility"]["inference_steps"],
         sampler=config["utility"]["sampler"],
         schedule=config["model"]["schedule"],
         seed=config["seed"],
     log:
-        f"{RUN}/logs/baselines/dtrak.log",
+        f"{RUN}/logs/baselines/trak_features/{{trak_output}}.log",
     benchmark:
-        f"{RUN}/benchmarks/baselines/dtrak.tsv"
+        f"{RUN}/benchmarks/baselines/trak_features/{{trak_output}}.tsv"
     conda:
         ENV
     threads: 1
     resources:
-        runtime=minutes(60),
-        mem_mb=memory(8000),
+        runtime=minutes(120),
+        mem_mb=memory(16000),
         gpu=1,
     script:
-        "../scripts/baseline_dtrak.py"
+        "../scripts/baseline_trak_features.py"
 
 
-rule baseline_inrun:
+rule baseline_trak:
     input:
-        model=inrun_start_model,
+        features=trak_features,
+        train=rules.prepare_data.output.train,
+    output:
+        f"{RUN}/baselines/{{trak_method}}/values.csv",
+    params:
+        lam=baseline_settings("trak")["lam"],
+        aggregate=baseline_settings("trak")["aggregate"],
+    log:
+        f"{RUN}/logs/baselines/{{trak_method}}.log",
+    benchmark:
+        f"{RUN}/benchmarks/baselines/{{trak_method}}.tsv"
+    conda:
+        ENV
+    resources:
+        runtime=minutes(10),
+        mem_mb=memory(4000),
+    script:
+        "../scripts/baseline_trak.py"
+
+
+# In-Run Data Shapley belongs to the run that trained the full model: with baselines.inrun.during: train_full that
+# run writes the values itself (model.smk); otherwise this rule replays the run (same seeds and recipe, checked
+# against the saved model) with the accumulation on, so the default run's train_full stays as cheap as before.
+if not INRUN_IN_TRAIN_FULL:
+
+    rule baseline_inrun:
+        input:
+            model=rules.train_full.output.model,
+            train=rules.prepare_data.output.train,
+            heldout=rules.prepare_data.output.heldout,
+        output:
+            **INRUN_VALUES,
+        params:
+            training=training_settings("train"),
+            settings=inrun_settings(),
+            unet=config["model"]["unet"],
+            schedule=config["model"]["schedule"],
+            seed=config["seed"],
+        log:
+            f"{RUN}/logs/baselines/inrun.log",
+        benchmark:
+            f"{RUN}/benchmarks/baselines/inrun.tsv"
+        conda:
+            ENV
+        threads: 1
+        resources:
+            runtime=minutes(240),
+            mem_mb=memory(8000),
+            gpu=1,
+        script:
+            "../scripts/baseline_inrun.py"
+
+
+rule baseline_similarity:
+    input:
+        model=rules.train_full.output.model,
         train=rules.prepare_data.output.train,
         heldout=rules.prepare_data.output.heldout,
+        reference=rules.reference.output[0],
     output:
-        f"{RUN}/baselines/inrun/values.csv",
+        f"{RUN}/baselines/{{similarity}}/values.csv",
     params:
-        settings=inrun_options(),
+        settings=baseline_settings("similarity"),
+        inference_steps=config["utility"]["inference_steps"],
+        sampler=config["utility"]["sampler"],
         schedule=config["model"]["schedule"],
         seed=config["seed"],
     log:
-        f"{RUN}/logs/baselines/inrun.log",
+        f"{RUN}/logs/baselines/{{similarity}}.log",
     benchmark:
-        f"{RUN}/benchmarks/baselines/inrun.tsv"
+        f"{RUN}/benchmarks/baselines/{{similarity}}.tsv"
     conda:
         ENV
     threads: 1
     resources:
-        runtime=minutes(60),
-        mem_mb=memory(4000),
+        runtime=minutes(30),
+        mem_mb=memory(8000),
         gpu=1,
     script:
-        "../scripts/baseline_inrun.py"
+        "../scripts/baseline_similarity.py"
+
+
+rule baseline_heuristic:
+    input:
+        train=rules.prepare_data.output.train,
+        reference=rules.reference.output[0],
+    output:
+        f"{RUN}/baselines/{{heuristic}}/values.csv",
+    params:
+        predictor=heuristic_predictor(),
+    log:
+        f"{RUN}/logs/baselines/{{heuristic}}.log",
+    benchmark:
+        f"{RUN}/benchmarks/baselines/{{heuristic}}.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        runtime=minutes(30),
+        mem_mb=memory(8000),
+        gpu=1,
+    script:
+        "../scripts/baseline_heuristic.py"
+
+
+# v({i}) - v(∅) over training seeds, through the run's utility mode and store (singletons measured by an estimator
+# are reused, and add-one-in's are reused by later plans).
+rule baseline_add_one_in:
+    input:
+        train=rules.prepare_data.output.train,
+        reference=rules.reference.output[0],
+        start=START_MODEL[config["utility"]["mode"]],
+    output:
+        f"{RUN}/baselines/add_one_in/values.csv",
+    params:
+        settings=settings_of(config["utility"]["mode"]),
+        repeats=baseline_settings("add_one_in")["repeats"],
+        store=f"{RUN}/{config['utility']['mode']}/store",
+        confidence=config["estimator"]["confidence"],
+    log:
+        f"{RUN}/logs/baselines/add_one_in.log",
+    benchmark:
+        f"{RUN}/benchmarks/baselines/add_one_in.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        runtime=minutes(480),
+        mem_mb=memory(8000),
+        gpu=1,
+    script:
+        "../scripts/baseline_add_one_in.py"
 
 
 rule ensemble_codes:
@@ -110,13 +224,15 @@ rule ensemble_member:
         "../scripts/baseline_ensemble_member.py"
 
 
+# The leave-one-out ablation (M members against M/2) and the size-matched contrast (M/2 with against M/2 without).
 rule baseline_ensembles:
     input:
         codes=rules.ensemble_codes.output[0],
         members=ensemble_members,
         reference=rules.reference.output[0],
     output:
-        f"{RUN}/baselines/ensembles/values.csv",
+        ensembles=f"{RUN}/baselines/ensembles/values.csv",
+        contrast=f"{RUN}/baselines/ensembles_contrast/values.csv",
     params:
         generation=generation_settings(),
         property=config["utility"]["property"],

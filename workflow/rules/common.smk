@@ -270,32 +270,55 @@ def ranking_values(wildcards):
     return RANKINGS
 
 
-# Attribution baselines (baselines.smk)
-BASELINE_DEFAULTS = {
-    "dtrak": {"projection_dim": 256, "timesteps": 10, "lam": 1.0e-2, "target": "generated", "n_targets": 256,
-              "batch_size": 32},
-    "inrun": {"start": "full", "steps": 200, "batch_size": 64, "lr": 1.0e-2, "optimizer": "sgd",
-              "validation_batch_size": 128},
-    # Members train from scratch with the `train` recipe unless these keys override it (steps, batch_size, lr, ...).
-    "ensembles": {"members": 8},
-}
-BASELINE_START = {"full": f"{RUN}/models/full", "recovered": f"{RUN}/models/recovered"}
+# Attribution baselines (baselines.smk); their settings are config["baselines"] (defaults: the schema).
+# The TRAK family: method -> the output function of its training features (diffcredit.attribution.trak.METHODS).
+TRAK_FAMILY = {"trak": "loss", "dtrak": "squared_norm", "journey_trak": "loss", "relative_influence": "loss",
+               "renormalized_influence": "loss", "gradient_similarity": "loss"}
+SIMILARITY = ("pixel_similarity_mean", "pixel_similarity_max", "embedding_similarity_mean",
+              "embedding_similarity_max")
+HEURISTICS = ("aesthetic_mean", "aesthetic_max", "embedding_distance")
+INRUN_METHODS = ("inrun", "inrun_first_order")
+ENSEMBLE_METHODS = ("ensembles", "ensembles_contrast")
+# In-Run Data Shapley accumulates during train_full itself, or during a replay of its run (baselines.smk).
+INRUN_IN_TRAIN_FULL = config["baselines"]["inrun"]["during"] == "train_full"
+INRUN_VALUES = {method: f"{RUN}/baselines/{method}/values.csv" for method in INRUN_METHODS}
 
 
 wildcard_constraints:
     member=r"\d{2}",
+    trak_method="|".join(TRAK_FAMILY),
+    trak_output="loss|squared_norm",
+    similarity="|".join(SIMILARITY),
+    heuristic="|".join(HEURISTICS),
 
 
 def baseline_settings(method):
-    return {**BASELINE_DEFAULTS[method], **config.get("baselines", {}).get(method, {})}
+    return config["baselines"][method]
 
 
-def inrun_options():
-    return {key: value for key, value in baseline_settings("inrun").items() if key != "start"}
+def trak_features(wildcards):
+    return f"{RUN}/baselines/trak_features/{TRAK_FAMILY[wildcards.trak_method]}.npz"
 
 
-def inrun_start_model(wildcards):
-    return BASELINE_START[baseline_settings("inrun")["start"]]
+def trak_feature_settings():
+    return {key: value for key, value in baseline_settings("trak").items() if key not in ("lam", "aggregate")}
+
+
+def inrun_settings():
+    return {key: baseline_settings("inrun")[key] for key in ("order", "validation_batch_size")}
+
+
+def inrun_during_training():
+    """What train_full needs to accumulate In-Run Data Shapley (None: it does not)."""
+    if not INRUN_IN_TRAIN_FULL:
+        return None
+    return {"heldout_data": f"{RUN}/data/heldout.npz", "out": INRUN_VALUES["inrun"],
+            "first_order_out": INRUN_VALUES["inrun_first_order"], **inrun_settings()}
+
+
+def heuristic_predictor():
+    """The aesthetic predictor of the heuristics: their own, else the aesthetic property's."""
+    return baseline_settings("heuristics")["predictor"] or config["utility"]["property_options"].get("predictor")
 
 
 def ensemble_training():
@@ -316,4 +339,8 @@ def generation_settings():
 
 
 def baseline_values():
-    return expand(f"{RUN}/baselines/{{method}}/values.csv", method=list(BASELINE_DEFAULTS))
+    """Every baseline's values (`snakemake baselines`); the aesthetic heuristics only with a predictor."""
+    methods = [*TRAK_FAMILY, *INRUN_METHODS, *SIMILARITY, *HEURISTICS, "add_one_in", *ENSEMBLE_METHODS]
+    if heuristic_predictor() is None:
+        methods = [m for m in methods if not m.startswith("aesthetic")]
+    return expand(f"{RUN}/baselines/{{method}}/values.csv", method=methods)

@@ -1,11 +1,16 @@
+# With baselines.inrun.during: train_full, this run also accumulates In-Run Data Shapley (validated on the held-out
+# or reference images) and writes its values.
 rule train_full:
     input:
         train=rules.prepare_data.output.train,
+        **({"heldout": rules.prepare_data.output.heldout} if INRUN_IN_TRAIN_FULL else {}),
     output:
         model=directory(f"{RUN}/models/full"),
         stats=f"{RUN}/models/full.json",
+        **(INRUN_VALUES if INRUN_IN_TRAIN_FULL else {}),
     params:
         training=training_settings("train"),
+        inrun=inrun_during_training(),
         unet=config["model"]["unet"],
         schedule=config["model"]["schedule"],
         seed=config["seed"],

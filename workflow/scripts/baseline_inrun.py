@@ -1,4 +1,4 @@
-"""In-Run Data Shapley of the contributors over a training run validated on the held-out images."""
+"""In-Run Data Shapley over a replay of the full model's training run."""
 import sys
 
 sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (snakemake is injected)
@@ -7,12 +7,15 @@ from diffcredit import stages
 from diffcredit.attribution import inrun
 
 stages.set_threads(snakemake.threads)
-inrun.write_values(
-    model=snakemake.input.model,
+inrun.replay_values(
     train_data=snakemake.input.train,
     heldout_data=snakemake.input.heldout,
-    out=snakemake.output[0],
+    full_model=snakemake.input.model,
+    out=snakemake.output.inrun,
+    first_order_out=snakemake.output.inrun_first_order,
+    unet=snakemake.params.unet,
     schedule=snakemake.params.schedule,
     seed=snakemake.params.seed,
     **snakemake.params.settings,
+    **snakemake.params.training,
 )

@@ -13,5 +13,6 @@ stages.train_full(
     unet=snakemake.params.unet,
     schedule=snakemake.params.schedule,
     seed=snakemake.params.seed,
+    inrun=snakemake.params.inrun,
     **snakemake.params.training,
 )

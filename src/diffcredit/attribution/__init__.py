@@ -36,12 +36,21 @@ def detached_params(model: nn.Module) -> Params:
     return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def contributor_totals(item_scores: np.ndarray, data: ContributorData) -> pd.Series:
-    """Sum per-item scores over each contributor's items (contributors in ``data.contributor_ids`` order)."""
+AGGREGATES = ("sum", "mean", "max")
+
+
+def contributor_totals(item_scores: np.ndarray, data: ContributorData, how: str = "sum") -> pd.Series:
+    """Aggregate per-item scores over each contributor's items (contributors in ``data.contributor_ids`` order).
+
+    `how`: ``sum`` (what a linear datamodel and In-Run Data Shapley call a group's value), ``mean`` or ``max``
+    (the per-contributor aggregates of the SFT-Shapley authors' baseline code).
+    """
+    if how not in AGGREGATES:
+        raise ValueError(f"unknown aggregate {how!r}; use one of {', '.join(AGGREGATES)}")
     item_scores = np.asarray(item_scores, dtype=np.float64)
     if item_scores.shape != (len(data),):
         raise ValueError(f"need one score per item ({len(data)}), got shape {item_scores.shape}")
-    totals = pd.Series(item_scores).groupby(data.contributors).sum()
+    totals = pd.Series(item_scores).groupby(data.contributors).agg(how)
     return totals.reindex(data.contributor_ids).rename_axis("contributor").rename("value")
 
 

@@ -7,8 +7,13 @@ trained without i (the M/2 members with a 0 at i), so with u the oriented proper
 
     value_i = u(full ensemble) − u(ensemble of the members that did not see i),
 
-is a leave-one-out value: positive when i's data improved the property (higher = more valuable). Arbitrary
-coalitions are out of reach: removing k contributors leaves about M·2⁻ᵏ members.
+is a leave-one-out value: positive when i's data improved the property (higher = more valuable). It also compares
+an ensemble of M members with one of M/2, and averaging more members itself changes the generations (smoother noise
+predictions). The size-matched in-versus-out contrast compares two ensembles of M/2 members each,
+
+    contrast_i = u(members that saw i) − u(members that did not see i),
+
+so ensemble size cancels. Arbitrary coalitions are out of reach: removing k contributors leaves about M·2⁻ᵏ members.
 """
 
 from __future__ import annotations
@@ -66,6 +71,11 @@ def member_contributors(codes: pd.DataFrame, member: int) -> list[str]:
     return list(codes.index[codes[member].astype(bool)])
 
 
+def members_with(codes: pd.DataFrame, contributor: str) -> list[int]:
+    """The members trained on `contributor`'s data."""
+    return [int(m) for m in codes.columns[codes.loc[contributor].astype(bool)]]
+
+
 def members_without(codes: pd.DataFrame, contributor: str) -> list[int]:
     """The members that never saw `contributor`: the ensemble left after ablating it."""
     return [int(m) for m in codes.columns[~codes.loc[contributor].astype(bool)]]
@@ -112,8 +122,9 @@ def ablation_table(
 ) -> pd.DataFrame:
     """Ablation value of each contributor of `codes` (see the module docstring); `members[m]` is member m.
 
-    Returns a table indexed by contributor with ``value`` and the oriented utilities behind it (``utility_full``,
-    ``utility_ablated``) and ``members_left``. Every generation uses the same noise (`seed`).
+    Returns a table indexed by contributor with ``value``, the size-matched ``contrast``, the oriented utilities
+    behind them (``utility_full``, ``utility_ablated``, ``utility_with``) and ``members_left``. Every generation uses
+    the same noise (`seed`).
     """
     if len(members) != codes.shape[1]:
         raise ValueError(f"{len(members)} members given but the codes have {codes.shape[1]} columns")
@@ -127,9 +138,9 @@ def ablation_table(
     rows = {}
     for contributor in codes.index:
         kept = members_without(codes, contributor)
-        ablated = utility(kept)
-        rows[contributor] = {"value": full - ablated, "utility_full": full, "utility_ablated": ablated,
-                             "members_left": len(kept)}
+        ablated, seen = utility(kept), utility(members_with(codes, contributor))
+        rows[contributor] = {"value": full - ablated, "contrast": seen - ablated, "utility_full": full,
+                             "utility_ablated": ablated, "utility_with": seen, "members_left": len(kept)}
         log(f"ensemble without {contributor}: utility {ablated:.4g} (full {full:.4g})")
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("contributor")
 
@@ -169,9 +180,10 @@ def train_member(
 
 def write_values(
     *, codes: str, members: Sequence[str], reference: str, property: str, property_options: dict, out: str,
-    seed: int, log: Callable[[str], None] = print, **generation,
+    contrast_out: str | None = None, seed: int, log: Callable[[str], None] = print, **generation,
 ) -> pd.DataFrame:
-    """The workflow's ensemble stage: load the members, ablate each contributor, write values.csv.
+    """The workflow's ensemble stage: load the members, ablate each contributor, write values.csv (and the
+    size-matched contrast's to `contrast_out`).
 
     `members` are the member model folders in member order; `generation` holds n_samples, inference_steps, sampler,
     schedule. Noise is the run's generation noise, as for the coalitions.
@@ -186,6 +198,9 @@ def write_values(
     seconds = time.perf_counter() - tic
     log(f"ensemble ablations: {seconds:.1f} s")
     save_values(table["value"], Path(out), **table.drop(columns="value"), seconds=seconds)
+    if contrast_out is not None:
+        save_values(table["contrast"], Path(contrast_out), **table.drop(columns=["contrast", "value"]),
+                    seconds=seconds)
     return table
 
 

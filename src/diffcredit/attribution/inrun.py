@@ -1,23 +1,45 @@
-"""First-order In-Run Data Shapley (Wang, Mittal, Song & Jia 2024), accumulated over one training run.
+"""In-Run Data Shapley (Wang, Mittal, Song & Jia 2024), first and second order, accumulated during a training run.
 
-At step t the run updates w_{t+1} = w_t − η_t (1/|B_t|) Σ_{z∈B_t} ∇ℓ(w_t, z). To first order, item z's share of that
-step changes the validation loss by −(η_t/|B_t|) ∇L_val(w_t)·∇ℓ(w_t, z). Each item is credited with the loss
-reduction it caused, summed over the steps in which it was in the batch:
+At step t SGD updates w_{t+1} = w_t − η Σ_{z∈B_t} g_z with g_z = ∇ℓ(w_t, z) and η = lr_t/|B_t| (the step size the
+optimiser applied, times the gradient-clipping factor, over the batch size of the mean loss). The utility of a subset
+S of the batch is the validation-loss reduction U(S) = L_val(w_t) − L_val(w_t − η g_S); to second order
 
-    φ_z = Σ_{t: z∈B_t} (η_t/|B_t|) ∇L_val(w_t) · ∇ℓ(w_t, z)        (higher = more helpful)
+    U(S) ≈ η ∇L_val·g_S − (η²/2) g_Sᵀ H_val g_S,
 
-ℓ(w, z) is the denoising loss of z at the (t, ε) the step draws (the training loss itself). L_val is the mean denoising
-loss of the validation images (the held-out real images that are FID's reference), each with one (t, ε) drawn once
-for the whole run, so it is one fixed objective. A contributor's value is the sum over its items.
+a quadratic game whose Shapley values are exact (their Theorem 4): the linear term goes to each item and each
+pairwise term is split evenly, so
 
-Optimizer: the formula is derived for SGD, for which it is the exact first-order term, so the run uses plain SGD
-without gradient clipping by default. With ``optimizer="adam"`` the run follows Adam and the same dot products are
-only a proxy (Adam steps along a preconditioned, momentum-averaged gradient, not along ∇ℓ).
+    φ_z(t) = η ∇L_val·g_z  −  (η²/2) g_zᵀ H_val (Σ_{j∈B_t} g_j)       (first order + second order)
+
+and Σ_z φ_z(t) is the second-order Taylor expansion of the step's actual loss reduction. Values add up over the
+steps in which z is in the batch; higher = more helpful. A group's Shapley value in each step's game is the sum of its
+items' (the game is quadratic), so a contributor's value is the sum over its items, at either order.
+
+How it is computed: the run itself calls :class:`InRunShapley` through ``training.train(observer=...)`` before each
+step's forward pass, at w_t. ∇L_val is one backward pass, H_val (Σ g_j) one Hessian-vector product (forward over
+reverse), and Σ g_j and the per-item dot products g_z·v come from one training-mode forward pass and a double
+backward (:class:`BatchGradients`).
+
+Dropout: the dot products and Σ g_j must see the masks the step's update sees. The observer records the random state
+before the step, replays it for its own training-mode forward pass (plain autograd, the same ops as the step: forward
+mode AD and vmap draw other masks) and restores it, so the training forward pass that follows draws the same masks
+(and the run is bit-identical with and without the observer). The validation
+loss is taken in eval mode (no dropout), as the quantity being credited.
+
+Validation objective: the mean denoising loss of the held-out images (FID's reference; or the user's reference set),
+each with one (t, ε) drawn once for the whole run, so it is one fixed function of w.
+
+Optimiser: exact under SGD (``train.optimizer: sgd``); under Adam the update is a preconditioned, momentum-averaged
+gradient, and the same formula with η = lr/|B| is only a proxy (the values keep their sign and relative order only
+as far as Adam's step points along the gradient). With ``ema_decay`` the saved model is the EMA of the trajectory;
+the values credit the trajectory.
+
+Cost per step, beside the step itself: one validation backward pass, one batch forward with a double backward, and
+one HVP for the second order: about 4-6 training steps.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,87 +57,113 @@ from diffcredit.attribution import Params, contributor_totals, detached_params, 
 from diffcredit.contributors import ContributorData
 from diffcredit.models import make_scheduler
 from diffcredit.seeds import derive_seed
-from diffcredit.training import _batch_indices, _target, select_device
+from diffcredit.training import _target
 
-OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
-
-
-def contributor_scores(
-    model: nn.Module, data: ContributorData, validation_images: np.ndarray, **options: Any
-) -> pd.Series:
-    """In-Run Data Shapley of each contributor: the sum of :func:`item_scores` (same options) over its items."""
-    return contributor_totals(item_scores(model, data.images, validation_images, **options), data)
+ORDERS = (1, 2)
 
 
-def item_scores(
-    model: nn.Module,
-    images: np.ndarray,
-    validation_images: np.ndarray,
-    *,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    optimizer: str = "sgd",
-    validation_batch_size: int | None = None,
-    schedule: dict[str, Any] | None = None,
-    device: str | None = None,
-    log: Callable[[str], None] = print,
-) -> np.ndarray:
-    """φ_z of every item of `images` (see the module docstring).
+class InRunShapley:
+    """An observer for :func:`diffcredit.training.train` that accumulates φ of every training item over the run.
 
-    Batches, timesteps and noise are drawn as :func:`diffcredit.training.train` draws them for the same seed. With
-    `validation_batch_size`, each step estimates ∇L_val on a random subset of the validation images (unbiased, cheaper).
+    ``first`` and ``second`` hold the two orders' totals per item (indices of the images given to ``train``).
     """
-    if steps < 1 or batch_size < 1 or not lr > 0:
-        raise ValueError(f"need steps >= 1, batch_size >= 1 and lr > 0; got {steps}, {batch_size}, {lr}")
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r} for In-Run Data Shapley; use one of {', '.join(OPTIMIZERS)}")
-    validation_images = np.asarray(validation_images, dtype=np.float32)
-    if len(validation_images) == 0 or validation_images.shape[1:] != images.shape[1:]:
-        raise ValueError(f"validation images of shape {validation_images.shape} do not match the training images "
-                         f"{images.shape[1:]}")
-    n_val = len(validation_images)
-    if validation_batch_size is not None and not 1 <= validation_batch_size <= n_val:
-        raise ValueError(f"validation_batch_size={validation_batch_size}: choose 1..{n_val} or None (all)")
 
-    target_device = select_device(device or "auto")
-    model = copy.deepcopy(model).to(target_device).train()
-    scheduler = make_scheduler("ddpm", schedule)
-    n_train = scheduler.config.num_train_timesteps
-    data = torch.from_numpy(np.ascontiguousarray(images)).to(target_device)
-    val = torch.from_numpy(validation_images).to(target_device)
-    val_generator = torch.Generator().manual_seed(derive_seed(seed, "inrun-validation"))
-    val_noise = torch.randn(val.shape, generator=val_generator).to(target_device)
-    val_timesteps = torch.randint(0, n_train, (n_val,), generator=val_generator).to(target_device)
-    order_generator, noise_generator = (  # the two streams of diffcredit.training.train
-        torch.Generator().manual_seed(int(child.generate_state(1)[0]))
-        for child in np.random.SeedSequence(seed).spawn(2)
-    )
-    batches = _batch_indices(len(data), batch_size, order_generator)
-    opt = OPTIMIZERS[optimizer](model.parameters(), lr=lr)
+    def __init__(
+        self, n_items: int, validation_images: np.ndarray, *, seed: int, order: int = 2,
+        validation_batch_size: int | None = None, schedule: dict[str, Any] | None = None,
+    ) -> None:
+        if order not in ORDERS:
+            raise ValueError(f"order={order}: In-Run Data Shapley is implemented to order 1 or 2")
+        validation_images = np.asarray(validation_images, dtype=np.float32)
+        n_val = len(validation_images)
+        if n_val == 0:
+            raise ValueError("In-Run Data Shapley needs validation images (the held-out or reference set)")
+        if validation_batch_size is not None and not 1 <= validation_batch_size <= n_val:
+            raise ValueError(f"validation_batch_size={validation_batch_size}: choose 1..{n_val} or None (all)")
+        self.order, self.validation_batch_size = order, validation_batch_size
+        self.scheduler = make_scheduler("ddpm", schedule)
+        generator = torch.Generator().manual_seed(derive_seed(seed, "inrun-validation"))
+        self.val = torch.from_numpy(validation_images)
+        self.val_noise = torch.randn(self.val.shape, generator=generator)
+        self.val_timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (n_val,), generator=generator)
+        self.subsets = generator  # the per-step validation subsets continue this stream
+        self.first, self.second = np.zeros(n_items), np.zeros(n_items)
+        self.steps = 0
 
-    values = np.zeros(len(images))
-    tic = time.perf_counter()
-    for step in range(1, steps + 1):
+    def validation_loss(self, model: nn.Module, params: Params | None = None, chosen: Any = slice(None)) -> torch.Tensor:
+        """L_val at `params` (default: the model's own), in eval mode."""
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        try:
+            return _mean_loss(params if params is not None else detached_params(model), model,
+                              self.val[chosen].to(device), self.val_timesteps[chosen].to(device),
+                              self.val_noise[chosen].to(device), self.scheduler)
+        finally:
+            model.train(was_training)
+
+    def __call__(self, model: nn.Module, index: torch.Tensor, clean: torch.Tensor, timesteps: torch.Tensor,
+                 noise: torch.Tensor) -> Callable[[float], None]:
+        if len(clean) != len(index) or index.max() >= len(self.first):
+            raise ValueError(f"batch of {len(clean)} items with indices up to {int(index.max())} does not fit the "
+                             f"{len(self.first)} items this observer was made for")
+        device = clean.device
         params = detached_params(model)
-        chosen = (torch.randperm(n_val, generator=val_generator)[:validation_batch_size]
-                  if validation_batch_size is not None else slice(None))
-        val_grad = grad(_mean_loss)(params, model, val[chosen], val_timesteps[chosen], val_noise[chosen], scheduler)
-        index = next(batches)
-        clean = data[index.to(target_device)]
-        noise = torch.randn(clean.shape, generator=noise_generator).to(target_device)
-        timesteps = torch.randint(0, n_train, (len(clean),), generator=noise_generator).to(target_device)
-        dots = gradient_dots(model, params, clean, timesteps, noise, val_grad, scheduler)
-        eta = opt.param_groups[0]["lr"]
-        np.add.at(values, index.numpy(), eta / len(clean) * dots.double().cpu().numpy())  # an item may recur in a batch
-        step_grad = grad(_mean_loss)(params, model, clean, timesteps, noise, scheduler)
-        for name, p in model.named_parameters():
-            p.grad = step_grad[name]
-        opt.step()
-        if step % 50 == 0 or step == steps:
-            log(f"In-Run step {step}/{steps}: {step / (time.perf_counter() - tic):.2f} steps/s")
-    return values
+        chosen = (torch.randperm(len(self.val), generator=self.subsets)[: self.validation_batch_size]
+                  if self.validation_batch_size is not None else slice(None))
+        val_args = (self.val[chosen].to(device), self.val_timesteps[chosen].to(device),
+                    self.val_noise[chosen].to(device), self.scheduler)
+        replay = _RandomState(device)
+        model.eval()
+        val_grad = grad(_mean_loss)(params, model, *val_args)
+        model.train()
+        with replay:  # the step's dropout masks
+            batch = BatchGradients(model, clean, timesteps, noise, self.scheduler)
+        first = batch.dots(val_grad)
+        second = None
+        if self.order == 2:
+            model.eval()
+            with sdpa_kernel(SDPBackend.MATH):  # forward over reverse: H_val (Σ_j g_j), no dropout
+                _, hvp = jvp(lambda p: grad(_mean_loss)(p, model, *val_args), (params,), (batch.total,))
+            model.train()
+            second = batch.dots(hvp)
+        replay.restore()  # the step's own forward pass draws the masks the observer used
+        items = index.cpu().numpy()
+
+        def finish(lr: float) -> None:
+            eta = lr / len(clean)
+            np.add.at(self.first, items, eta * first.double().cpu().numpy())  # an item may recur in a batch
+            if second is not None:
+                np.add.at(self.second, items, -0.5 * eta**2 * second.double().cpu().numpy())
+            self.steps += 1
+
+        return finish
+
+    def table(self, data: ContributorData) -> pd.DataFrame:
+        """Contributor values: ``value`` (to the observer's order), ``first_order``, ``second_order``."""
+        first = contributor_totals(self.first, data)
+        second = contributor_totals(self.second, data)
+        return pd.DataFrame({"value": first + second, "first_order": first, "second_order": second})
+
+
+class _RandomState:
+    """The global random state (CPU, and the CUDA device's) at creation: ``with`` sets it, :meth:`restore` too."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+    def __enter__(self) -> None:
+        self.restore()
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
 def denoising_losses(
@@ -127,43 +175,89 @@ def denoising_losses(
     return (prediction - _target(scheduler, clean, noise, timesteps)).pow(2).flatten(1).mean(1)
 
 
-def gradient_dots(
-    model: nn.Module, params: Params, clean: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor,
-    direction: Params, scheduler: DDPMScheduler,
-) -> torch.Tensor:
-    """∇_w ℓ(w, z_i) · `direction` for every item of the batch, in one forward-mode pass.
+class BatchGradients:
+    """Σ_j g_j of a batch and the per-item dot products g_i·v, from one training-mode forward pass.
 
-    The items' losses are independent outputs of one batched forward (GroupNorm normalises per item; there is no
-    batch statistic), so the JVP of the loss vector along `direction` is the vector of per-item dot products.
+    u(c) = ∇_w Σ_j c_j ℓ(w, z_j) is kept differentiable in c, so ∂(u·v)/∂c_i = g_i·v for any v by one more backward
+    pass (reverse over reverse). Unlike forward mode or vmap, this is the very autograd forward of a training step:
+    it draws the step's dropout masks exactly as the step does (same ops, same random state).
     """
-    with sdpa_kernel(SDPBackend.MATH):  # forward-mode AD is not implemented for the fused CPU attention kernels
-        _, dots = jvp(lambda p: denoising_losses(model, p, clean, timesteps, noise, scheduler), (params,),
-                      ({name: direction[name] for name in params},))
-    return dots
+
+    def __init__(self, model: nn.Module, clean: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor,
+                 scheduler: DDPMScheduler) -> None:
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.names = [name for name, _ in named]
+        self.coefficients = torch.ones(len(clean), device=clean.device, requires_grad=True)
+        with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
+            prediction = model(scheduler.add_noise(clean, noise, timesteps), timesteps).sample
+            losses = (prediction - _target(scheduler, clean, noise, timesteps)).pow(2).flatten(1).mean(1)
+            self.grads = torch.autograd.grad((self.coefficients * losses).sum(), [p for _, p in named],
+                                             create_graph=True)
+        self.total = {name: g.detach() for name, g in zip(self.names, self.grads)}
+
+    def dots(self, direction: Params) -> torch.Tensor:
+        """g_i · `direction` for every item i of the batch [B]."""
+        with sdpa_kernel(SDPBackend.MATH):
+            inner = sum((g * direction[name]).sum() for name, g in zip(self.names, self.grads))
+            return torch.autograd.grad(inner, self.coefficients, retain_graph=True)[0].detach()
 
 
-def _mean_loss(
-    params: Params, model: nn.Module, clean: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor,
-    scheduler: DDPMScheduler,
-) -> torch.Tensor:
+def _mean_loss(params: Params, model: nn.Module, clean: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor,
+               scheduler: DDPMScheduler) -> torch.Tensor:
     return denoising_losses(model, params, clean, timesteps, noise, scheduler).mean()
 
 
-def write_values(
-    *, model: str, train_data: str, heldout_data: str, out: str, schedule: dict[str, Any] | None = None, seed: int,
-    log: Callable[[str], None] = print, **options,
-) -> pd.Series:
-    """The workflow's In-Run stage: a run from `model` on all training data, validated on the held-out images.
+def item_scores(
+    model: nn.Module, images: np.ndarray, validation_images: np.ndarray, *, seed: int, order: int = 2,
+    validation_batch_size: int | None = None, schedule: dict[str, Any] | None = None, **training,
+) -> InRunShapley:
+    """Train `model` in place on `images` (``training`` as for :func:`diffcredit.training.train`, e.g. steps,
+    batch_size, lr, optimizer, grad_clip) while accumulating In-Run Data Shapley; returns the observer."""
+    from diffcredit.training import train
 
-    `options` (steps, batch_size, lr, optimizer, validation_batch_size) go to :func:`contributor_scores`.
-    """
-    from diffcredit.models import load_model
+    observer = InRunShapley(len(images), validation_images, seed=derive_seed(seed, "inrun"), order=order,
+                            validation_batch_size=validation_batch_size, schedule=schedule)
+    train(model, images, seed=seed, schedule=schedule, observer=observer, **training)
+    return observer
+
+
+def observer_for(train_data: ContributorData, validation_data: str, *, seed: int, schedule: dict | None = None,
+                 order: int = 2, validation_batch_size: int | None = None) -> InRunShapley:
+    """The observer the workflow's training of the full model carries (validated on `validation_data`)."""
+    return InRunShapley(len(train_data), ContributorData.load(validation_data).images, seed=derive_seed(seed, "inrun"),
+                        order=order, validation_batch_size=validation_batch_size, schedule=schedule)
+
+
+def write_values(observer: InRunShapley, data: ContributorData, *, out: str, first_order_out: str | None = None,
+                 seconds: float) -> pd.DataFrame:
+    """``values.csv`` of In-Run Data Shapley (value = first + second order) and, optionally, of the first order."""
+    table = observer.table(data)
+    save_values(table["value"], Path(out), first_order=table["first_order"], second_order=table["second_order"],
+                steps=observer.steps, seconds=seconds)
+    if first_order_out is not None:
+        save_values(table["first_order"], Path(first_order_out), steps=observer.steps, seconds=seconds)
+    return table
+
+
+def replay_values(
+    *, train_data: str, heldout_data: str, full_model: str, out: str, first_order_out: str | None = None,
+    unet: dict, schedule: dict, seed: int, order: int = 2, validation_batch_size: int | None = None,
+    log: Callable[[str], None] = print, **training,
+) -> pd.DataFrame:
+    """In-Run Data Shapley of the full model's training run, replayed: the same initial weights, seed and recipe as
+    :func:`diffcredit.stages.train_full`, so the run is the one that produced `full_model` (checked and logged)."""
+    from diffcredit.models import build_model, load_model, unet_config_for
+    from diffcredit.training import train
 
     tic = time.perf_counter()
-    scores = contributor_scores(load_model(model), ContributorData.load(train_data),
-                                ContributorData.load(heldout_data).images, seed=derive_seed(seed, "inrun-train"),
-                                schedule=schedule, log=log, **options)
+    data = ContributorData.load(train_data)
+    model = build_model(unet_config_for(data.images.shape, unet), seed=derive_seed(seed, "full-init"))
+    observer = observer_for(data, heldout_data, seed=seed, schedule=schedule, order=order,
+                            validation_batch_size=validation_batch_size)
+    train(model, data.images, schedule=schedule, seed=derive_seed(seed, "full-train"), observer=observer, **training)
+    saved = load_model(full_model).state_dict()
+    gap = max(float((tensor.cpu() - saved[name]).abs().max()) for name, tensor in model.state_dict().items())
+    log(f"replayed run ends {gap:.3g} (max abs weight difference) from the saved full model")
     seconds = time.perf_counter() - tic
-    log(f"In-Run Data Shapley: {seconds:.1f} s")
-    save_values(scores, Path(out), seconds=seconds)
-    return scores
+    log(f"In-Run Data Shapley over {observer.steps} steps: {seconds:.1f} s")
+    return write_values(observer, data, out=out, first_order_out=first_order_out, seconds=seconds)

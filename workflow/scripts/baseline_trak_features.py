@@ -1,13 +1,14 @@
-"""D-TRAK scores of the contributors for the full model's generations (or the held-out images)."""
+"""Projected gradients (TRAK features) of the training items and the targets for one output function."""
 import sys
 
 sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (snakemake is injected)
 
 from diffcredit import stages
-from diffcredit.attribution import dtrak
+from diffcredit.attribution import trak
 
 stages.set_threads(snakemake.threads)
-dtrak.write_values(
+trak.write_features(
+    output=snakemake.wildcards.trak_output,
     model=snakemake.input.model,
     train_data=snakemake.input.train,
     heldout_data=snakemake.input.heldout,

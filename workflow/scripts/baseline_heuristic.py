@@ -1,0 +1,15 @@
+"""One of the paper's property heuristics (aesthetic score, embedding distance) per contributor."""
+import sys
+
+sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (snakemake is injected)
+
+from diffcredit import stages
+from diffcredit.attribution import heuristics
+
+stages.set_threads(snakemake.threads)
+heuristics.write_values(
+    train_data=snakemake.input.train,
+    reference=snakemake.input.reference,
+    outs={snakemake.wildcards.heuristic: snakemake.output[0]},
+    predictor=snakemake.params.predictor,
+)

@@ -1,0 +1,15 @@
+"""One TRAK-family method's contributor scores from the stored features."""
+import sys
+
+sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (snakemake is injected)
+
+from diffcredit.attribution import trak
+
+trak.write_values(
+    method=snakemake.wildcards.trak_method,
+    features=snakemake.input.features,
+    train_data=snakemake.input.train,
+    out=snakemake.output[0],
+    lam=snakemake.params.lam,
+    aggregate=snakemake.params.aggregate,
+)
