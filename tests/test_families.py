@@ -36,7 +36,7 @@ def tiny_ae_config():
 def base(tmp_path_factory, glyphs):
     """A pixel-space text-to-image base on 8×8 glyphs, saved and loaded back as a diffusers folder."""
     folder = tmp_path_factory.mktemp("base")
-    pipeline = tc.tiny_base(folder / "build", glyphs[1], sample_size=8, seed=0,
+    pipeline = tc.tiny_base(glyphs[1], sample_size=8, seed=0,
                             unet={"block_out_channels": [16, 32]})
     tc.save_base(pipeline, folder / "base")
     return tc.load_base(folder / "base")
@@ -312,3 +312,47 @@ def test_fitting_a_lora_trains_only_the_adapter(text_family, glyphs):
     family = TextLoraFamily(text_family.base, {data.item_ids[0]: "x"}, rank=2)
     with pytest.raises(ValueError, match="have no caption"):
         family.fit(copy.deepcopy(unet), data, steps=1, batch_size=2, lr=1e-3, seed=0, device="cpu")
+
+
+# --- prepare once, open in every job ----------------------------------------------------------------------------
+
+
+def test_each_family_is_prepared_once_and_opened_from_its_folder(tmp_path, glyphs, tiny_config):
+    data = glyphs[0]
+    pixel = Family.prepare(tmp_path / "pixel", data=data, seed=0)
+    assert pixel == {"family": "pixel"}
+    opened = family_class("pixel").open(tmp_path / "pixel", image_shape=data.images.shape, unet=tiny_config)
+    assert opened.unet_config["block_out_channels"] == tiny_config["block_out_channels"]
+    with pytest.raises(ValueError, match="prepared for the 'pixel' family, not 'latent'"):
+        LatentFamily.open(tmp_path / "pixel", image_shape=data.images.shape)
+    with pytest.raises(ValueError, match="takes no family options"):
+        Family.prepare(tmp_path / "p2", data=data, seed=0, rank=4)
+
+    summary = LatentFamily.prepare(tmp_path / "latent", data=data, seed=0, steps=3, batch_size=8, device="cpu",
+                                   log=lambda _: None)
+    assert summary["latent_shape"] == [3, 4, 4] and summary["scaling"] == "measured (1/std)"
+    raw = ae.encode(ae.load_autoencoder(summary["autoencoder"]), data.images)
+    assert summary["scaling_factor"] == pytest.approx(1 / raw.std(dtype=np.float64))
+    latent = LatentFamily.open(tmp_path / "latent", image_shape=data.images.shape)
+    assert (latent.unet_config["sample_size"], latent.unet_config["in_channels"]) == (4, 3)
+    assert latent.inputs(data).shape == (len(data), 3, 4, 4)
+
+
+def test_the_text_family_prepares_captions_and_a_base(tmp_path, glyphs, base):
+    data = glyphs[0]
+    summary = TextLoraFamily.prepare(tmp_path / "standin", data=data, seed=0, captions="glyphs", steps=2,
+                                     batch_size=8, device="cpu", log=lambda _: None)
+    assert summary["n_captions"] == 3 and summary["base_pretraining_items"] > len(data)
+    family = TextLoraFamily.open(tmp_path / "standin", rank=2)
+    assert family.prompts == [caption("A"), caption("O"), caption("X")]
+    assert family.captions[data.item_ids[0]] == caption("A")
+    tc.save_base(base, tmp_path / "staged")
+    TextLoraFamily.prepare(tmp_path / "shared", data=data, seed=0, base=str(tmp_path / "staged"),
+                           prompt="a glyph")
+    shared = TextLoraFamily.open(tmp_path / "shared", rank=2)
+    assert shared.prompts == ["a glyph"] and set(shared.captions.values()) == {"a glyph"}
+    with pytest.raises(ValueError, match="come from the base model"):
+        TextLoraFamily.open(tmp_path / "shared", unet={"sample_size": 8})
+    with pytest.raises(ValueError, match="is not a glyph's"):
+        TextLoraFamily.prepare(tmp_path / "bad", data=ContributorData(data.images[:1], ["x"], ["item7"]), seed=0,
+                               captions="glyphs")

@@ -41,6 +41,18 @@ def caption(letter: str) -> str:
     return f"the letter {letter}"
 
 
+def captions_of(item_ids) -> np.ndarray:
+    """The captions of glyph items, read from their ids (``<font>-<letter><variant>``, as :func:`load_glyphs` names
+    them)."""
+    letters = []
+    for item in item_ids:
+        font, _, rest = str(item).rpartition("-")
+        if not font or not rest[:1].isalpha() or not rest[1:].isdigit():
+            raise ValueError(f"item id {item!r} is not a glyph's (<font>-<letter><variant>); give captions instead")
+        letters.append(rest[0])
+    return np.array([caption(letter) for letter in letters])
+
+
 def render(letter: str, font_file: str, size: int = 16, *, shift: tuple[float, float] = (0.0, 0.0),
            scale: float = 1.0) -> np.ndarray:
     """One glyph as float32 ``[size, size]`` in ``[-1, 1]`` (ink +1); ``shift`` moves it by that share of the image."""

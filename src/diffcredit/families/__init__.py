@@ -24,6 +24,7 @@ unchanged; the others add the concepts of :mod:`.autoencoder`, :mod:`.text_condi
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,23 @@ class Family:
     def __init__(self, unet_config: dict[str, Any], schedule: dict[str, Any] | None = None) -> None:
         self.unet_config = dict(unet_config)
         self.schedule = dict(schedule or {})
+
+    @classmethod
+    def prepare(cls, directory: str | Path, *, data: ContributorData, seed: int, log=print, **options) -> dict:
+        """Make what the family needs besides the data in ``directory``, once per run; returns its summary (also
+        written to ``family.json``). The pixel family needs nothing."""
+        if options:
+            raise ValueError(f"model family {cls.name!r} takes no family options, got {', '.join(options)}")
+        return _write_summary(directory, {"family": cls.name})
+
+    @classmethod
+    def open(cls, directory: str | Path, *, image_shape: tuple[int, ...], unet: dict | None = None,
+             schedule: dict | None = None, **options) -> Family:
+        """The family of a prepared ``directory`` for images of ``image_shape`` (``[N, C, H, W]``)."""
+        from diffcredit.models import unet_config_for
+
+        _read_summary(directory, cls.name)
+        return cls(unet_config_for(tuple(image_shape), unet), schedule)
 
     def build(self, seed: int):
         from diffcredit.models import build_model
@@ -122,6 +140,55 @@ class LatentFamily(Family):
         with np.load(self.latents, allow_pickle=False) as cache:
             self.scaling_factor = float(cache["scaling_factor"])
 
+    @classmethod
+    def prepare(cls, directory: str | Path, *, data: ContributorData, seed: int, log=print,
+                autoencoder: str | None = None, latent_channels: int = 3, steps: int = 400, batch_size: int = 64,
+                lr: float = 1e-3, scaling_factor: float | None = None, device: str | None = None) -> dict:
+        """Load the staged ``autoencoder`` folder (or train a tiny VQModel on ``data`` for the stand-in) and cache
+        every item's latents with the measured scaling factor (or ``scaling_factor``)."""
+        from diffcredit.families import autoencoder as ae
+        from diffcredit.io import file_digest
+        from diffcredit.seeds import derive_seed
+
+        directory = Path(directory)
+        summary: dict[str, Any] = {"family": cls.name}
+        if autoencoder is None:
+            model = ae.build_autoencoder(ae.tiny_autoencoder_config(data.images.shape[1], latent_channels),
+                                         seed=derive_seed(seed, "autoencoder-init"))
+            losses = ae.train_autoencoder(model, data.images, steps=steps, batch_size=batch_size, lr=lr,
+                                          seed=derive_seed(seed, "autoencoder-train"), device=device)
+            ae.save_autoencoder(model, directory / "autoencoder")
+            autoencoder = str(directory / "autoencoder")
+            summary["autoencoder_final_loss"] = float(np.mean(losses[-20:]))
+            log(f"trained a tiny VQModel for {steps} steps: loss {losses[0]:.4f} -> {summary['autoencoder_final_loss']:.4f}")
+        else:
+            model = ae.load_autoencoder(autoencoder)
+        digest = file_digest(_weights_file(autoencoder))
+        shape = ae.latent_shape(dict(model.config), data.images.shape)
+        factor = ae.cache_latents(model, data.images, data.item_ids, directory / "latents.npz",
+                                  autoencoder_digest=digest, factor=scaling_factor, device=device)
+        recon = ae.decode(model, ae.encode(model, data.images[:256], device=device), device=device)
+        summary.update(autoencoder=str(autoencoder), autoencoder_digest=digest, latent_shape=list(shape),
+                       scaling_factor=factor, scaling="given" if scaling_factor is not None else "measured (1/std)",
+                       reconstruction_mse=float(np.mean((recon - data.images[:256]) ** 2)))
+        log(f"latents {shape}, scaling factor {factor:.4g} ({summary['scaling']}), "
+            f"reconstruction MSE {summary['reconstruction_mse']:.4f}")
+        return _write_summary(directory, summary)
+
+    @classmethod
+    def open(cls, directory: str | Path, *, image_shape: tuple[int, ...], unet: dict | None = None,
+             schedule: dict | None = None, device: str | None = None, **options) -> LatentFamily:
+        """The latent family of a prepared ``directory``; the UNet's default config is the digits one at the
+        latents' size and channels, under the user's ``unet`` overrides."""
+        from diffcredit.families.autoencoder import load_autoencoder
+        from diffcredit.models import digits_unet_config
+
+        summary = _read_summary(directory, cls.name)
+        channels, size, _ = summary["latent_shape"]
+        config = {**digits_unet_config(sample_size=size, channels=channels), **(unet or {})}
+        return cls(config, schedule, autoencoder=load_autoencoder(summary["autoencoder"], device or "cpu"),
+                   latents=Path(directory) / "latents.npz", image_shape=tuple(image_shape)[-3:])
+
     def inputs(self, data: ContributorData) -> np.ndarray:
         from diffcredit.families.autoencoder import load_latents
 
@@ -161,6 +228,73 @@ class TextLoraFamily(Family):
         self.prompts = list(prompts) if prompts else sorted(set(self.captions.values()))
         self.guidance_scale = float(guidance_scale)
         self.latents = Path(latents) if latents is not None else None
+
+    @classmethod
+    def prepare(cls, directory: str | Path, *, data: ContributorData, seed: int, log=print, base: str | None = None,
+                captions: str | None = None, prompt: str | None = None, steps: int = 800, batch_size: int = 32,
+                lr: float = 1e-3, device: str | None = None) -> dict:
+        """Check the captions (``captions``: a TSV ``item``, ``caption``; ``glyphs``: read from glyph item ids; or
+        one shared ``prompt``) and write them to ``captions.tsv``; load the staged ``base`` folder (validating its
+        components) or pre-train the stand-in base on glyphs of fonts no contributor owns; cache the items' latents
+        if the base has a vae."""
+        import pandas as pd
+
+        from diffcredit.families import text_conditioning as tc
+        from diffcredit.io import write_table
+        from diffcredit.seeds import derive_seed
+
+        directory = Path(directory)
+        texts = tc.check_captions(data.item_ids, _read_captions(captions, data.item_ids), prompt)
+        write_table(pd.DataFrame({"item": data.item_ids, "caption": texts}), directory / "captions.tsv")
+        summary: dict[str, Any] = {"family": cls.name, "n_captions": len(set(texts))}
+        if base is None:
+            from diffcredit.glyphs import BASE_FONTS, load_glyphs
+
+            _, channels, size, _ = data.images.shape
+            pretraining, pre_captions = load_glyphs(BASE_FONTS, size=size, seed=derive_seed(seed, "base-glyphs"))
+            if channels != 1:
+                raise ValueError(f"the stand-in base is pre-trained on grayscale glyphs, but the data has {channels} "
+                                 "channels: stage a base model (model.text_lora.base)")
+            pipeline = tc.tiny_base([*texts, *pre_captions], sample_size=size,
+                                    seed=derive_seed(seed, "base-init"))
+            result = tc.pretrain(pipeline, pretraining.images, pre_captions, steps=steps, batch_size=batch_size,
+                                 lr=lr, seed=derive_seed(seed, "base-train"), device=device,
+                                 log_every=max(1, steps // 10))
+            tc.save_base(pipeline, directory / "base")
+            base = str(directory / "base")
+            summary.update(base_pretraining_items=len(pretraining), base_final_loss=float(np.mean(result.losses[-50:])))
+            log(f"pre-trained the stand-in base on {len(pretraining)} glyphs of {len(BASE_FONTS)} fonts, "
+                f"{steps} steps")
+        pipeline = tc.load_base(base)
+        summary["base"] = str(base)
+        if pipeline.autoencoder is not None:
+            from diffcredit.families.autoencoder import cache_latents
+            from diffcredit.io import file_digest
+
+            digest = file_digest(_weights_file(Path(base) / "vae"))
+            cache_latents(pipeline.autoencoder, data.images, data.item_ids, directory / "latents.npz",
+                          autoencoder_digest=digest, factor=pipeline.scaling_factor, device=device)
+            summary.update(scaling_factor=pipeline.scaling_factor, autoencoder_digest=digest)
+        return _write_summary(directory, summary)
+
+    @classmethod
+    def open(cls, directory: str | Path, *, image_shape: tuple[int, ...] | None = None, unet: dict | None = None,
+             schedule: dict | None = None, rank: int = 4, prompts: Sequence[str] | None = None,
+             guidance_scale: float = 1.0, device: str | None = None, **options) -> TextLoraFamily:
+        """The text-LoRA family of a prepared ``directory`` (the base's UNet and schedule; ``unet`` and
+        ``schedule`` must be unset: they belong to the base)."""
+        import pandas as pd
+
+        from diffcredit.families.text_conditioning import load_base
+
+        if unet or schedule:
+            raise ValueError("model.unet and model.schedule come from the base model in the text_lora family; "
+                             "leave them unset")
+        summary = _read_summary(directory, cls.name)
+        table = pd.read_csv(Path(directory) / "captions.tsv", sep="\t", dtype=str, keep_default_na=False)
+        latents = Path(directory) / "latents.npz" if "autoencoder_digest" in summary else None
+        return cls(load_base(summary["base"], device or "cpu"), dict(zip(table["item"], table["caption"], strict=True)),
+                   rank=rank, prompts=prompts, guidance_scale=guidance_scale, latents=latents)
 
     def build(self, seed: int):
         from diffcredit.families.lora import add_lora
@@ -233,6 +367,47 @@ class TextLoraFamily(Family):
 
 
 FAMILIES: dict[str, type[Family]] = {"pixel": Family, "latent": LatentFamily, "text_lora": TextLoraFamily}
+
+
+def _write_summary(directory: str | Path, summary: dict) -> dict:
+    from diffcredit.io import write_json
+
+    write_json(Path(directory) / "family.json", summary)
+    return summary
+
+
+def _read_summary(directory: str | Path, name: str) -> dict:
+    path = Path(directory) / "family.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: prepare the {name!r} family first (Family.prepare)")
+    summary = json.loads(path.read_text())
+    if summary.get("family") != name:
+        raise ValueError(f"{directory} was prepared for the {summary.get('family')!r} family, not {name!r}")
+    return summary
+
+
+def _weights_file(folder: str | Path) -> Path:
+    found = sorted(Path(folder).glob("*.safetensors"))
+    if not found:
+        raise FileNotFoundError(f"no .safetensors weights in {folder}; stage the diffusers folder with safetensors")
+    return found[0]
+
+
+def _read_captions(captions: str | None, item_ids: np.ndarray) -> dict[str, str] | None:
+    """Item id -> caption from a TSV (``item``, ``caption``), or from glyph item ids (``glyphs``)."""
+    if captions is None:
+        return None
+    if captions == "glyphs":
+        from diffcredit.glyphs import captions_of
+
+        return dict(zip(map(str, item_ids), captions_of(item_ids), strict=True))
+    import pandas as pd
+
+    table = pd.read_csv(captions, sep="\t", dtype=str, keep_default_na=False)
+    missing = {"item", "caption"} - set(table.columns)
+    if missing:
+        raise ValueError(f"{captions}: a captions TSV needs columns item and caption; missing {', '.join(sorted(missing))}")
+    return dict(zip(table["item"], table["caption"], strict=True))
 
 
 def family_class(name: str) -> type[Family]:

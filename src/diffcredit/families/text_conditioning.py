@@ -2,7 +2,7 @@
 
 The base is a local diffusers folder with ``unet/``, ``text_encoder/``, ``tokenizer/`` and ``scheduler/`` (and
 ``vae/`` for a latent model such as miniSD), or, for the CPU stand-in, built from small configs by :func:`tiny_base`
-with a tokenizer whose ``vocab.json``/``merges.txt`` are written from the captions themselves (nothing downloaded).
+with a tokenizer whose ``vocab.json``/``merges.txt`` are built from the captions themselves (nothing downloaded).
 
 The text encoder is frozen, so every distinct caption is encoded once (:class:`PromptTable`); items point at their
 caption's row. :class:`ConditionedUNet` gives the UNet the signature of an unconditional one, ``model(sample, t)``,
@@ -119,16 +119,19 @@ def tiny_text_encoder_config(tokenizer, hidden_size: int = 32) -> dict[str, Any]
 
 
 def tiny_base(
-    directory: str | Path, texts: Sequence[str], *, sample_size: int = 16, channels: int = 1, seed: int = 0,
-    schedule: dict | None = None, unet: dict | None = None,
+    texts: Sequence[str], *, sample_size: int = 16, channels: int = 1, seed: int = 0, schedule: dict | None = None,
+    unet: dict | None = None,
 ) -> TextPipeline:
-    """A freshly initialised pixel-space base for the stand-in; its tokenizer files are written to ``directory``."""
+    """A freshly initialised pixel-space base for the stand-in, with a tokenizer built from ``texts``."""
+    import tempfile
+
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from diffcredit.models import DEFAULT_SCHEDULE
 
-    tokenizer = write_tokenizer(Path(directory) / "tokenizer", texts)
+    with tempfile.TemporaryDirectory() as folder:  # save_base writes the tokenizer with the rest
+        tokenizer = write_tokenizer(folder, texts)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_text_encoder_config(tokenizer)))
@@ -233,6 +236,18 @@ class ConditionedUNet(nn.Module):
         if self._batch is None or len(self._batch) != len(sample):
             raise RuntimeError("ConditionedUNet needs its batch's item indices: pass observer=model.observe to train")
         return self.unet(sample, timestep, encoder_hidden_states=self.embeddings[self.codes[self._batch]])
+
+
+def pretrain(pipeline: TextPipeline, images: np.ndarray, captions: Sequence[str], *, steps: int, batch_size: int,
+             lr: float, seed: int, **training):
+    """Train the whole base UNet (not the text encoder) on captioned ``images``: the stand-in's pre-training."""
+    from diffcredit.training import train
+
+    conditioned = ConditionedUNet(pipeline.unet.requires_grad_(True), PromptTable.build(pipeline, captions))
+    result = train(conditioned, images, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                   schedule=pipeline.schedule, observer=conditioned.observe, **training)
+    _frozen(pipeline.unet)
+    return result
 
 
 def generate(
