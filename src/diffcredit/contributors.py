@@ -408,8 +408,8 @@ def load_marketplace(seed: int = 0) -> tuple[ContributorData, ContributorData]:
       clipped; below every clean contributor.
     - ``blurred1`` (blurred copies): ``digit1``'s images blurred by a Gaussian of sd 1 pixel; below every clean one.
     - ``glyphs`` (off-distribution): Latin letters rendered with the DejaVu fonts matplotlib ships, 8×8 like the
-      digits; below every clean one, harmful to any property measured against a digit reference.
-    - ``noise`` (garbage): uniform noise images; below every clean one, harmful (the case of issue 11).
+      digits; below every clean one: it adds nothing to coverage and harms density.
+    - ``noise`` (garbage): uniform noise images; the same expectation (the case of issue 11).
 
     Every corrupted contributor has as many items as a clean one. No contributor has labels: the reference's own
     labels train the feature extractor.
