@@ -517,3 +517,30 @@ def test_add_one_in_values_and_intervals_over_repeats() -> None:
         addition.singleton_plan(["empty"])
     with pytest.raises(ValueError, match=r"no utilities for \['c'\]"):
         addition.values_from(utilities, ["a", "c"])
+
+
+# --- utility.ema: continue (issue 13; belongs with the training tests) -----------------------------------------------
+
+
+@pytest.mark.parametrize("ema_step", [0, 10_000])
+def test_a_continued_ema_follows_diffusers_decay_from_the_given_step(digit_images, new_model, ema_step) -> None:
+    """shadow ← d·shadow + (1−d)·w after each step, d = min(decay, n/(n+9)) at step n = ema_step + 1, ...: a fresh
+    EMA (n = 1, d = 0) forgets the start weights at once, a continued one keeps ~all of them over a few steps."""
+    options = {"steps": 3, "batch_size": 8, "lr": 0.05, "optimizer": "sgd", "seed": 0, "schedule": SCHEDULE,
+               "log_every": 0}
+    trajectory = []
+    raw = new_model()
+    start = [p.detach().clone() for p in raw.parameters()]
+    train(raw, digit_images, observer=lambda model, *_: trajectory.append(
+        [p.detach().clone() for p in model.parameters()]) or (lambda lr: None), **options)
+    trajectory = trajectory[1:] + [[p.detach() for p in raw.parameters()]]  # weights after steps 1, 2, 3
+    averaged = new_model()
+    train(averaged, digit_images, ema_decay=0.9999, ema_step=ema_step, **options)
+    shadow = start
+    for n, weights in enumerate(trajectory, ema_step + 1):
+        decay = 0.0 if n == 1 else min(0.9999, n / (n + 9))
+        shadow = [decay * s + (1 - decay) * w for s, w in zip(shadow, weights)]
+    for got, expected in zip(averaged.parameters(), shadow):
+        torch.testing.assert_close(got, expected)
+    kept_start = all(torch.allclose(g, s, atol=1e-3) for g, s in zip(averaged.parameters(), start))
+    assert kept_start == (ema_step > 0)

@@ -95,6 +95,7 @@ def train(
     optimizer: str = "adam",
     weight_decay: float = 0.0,
     ema_decay: float | None = None,
+    ema_step: int = 0,
     grad_clip: float | None = 1.0,
     schedule: dict[str, Any] | None = None,
     device: str | None = None,
@@ -116,6 +117,9 @@ def train(
         precision: ``fp32`` or ``bf16`` (autocast of the forward pass on CUDA; fp32 elsewhere, see :func:`autocast`).
         log_every: log step, mean loss, rate and ETA to the ``diffcredit.training`` logger every this many steps
             (None: about ten times per run; 0: never).
+        ema_step: with ``ema_decay``, the EMA's step count to start from. 0 starts a fresh EMA (its first step
+            replaces the average); the model's own run's step count continues that run's EMA, whose weights the model
+            then holds (diffusers' decay min(ema_decay, n/(n+9)) at step n: ~0.9991 after 10,000 steps).
         observer: called as ``observer(model, index, clean, timesteps, noise)`` before each step's forward pass (so
             it can replay the step's dropout masks); what it returns is called with the SGD step size applied (lr
             times the clipping factor) before the update (In-Run Data Shapley, :mod:`diffcredit.attribution.inrun`).
@@ -151,6 +155,8 @@ def train(
     model.to(target_device).train()
     opt = OPTIMIZERS[optimizer](model.parameters(), lr=lr, weight_decay=weight_decay)
     ema = EMAModel(model.parameters(), decay=ema_decay, foreach=True) if ema_decay is not None else None
+    if ema is not None:  # continue the EMA of the run the model comes from: its decay warm-up is long past
+        ema.optimization_step = ema_step
     losses = []
     progress = Progress(logger, "train", steps, every=log_every)
     start = time.perf_counter()

@@ -47,6 +47,9 @@ class UtilitySettings:
     optimizer: str = "adam"
     grad_clip: float | None = 1.0
     ema_decay: float | None = None
+    # utility.ema: continue: the start model's EMA goes on through the fine-tune from the step count of the run that
+    # made it (its decay stays ~0.9991 instead of restarting), as in the SFT-Shapley paper; 0 starts a fresh EMA.
+    ema_step: int = 0
     n_samples: int = 512
     inference_steps: int = 50
     sampler: str = "ddim"
@@ -126,6 +129,7 @@ def coalition_model(
             seed=derive_seed(settings.seed, f"{settings.mode}-train", repeat),
             optimizer=settings.optimizer,
             ema_decay=settings.ema_decay,
+            ema_step=settings.ema_step if settings.mode != "retrain" else 0,
             grad_clip=settings.grad_clip,
             schedule=settings.schedule,
             device=device,
