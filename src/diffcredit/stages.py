@@ -124,20 +124,20 @@ def prepare_reference(
     `heldout_data` alone (a share `fit_fraction` of it; the rest gives the statistics) and `train_data` is not read
     (pass None); otherwise on the contributors' training items.
     """
-    from diffcredit.contributors import UNTRUSTED_NOTE
     from diffcredit.properties import prepare_reference as prepare
+    from diffcredit.properties import reference_provenance
 
     heldout = ContributorData.load(heldout_data)
     if reference is None:
         train = ContributorData.load(train_data)
         fit = {"train_images": train.images, "train_labels": train.labels}
-        log(f"Warning: {UNTRUSTED_NOTE}")
     else:
         fit = {"trusted": True, "source": reference, "fit_fraction": fit_fraction}
     with atomic_dir(out) as tmp:
         prepare(tmp, reference_images=heldout.images, reference_labels=heldout.labels,
                 seed=derive_seed(seed, "feature-extractor"), feature_dim=feature_dim,
                 classifier_steps=classifier_steps, extractor=extractor, **fit)
+    log(reference_provenance(out)["statement"])
 
 
 def plan_table(
