@@ -110,3 +110,20 @@ def test_cli_writes_shares_and_one_statement_per_contributor(tmp_path):
     assert sorted(p.name for p in (tmp_path / "statements").iterdir()) == [
         "a.md", "b.md", "c.md", "d.md", "statements.json"]
     assert json.loads((tmp_path / "statements" / "statements.json").read_text())["b"]["share"] == 250.0
+
+
+def test_cli_statements_carry_the_evidence_of_a_plan_and_its_utilities(tmp_path):
+    from diffcredit.cli import main
+
+    HAND.to_csv(tmp_path / "shapley.csv", index=False)
+    pd.DataFrame({"coalition": ["c0", "c1", "c2"], "members": ["", "a", "a,b"]}).to_csv(
+        tmp_path / "plan.tsv", sep="\t", index=False)
+    pd.DataFrame({"coalition": ["c0", "c1", "c2"], "utility": [0.0, 4.0, 9.0]}).to_csv(
+        tmp_path / "utilities.tsv", sep="\t", index=False)
+    args = ["payout", "--values", str(tmp_path / "shapley.csv"), "--budget", "10", "--out", str(tmp_path / "p.csv"),
+            "--statements", str(tmp_path / "s"), "--coalitions", str(tmp_path / "plan.tsv")]
+    with pytest.raises(SystemExit):  # evidence needs both files
+        main(args)
+    assert main([*args, "--utilities", str(tmp_path / "utilities.tsv")]) == 0
+    text = (tmp_path / "s" / "a.md").read_text()
+    assert "the 2 measured coalitions with you" in text and "Mean utility with you 6.5, without you 0" in text
