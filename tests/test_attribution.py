@@ -544,3 +544,35 @@ def test_a_continued_ema_follows_diffusers_decay_from_the_given_step(digit_image
         torch.testing.assert_close(got, expected)
     kept_start = all(torch.allclose(g, s, atol=1e-3) for g, s in zip(averaged.parameters(), start))
     assert kept_start == (ema_step > 0)
+
+
+def test_train_full_accumulates_inrun_during_its_own_run(tmp_path, all_digits, tiny_config) -> None:
+    """The workflow's train_full with `inrun` writes both values files; its model equals the one trained without, and
+    the replay of the run (the `replay` route) reproduces the model and the values exactly."""
+    from diffcredit import stages
+    from diffcredit.models import load_model
+
+    data = ContributorData(all_digits[:24], ["a", "b", "c"] * 8, [f"i{i:02d}" for i in range(24)])
+    data.save(tmp_path / "train.npz")
+    ContributorData(all_digits[100:108], ["h"] * 8, [f"h{i}" for i in range(8)]).save(tmp_path / "heldout.npz")
+    recipe = {"unet": tiny_config, "schedule": SCHEDULE, "seed": 0, "steps": 3, "batch_size": 8, "lr": 1e-3,
+              "optimizer": "sgd"}
+    inrun_options = {"order": 2, "validation_batch_size": None}
+    stages.train_full(train_data=str(tmp_path / "train.npz"), out=str(tmp_path / "full"),
+                      stats_out=str(tmp_path / "full.json"),
+                      inrun={"heldout_data": str(tmp_path / "heldout.npz"), "out": str(tmp_path / "inrun.csv"),
+                             "first_order_out": str(tmp_path / "first.csv"), **inrun_options}, **recipe)
+    stages.train_full(train_data=str(tmp_path / "train.npz"), out=str(tmp_path / "plain"),
+                      stats_out=str(tmp_path / "plain.json"), **recipe)
+    full, plain = load_model(tmp_path / "full").state_dict(), load_model(tmp_path / "plain").state_dict()
+    assert all(torch.equal(full[name], plain[name]) for name in full)
+    values = pd.read_csv(tmp_path / "inrun.csv").set_index("contributor")
+    assert list(values.index) == ["a", "b", "c"] and (values["steps"] == 3).all()
+    np.testing.assert_allclose(values["value"], values["first_order"] + values["second_order"])
+    first = pd.read_csv(tmp_path / "first.csv").set_index("contributor")
+    np.testing.assert_allclose(first["value"], values["first_order"])
+
+    replayed = inrun.replay_values(train_data=str(tmp_path / "train.npz"), heldout_data=str(tmp_path / "heldout.npz"),
+                                   full_model=str(tmp_path / "full"), out=str(tmp_path / "replay.csv"),
+                                   log=lambda m: None, **inrun_options, **recipe)
+    np.testing.assert_allclose(replayed["value"], values["value"], rtol=1e-12)
