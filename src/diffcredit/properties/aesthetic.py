@@ -5,6 +5,9 @@ its 90th percentile over 50 generations. Here the predictor is a head on the ref
 LAION: a CLIP image encoder as the extractor, the MLP as the predictor), given as a local file: TorchScript or
 torch.export .pt2 (features [N, d] -> scores [N] or [N, 1]), or safetensors holding a linear head (`weight` [1, d],
 optional `bias` [1]).
+
+Yardstick: the predictor file and the extractor, no reference images; both must come from the buyer, not from
+a contributor.
 """
 
 from __future__ import annotations

@@ -3,6 +3,10 @@
 With a classifier (digits) the bins are its predicted classes. Otherwise they are k-means clusters of the reference
 embeddings (20 by default, as in the paper's CelebA-HQ use case) and each image goes to its nearest centre.
 Ranges from 0 (one bin) to log2(number of bins) (all bins equally used).
+
+Yardstick: the bins come from the reference (its clusters, or a classifier fitted on its labels), so they need a
+trusted reference like FID. Diversity rewards spread, not realism: noise spread over the bins scores high, so pay by
+coverage (`precision_recall`) rather than by diversity.
 """
 
 from __future__ import annotations

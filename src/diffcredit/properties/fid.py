@@ -4,6 +4,10 @@ clean-fid's `compute_fid(..., custom_feat_extractor=...)` reads image files and 
 the extractor, which suits Inception but not an 8x8 digit classifier, and its defaults fetch Inception weights. So the
 features are computed here, in memory, by our extractor, and handed to clean-fid's `frechet_distance` and
 `kernel_distance`: the same statistics, no files, no resize, nothing that could download.
+
+Yardstick: both need reference images of the distribution the buyer wants and an extractor fitted on them (or a
+trusted local one): `data.reference`. Against the contributors' held-out items a contributor moves its own ruler.
+Both mix quality with coverage: one well-drawn class scores worse than a spread of garbage (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

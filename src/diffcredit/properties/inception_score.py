@@ -2,6 +2,9 @@
 
 Confident and varied predictions score high: at most the number of classes, and 1 when every image gets the same
 class distribution. Computed over the whole set (no splits): with a few hundred samples, splits only add noise.
+
+Yardstick: the classifier, which must be fitted on trusted labelled images (the reference's labels, or its k-means
+pseudo-labels); off-distribution images that it labels confidently score high.
 """
 
 from __future__ import annotations

@@ -14,6 +14,10 @@ one that draws noise. These four scores separate the two, in the reference extra
 
 A ball is closed (distance <= radius), as in Kynkäänniemi et al.; Naeem et al.'s code uses `<`, which differs only on
 ties (e.g. exact copies of reference images). Memory is one [reference x generated] distance matrix.
+
+Yardstick: the reference features, so a trusted reference (`data.reference`) whose extractor no contributor shaped.
+Pay by coverage, with density as the harm check: on the marketplace they give the planted answer, precision and
+recall do not (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
