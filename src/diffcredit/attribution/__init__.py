@@ -1,8 +1,14 @@
 """Attribution methods other than Shapley values of fine-tuned coalitions, scored on the same footing.
 
-- :mod:`~diffcredit.attribution.dtrak`: D-TRAK (Zheng et al. 2024), projected-gradient similarity to the generations;
-- :mod:`~diffcredit.attribution.inrun`: first-order In-Run Data Shapley (Wang et al. 2024) over one training run;
-- :mod:`~diffcredit.attribution.ensembles`: encoded ensembles (Dai & Gifford 2023), exact leave-one-contributor-out.
+- :mod:`~diffcredit.attribution.trak`: the TRAK family (TRAK, D-TRAK, Journey-TRAK, relative and renormalised
+  influence, gradient similarity) on one streamed random projection (:mod:`~diffcredit.attribution.projection`);
+- :mod:`~diffcredit.attribution.inrun`: In-Run Data Shapley (Wang et al. 2024) to second order, accumulated during
+  the training run of the credited model;
+- :mod:`~diffcredit.attribution.similarity`: pixel and embedding similarity to the targets;
+- :mod:`~diffcredit.attribution.heuristics`: the SFT-Shapley paper's property heuristics;
+- :mod:`~diffcredit.attribution.addition`: add-one-in, v({i}) − v(∅) with intervals;
+- :mod:`~diffcredit.attribution.ensembles`: encoded ensembles (Dai & Gifford 2023), exact leave-one-contributor-out
+  and a size-matched in-versus-out contrast.
 
 Every method returns a ``pd.Series`` of contributor scores indexed by contributor id (in
 :attr:`ContributorData.contributor_ids` order) where higher means more valuable for the credited property, so the LDS
