@@ -78,6 +78,9 @@ def markdown(out: dict) -> str:
     def number(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.3g}"
 
+    def whole(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:,.0f}"
+
     cost = out["seconds_per_coalition"]
     rows = [
         ("retrain / sft seconds per coalition", "sft_cost_ratio"),
@@ -121,8 +124,8 @@ def markdown(out: dict) -> str:
         cost = costs.get(name, {})
         lines.append(f"| {name} | {number(row['value'])} | [{number(row['ci_low'])}, {number(row['ci_high'])}] "
                      f"| [{number(row['bootstrap_low'])}, {number(row['bootstrap_high'])}] | {per_seed} "
-                     f"| {number(row['seed_averaged'])} | {number(cost.get('wall_seconds'))} "
-                     f"| {number(cost.get('peak_rss_mb'))} |"
+                     f"| {number(row['seed_averaged'])} | {whole(cost.get('wall_seconds'))} "
+                     f"| {whole(cost.get('peak_rss_mb'))} |"
                      + (f" {verdict('lds_sft_shapley', row['value'])}" if name == "sft_shapley" else ""))
     if len(out["lds_by_alpha"] or {}) > 1:
         shares = list(out["lds_by_alpha"])

@@ -268,7 +268,7 @@ def plot_methods(methods: pd.DataFrame, path: str, *, confidence: float) -> None
     left.axvline(0, color="grey", linewidth=0.8)
     left.set_xlim(-1.05, 1.05)
     left.set_xlabel(f"LDS at alpha = {table['alpha'].iloc[0]:g} ({confidence:.0%} intervals)")
-    left.legend(fontsize=7, loc="lower left")
+    left.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     wall = table["wall_seconds"].astype(float)
     right.barh(y, wall.fillna(0), color="#4878a8", height=0.6)
     for row, (seconds, rss) in enumerate(zip(wall, table["peak_rss_mb"], strict=True)):
@@ -279,7 +279,7 @@ def plot_methods(methods: pd.DataFrame, path: str, *, confidence: float) -> None
         right.set_xscale("log")
     right.set_xlabel("wall time of the method's own jobs (s); peak memory")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # "tight" keeps the legend below the axes
     plt.close(fig)
 
 
