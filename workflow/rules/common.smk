@@ -268,6 +268,20 @@ RANKINGS = {
     "banzhaf": f"{RUN}/sft/banzhaf/shapley.csv",
     **{method: f"{RUN}/baselines/{method}/values.csv" for method in config["evaluation"]["baselines"]},
 }
+# Multi-fidelity values need values from a prefix of the estimation plan, which only sampled estimators give.
+MULTIFIDELITY = MAIN not in ("exact", "loo")
+if MULTIFIDELITY:
+    RANKINGS["multifidelity_shapley"] = f"{RUN}/evaluation/multifidelity/shapley.csv"
+# Per ranking, the jobs (benchmark-file globs under {RUN}/benchmarks) whose wall time and peak memory it costs.
+RANKING_JOBS = {
+    "sft_shapley": [f"sft/{MAIN}/**/*.tsv"],
+    "finetune_shapley": [f"finetune/{MAIN}/**/*.tsv"],
+    "loo": ["sft/loo/**/*.tsv"],
+    "banzhaf": ["sft/banzhaf/**/*.tsv"],
+    "multifidelity_shapley": [f"sft/{MAIN}/**/*.tsv", "retrain/agreement/**/*.tsv", "evaluation/multifidelity.tsv"],
+    **{method: [f"baselines/{method}.tsv", f"baselines/{method}/**/*.tsv"] for method in config["evaluation"]["baselines"]},
+}
+
 
 
 def ranking_values(wildcards):
