@@ -272,15 +272,27 @@ RANKINGS = {
 MULTIFIDELITY = MAIN not in ("exact", "loo")
 if MULTIFIDELITY:
     RANKINGS["multifidelity_shapley"] = f"{RUN}/evaluation/multifidelity/shapley.csv"
-# Per ranking, the jobs (benchmark-file globs under {RUN}/benchmarks) whose wall time and peak memory it costs.
-RANKING_JOBS = {
-    "sft_shapley": [f"sft/{MAIN}/**/*.tsv"],
-    "finetune_shapley": [f"finetune/{MAIN}/**/*.tsv"],
-    "loo": ["sft/loo/**/*.tsv"],
-    "banzhaf": ["sft/banzhaf/**/*.tsv"],
-    "multifidelity_shapley": [f"sft/{MAIN}/**/*.tsv", "retrain/agreement/**/*.tsv", "evaluation/multifidelity.tsv"],
-    **{method: [f"baselines/{method}.tsv", f"baselines/{method}/**/*.tsv"] for method in config["evaluation"]["baselines"]},
-}
+
+
+def ranking_jobs():
+    """Per ranking, the jobs (benchmark-file globs under {RUN}/benchmarks) whose wall time and peak memory it costs."""
+    jobs = {
+        "sft_shapley": [f"sft/{MAIN}/**/*.tsv"],
+        "finetune_shapley": [f"finetune/{MAIN}/**/*.tsv"],
+        "loo": ["sft/loo/**/*.tsv"],
+        "banzhaf": ["sft/banzhaf/**/*.tsv"],
+        "multifidelity_shapley": [f"sft/{MAIN}/**/*.tsv", "retrain/agreement/**/*.tsv", "evaluation/multifidelity.tsv"],
+    }
+    for method in config["evaluation"]["baselines"]:
+        own = [f"baselines/{method}.tsv"]
+        if method in TRAK_FAMILY:  # the feature job its scores are computed from
+            own.append(f"baselines/trak_features/{TRAK_FAMILY[method]}.tsv")
+        if method in INRUN_METHODS and INRUN_IN_TRAIN_FULL:  # accumulated inside the training run
+            own.append("train_full.tsv")
+        if method in ENSEMBLE_METHODS:
+            own = ["baselines/ensemble_codes.tsv", "baselines/ensembles.tsv", "baselines/ensembles/*.tsv"]
+        jobs[method] = own
+    return jobs
 
 
 

@@ -81,7 +81,7 @@ rule evaluation_report:
     params:
         rankings=list(RANKINGS),
         alpha=config["evaluation"]["alpha"],
-        jobs=RANKING_JOBS,
+        jobs=ranking_jobs(),
         confidence=config["estimator"]["confidence"],
         benchmarks=f"{RUN}/benchmarks",
     log:
