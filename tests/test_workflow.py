@@ -228,7 +228,8 @@ def test_adaptive_rounds_extend_the_plan_and_measure_only_new_coalitions(tiny_ru
     # A target no interval meets: round 0 (the tiny run's 8 coalitions) goes on, round 1 (12) spends the budget.
     adaptive = workdir / "adaptive.yaml"
     adaptive.write_text("estimator: {stopping: {rule: halfwidth, target: 1.0e-9, round_budget: 4, max_budget: 12}}\n")
-    output = snakemake(workdir, "--cores", "2", "--configfile", str(TINY), str(adaptive)).stdout
+    result = snakemake(workdir, "--cores", "2", "--configfile", str(TINY), str(adaptive))
+    output = result.stdout + result.stderr
     after = stored_records(run)
     assert {p: after[p] for p in before} == before, "a finished coalition was recomputed"
     assert len(after) == len(before) + 4  # round 1 measured its 4 new coalitions, nothing else
