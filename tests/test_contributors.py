@@ -301,7 +301,7 @@ def test_bad_references_are_named_with_the_fix(digits):
     with pytest.raises(ValueError, match="1-channel 16x16 but the training images are 1-channel 8x8"):
         check_reference(big, train)
     rgb = ContributorData(np.zeros((2, 3, 8, 8), np.float32), np.array(["r", "r"]), np.array(["a", "b"]))
-    with pytest.raises(ValueError, match="3-channel 8x8 .* 1-channel 8x8: convert"):
+    with pytest.raises(ValueError, match=r"3-channel 8x8 .* 1-channel 8x8: convert"):
         check_reference(rgb, train)
 
 
