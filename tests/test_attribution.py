@@ -9,18 +9,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from games import reference_shapley
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from diffcredit.attribution import contributor_totals, detached_params, save_values
-from diffcredit.attribution import ensembles, inrun, projection, trak
-from diffcredit.attribution.projection import StreamedProjection
+from diffcredit.attribution import contributor_totals, detached_params, ensembles, inrun, projection, save_values, trak
 from diffcredit.attribution.ensembles import AveragedEnsemble, ablation_table, encode, members_without
+from diffcredit.attribution.projection import StreamedProjection
 from diffcredit.contributors import ContributorData, load_digits
 from diffcredit.models import build_model, make_scheduler
 from diffcredit.sampling import generate
 from diffcredit.seeds import derive_seed
 from diffcredit.training import train
-from games import reference_shapley
 
 SCHEDULE = {"num_train_timesteps": 100}
 
@@ -85,7 +84,7 @@ def test_save_values_writes_contributor_value_rank_and_extras(tmp_path) -> None:
 def dense_projection(proj: StreamedProjection) -> torch.Tensor:
     """P built from its definition: block b of tensor j is N(0, 1/k) from derive_seed(seed, "projection", j, b)."""
     rows = []
-    for j, (name, numel) in enumerate(proj.sizes.items()):
+    for j, numel in enumerate(proj.sizes.values()):
         for b, start in enumerate(range(0, numel, proj.rows)):
             generator = torch.Generator().manual_seed(derive_seed(proj.seed, "projection", j, b))
             rows.append(torch.randn((min(proj.rows, numel - start), proj.dim), generator=generator))
@@ -290,8 +289,8 @@ def test_inrun_second_order_values_are_the_shapley_values_of_the_second_order_ga
         g = [sum(gradients[i][k] for i in members) for k in range(len(weights))]
         with sdpa_kernel(SDPBackend.MATH):
             hvp = torch.autograd.grad(val_grad, weights, grad_outputs=g, retain_graph=True)
-        linear = sum((a * b).sum() for a, b in zip(val_grad, g))
-        quadratic = sum((a * b).sum() for a, b in zip(hvp, g))
+        linear = sum((a * b).sum() for a, b in zip(val_grad, g, strict=True))
+        quadratic = sum((a * b).sum() for a, b in zip(hvp, g, strict=True))
         return float(eta * linear.detach() - eta**2 / 2 * quadratic.detach())
 
     players = ["0", "1", "2", "3"]
@@ -326,7 +325,7 @@ def test_inrun_values_sum_to_the_measured_validation_loss_change_under_sgd(all_d
     plain = build_model(config, seed=0)
     torch.manual_seed(0)
     train(plain, images, **options)
-    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+    for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
 
 
@@ -533,16 +532,16 @@ def test_a_continued_ema_follows_diffusers_decay_from_the_given_step(digit_image
     start = [p.detach().clone() for p in raw.parameters()]
     train(raw, digit_images, observer=lambda model, *_: trajectory.append(
         [p.detach().clone() for p in model.parameters()]) or (lambda lr: None), **options)
-    trajectory = trajectory[1:] + [[p.detach() for p in raw.parameters()]]  # weights after steps 1, 2, 3
+    trajectory = [*trajectory[1:], [p.detach() for p in raw.parameters()]]  # weights after steps 1, 2, 3
     averaged = new_model()
     train(averaged, digit_images, ema_decay=0.9999, ema_step=ema_step, **options)
     shadow = start
     for n, weights in enumerate(trajectory, ema_step + 1):
         decay = 0.0 if n == 1 else min(0.9999, n / (n + 9))
-        shadow = [decay * s + (1 - decay) * w for s, w in zip(shadow, weights)]
-    for got, expected in zip(averaged.parameters(), shadow):
+        shadow = [decay * s + (1 - decay) * w for s, w in zip(shadow, weights, strict=True)]
+    for got, expected in zip(averaged.parameters(), shadow, strict=True):
         torch.testing.assert_close(got, expected)
-    kept_start = all(torch.allclose(g, s, atol=1e-3) for g, s in zip(averaged.parameters(), start))
+    kept_start = all(torch.allclose(g, s, atol=1e-3) for g, s in zip(averaged.parameters(), start, strict=True))
     assert kept_start == (ema_step > 0)
 
 
