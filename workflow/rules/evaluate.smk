@@ -9,12 +9,6 @@ rule counterfactual:
         reference=rules.reference.output[0],
     output:
         f"{RUN}/evaluation/counterfactual.tsv",
-    params:
-        fraction=config["evaluation"]["counterfactual_fraction"],
-        repeats=config["evaluation"]["seeds"],
-        settings=settings_of("retrain"),
-        store=f"{RUN}/retrain/store",
-        rankings=list(RANKINGS),
     log:
         f"{RUN}/logs/evaluation/counterfactual.log",
     benchmark:
@@ -26,6 +20,12 @@ rule counterfactual:
         runtime=minutes(240),
         mem_mb=memory(4000),
         gpu=1,
+    params:
+        fraction=config["evaluation"]["counterfactual_fraction"],
+        repeats=config["evaluation"]["seeds"],
+        settings=settings_of("retrain"),
+        store=f"{RUN}/retrain/store",
+        rankings=list(RANKINGS),
     script:
         "../scripts/counterfactual.py"
 
@@ -41,8 +41,6 @@ rule multifidelity:
     output:
         values=f"{RUN}/evaluation/multifidelity/shapley.csv",
         summary=f"{RUN}/evaluation/multifidelity/summary.json",
-    params:
-        confidence=config["estimator"]["confidence"],
     log:
         f"{RUN}/logs/evaluation/multifidelity.log",
     benchmark:
@@ -52,6 +50,8 @@ rule multifidelity:
     resources:
         runtime=minutes(10),
         mem_mb=memory(2000),
+    params:
+        confidence=config["estimator"]["confidence"],
     script:
         "../scripts/multifidelity.py"
 
@@ -78,12 +78,6 @@ rule evaluation_report:
         methods_figure=f"{RUN}/evaluation/methods.png",
         budget=f"{RUN}/evaluation/budget.tsv",
         budget_figure=f"{RUN}/evaluation/budget.png",
-    params:
-        rankings=list(RANKINGS),
-        alpha=config["evaluation"]["alpha"],
-        jobs=ranking_jobs(),
-        confidence=config["estimator"]["confidence"],
-        benchmarks=f"{RUN}/benchmarks",
     log:
         f"{RUN}/logs/evaluation/report.log",
     benchmark:
@@ -93,6 +87,12 @@ rule evaluation_report:
     resources:
         runtime=minutes(30),
         mem_mb=memory(2000),
+    params:
+        rankings=list(RANKINGS),
+        alpha=config["evaluation"]["alpha"],
+        jobs=ranking_jobs(),
+        confidence=config["estimator"]["confidence"],
+        benchmarks=f"{RUN}/benchmarks",
     script:
         "../scripts/evaluation_report.py"
 
