@@ -30,9 +30,10 @@ def measure(preset: str, dim: int, items: int, timesteps: int, share: float) -> 
     torch.set_num_threads(1)
     with open(preset) as handle:
         config = yaml.safe_load(handle)
-    size = config.get("model", {}).get("unet", {}).get("sample_size", 32)
-    shape = (items, 3, size, size)
-    model = build_model(unet_config_for(shape, config["model"]["unet"]), seed=0)
+    # the preset's images: 8x8 grey digits for the embedded data, else 32x32 RGB (the CIFAR presets)
+    digits = config.get("data", {}).get("source", "digits") == "digits"
+    shape = (items, 1, 8, 8) if digits else (items, 3, 32, 32)
+    model = build_model(unet_config_for(shape, config.get("model", {}).get("unet", {})), seed=0)
     space = FeatureSpace.build(model, shape[1:], projection_dim=dim, timesteps=timesteps, seed=0, batch_size=items,
                                device="cpu")
     images = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
