@@ -11,15 +11,16 @@ import pytest
 import yaml
 
 from diffcredit.coalitions import (
+    kernel_mass,
     member_sets,
     parse_coalitions,
     parse_plan,
     plan,
     read_coalitions,
     read_contributors,
+    stratum_pairs,
     write_coalitions,
 )
-from diffcredit.coalitions import kernel_mass, stratum_pairs
 from diffcredit.estimators import DEFAULT
 from diffcredit.estimators import NAMES as ESTIMATORS
 
@@ -175,9 +176,9 @@ def test_permutation_samples_are_antithetic_chains_adding_one_contributor_each()
         forward, backward = sample[: n + 1], sample[n + 1 :]
         for chain in (forward, backward):
             assert [len(sets[c]) for c in chain] == list(range(n + 1))
-            assert all(set(sets[a]) < set(sets[b]) for a, b in zip(chain, chain[1:]))
-        added = [(set(sets[b]) - set(sets[a])).pop() for a, b in zip(forward, forward[1:])]
-        again = [(set(sets[b]) - set(sets[a])).pop() for a, b in zip(backward, backward[1:])]
+            assert all(set(sets[a]) < set(sets[b]) for a, b in itertools.pairwise(chain))
+        added = [(set(sets[b]) - set(sets[a])).pop() for a, b in itertools.pairwise(forward)]
+        again = [(set(sets[b]) - set(sets[a])).pop() for a, b in itertools.pairwise(backward)]
         assert again == added[::-1]  # the second chain is the reversed order
     completed = [row[c] for cell_row, cell in enumerate(table["samples"]) for s in cell.split(";") if s
                  for c in s.split(",") if row[c] > cell_row]
@@ -332,5 +333,5 @@ def test_membership_follows_the_contributors_order():
     assert names == PLAYERS
     expected = np.array([[p in m for p in PLAYERS] for m in member_sets(table).values()])
     np.testing.assert_array_equal(matrix.toarray(), expected)
-    _, names, matrix = parse_coalitions(table, contributors=PLAYERS[::-1] + ["extra"])
+    _, names, matrix = parse_coalitions(table, contributors=[*PLAYERS[::-1], "extra"])
     np.testing.assert_array_equal(matrix.toarray(), np.column_stack([expected[:, ::-1], np.zeros(20, bool)]))

@@ -201,7 +201,7 @@ def coverage_game():
         return base(members) + 0.3 * pairs(members)
 
     table = plan(players, "exact", None, 0)
-    value = dict(zip(map(frozenset, member_sets(table).values()), utilities(table, game, seeds=1)["utility"]))
+    value = dict(zip(map(frozenset, member_sets(table).values()), utilities(table, game, seeds=1)["utility"], strict=False))
     truths = {
         "Shapley": reference_shapley(game, players),
         "Banzhaf": reference_banzhaf(game, players),
@@ -414,7 +414,7 @@ def test_valuation_result_sorts_saves_loads_and_merges(tmp_path: Path):
     ordered = first.sorted()
     assert list(ordered.values) == sorted(first.values, reverse=True)
     assert ordered.to_frame()["rank"].tolist() == list(range(1, 7))
-    assert dict(zip(ordered.names, ordered.stderr)) == dict(zip(first.names, first.stderr))
+    assert dict(zip(ordered.names, ordered.stderr, strict=False)) == dict(zip(first.names, first.stderr, strict=False))
     first.save(tmp_path / "values.csv")
     back = ValuationResult.load(tmp_path / "values.csv")
     pd.testing.assert_frame_equal(back.to_frame(), first.to_frame(), check_dtype=False)

@@ -59,7 +59,6 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from scipy import sparse
-
 from scipy.special import comb
 
 from diffcredit.contributors import validate_contributor_id
@@ -77,6 +76,7 @@ _STRATA = zlib.crc32(b"diffcredit.coalitions.strata")  # the kernelshap strata's
 _BLOCK = 256  # draws per random block; fixed, so the plan does not depend on the budget
 _MAX_DRAWS_PER_ROW = 200  # give up (instead of looping) when almost every coalition is already planned
 _ENUMERATED_STRATUM = 2**16  # kernelshap strata with at most this many pairs are enumerated, then shuffled
+_STRATUM_BLOCK = 32  # draws per random block of a large stratum (most strata need few pairs)
 _TEXT_ROWS = 1024  # member strings are built this many rows at a time
 
 
@@ -283,11 +283,12 @@ def _stratum_sequence(n: int, k: int, seed: int) -> Iterator[np.ndarray]:
         return
     seen: set[bytes] = set()
     for _, rng in _blocks(seed, _STRATA, k):
-        masks = np.empty((_BLOCK, n), bool)
-        masks[np.arange(_BLOCK)[:, None], _permutations(rng, n)] = np.arange(n) < k
+        masks = np.empty((_STRATUM_BLOCK, n), bool)
+        order = rng.permuted(np.broadcast_to(np.arange(n), (_STRATUM_BLOCK, n)), axis=1)
+        masks[np.arange(_STRATUM_BLOCK)[:, None], order] = np.arange(n) < k
         if 2 * k == n:
             masks[~masks[:, 0]] = ~masks[~masks[:, 0]]
-        for mask, key in zip(masks, np.packbits(masks, axis=1)):
+        for mask, key in zip(masks, np.packbits(masks, axis=1), strict=False):
             key = key.tobytes()
             if key not in seen:
                 seen.add(key)
@@ -326,7 +327,7 @@ def _collect(
         ends = np.append(block.draw[1:] != block.draw[:-1], True).tolist()
         new: list[int] = []
         taken.append((block, new))
-        for position, (key, end) in enumerate(zip(keys, ends)):
+        for position, (key, end) in enumerate(zip(keys, ends, strict=False)):
             row = index_of.get(key)
             if row is None:
                 if len(index_of) == budget:  # the budget ends inside this draw: it is not complete
@@ -389,7 +390,7 @@ def _members_text(ids: list[str], masks: np.ndarray) -> list[str]:
         keep = np.repeat(masks[start : start + _TEXT_ROWS], width, axis=1)
         text = np.broadcast_to(buffer, keep.shape)[keep].tobytes().decode("ascii")
         ends = np.cumsum(keep.sum(axis=1)).tolist()
-        texts += [text[begin:end][:-1] for begin, end in zip([0, *ends[:-1]], ends)]  # [:-1]: the last comma
+        texts += [text[begin:end][:-1] for begin, end in zip([0, *ends[:-1]], ends, strict=False)]  # [:-1]: the last comma
     return texts
 
 
@@ -449,7 +450,7 @@ def parse_coalitions(
     codes, found = pd.factorize(np.array(flat, dtype=object))
     first = np.unique(codes, return_index=True)[1]  # factorize numbers names by first appearance
     where = [f"{source} row {row_of[k] + 1}, coalition {ids[row_of[k]]}" for k in first]
-    for name, place in zip(found, where):
+    for name, place in zip(found, where, strict=False):
         validate_contributor_id(name, where=place)
     keys = np.sort(row_of * len(found) + codes)
     twice = keys[1:][keys[1:] == keys[:-1]]
@@ -483,7 +484,7 @@ def _member_order(found: np.ndarray, codes: np.ndarray, row_of: np.ndarray, coun
     follows = row_of[1:] == row_of[:-1]
     pairs = np.unique(codes[:-1][follows] * len(found) + codes[1:][follows])  # (earlier, later) as one integer
     before: dict[int, set[int]] = {code: set() for code in range(len(found))}
-    for earlier, later in zip(*np.divmod(pairs, len(found))):
+    for earlier, later in zip(*np.divmod(pairs, len(found)), strict=False):
         before[int(later)].add(int(earlier))
     try:
         return found[list(graphlib.TopologicalSorter(before).static_order())].tolist()
@@ -509,7 +510,7 @@ def parse_plan(
     for name in REGISTRY[estimators[0]].columns:
         if name not in table.columns:
             raise ValueError(f"{source}: the {estimators[0]} plan needs a {name!r} column; re-run diffcredit plan")
-    sets = pd.Series([matrix.indices[a:b].tobytes() for a, b in zip(matrix.indptr[:-1], matrix.indptr[1:])])
+    sets = pd.Series([matrix.indices[a:b].tobytes() for a, b in zip(matrix.indptr[:-1], matrix.indptr[1:], strict=False)])
     same = sets.duplicated()
     if same.any():
         row = int(np.flatnonzero(same)[0])
@@ -523,7 +524,7 @@ def parse_plan(
 
 def member_sets(table: pd.DataFrame) -> dict[str, tuple[str, ...]]:
     """Map each coalition id to its member ids."""
-    return {c: tuple(m.split(",")) if m else () for c, m in zip(table["coalition"], table["members"])}
+    return {c: tuple(m.split(",")) if m else () for c, m in zip(table["coalition"], table["members"], strict=False)}
 
 
 def _read_tsv(path: str | os.PathLike[str]) -> pd.DataFrame:

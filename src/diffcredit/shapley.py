@@ -74,6 +74,7 @@ TABLE_COLUMNS = ("contributor", "value", "stderr", "ci_low", "ci_high", "df", "r
 CONDITIONAL = "not measured: interval conditional on single measurements"
 _GRID_POINTS = 20
 _MAX_LEVERAGE = 0.95  # caps the HC3 inflation of one pair's residual at 20×
+_CONDITION = 1e-6  # Cholesky diagonals below this share of the largest: treat the sampled matrix as singular
 _LISTED = 10  # ids named in an error message before "and k more"
 
 
@@ -536,7 +537,7 @@ def _stratified_kernelshap(pairs: _Pairs, n: int, delta: float, bound_noise: flo
     leverage = np.clip(weight * np.asarray(z.multiply(pz).sum(axis=1)).ravel(), 0, _MAX_LEVERAGE)
     residual = residual / (1 - leverage)
     influence = residual[:, None] / 2 * pz  # ψ_j = P(b_j − A_j φ)
-    own_noise = pairs.noise[:, None] / 4 * pz**2  # seed noise in ψ_j
+    own_noise = (pairs.noise / (1 - leverage))[:, None] / 4 * pz**2  # seed noise left in ψ_j after the HC3 scaling
     noise = ((weight / 2) ** 2 * pairs.noise) @ pz**2 + h**2 * bound_noise
 
     parts, dfs = [], []
@@ -575,12 +576,12 @@ def _stratified_kernelshap(pairs: _Pairs, n: int, delta: float, bound_noise: flo
 
 
 def _pseudo_inverse(matrix: np.ndarray) -> np.ndarray:
-    """Inverse of a symmetric positive semi-definite matrix, or its pseudo-inverse when it is singular."""
+    """Inverse of a symmetric positive semi-definite matrix, or its pseudo-inverse when it is (nearly) singular."""
     try:
-        factor = scipy.linalg.cho_factor(matrix)
-        inverse = scipy.linalg.cho_solve(factor, np.eye(len(matrix)))
-        if np.isfinite(inverse).all() and np.linalg.cond(matrix) < 1e10:
-            return inverse
+        factor, lower = scipy.linalg.cho_factor(matrix)
+        diagonal = np.abs(np.diag(factor))
+        if diagonal.min() > _CONDITION * diagonal.max():  # cond(matrix) ≈ (max/min of the factor's diagonal)²
+            return scipy.linalg.cho_solve((factor, lower), np.eye(len(matrix)))
     except np.linalg.LinAlgError:
         pass
     return scipy.linalg.pinvh(matrix)
