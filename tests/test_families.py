@@ -351,8 +351,18 @@ def test_the_text_family_prepares_captions_and_a_base(tmp_path, glyphs, base):
                            prompt="a glyph")
     shared = TextLoraFamily.open(tmp_path / "shared", rank=2)
     assert shared.prompts == ["a glyph"] and set(shared.captions.values()) == {"a glyph"}
-    with pytest.raises(ValueError, match="come from the base model"):
+    with pytest.raises(ValueError, match="comes from the base model"):
         TextLoraFamily.open(tmp_path / "shared", unet={"sample_size": 8})
     with pytest.raises(ValueError, match="is not a glyph's"):
         TextLoraFamily.prepare(tmp_path / "bad", data=ContributorData(data.images[:1], ["x"], ["item7"]), seed=0,
                                captions="glyphs")
+
+
+def test_glyphs_written_as_npz_load_as_a_source_with_their_ids(tmp_path):
+    from diffcredit.contributors import load_source
+    from diffcredit.glyphs import captions_of, main
+
+    main([str(tmp_path / "g.npz"), "--size", "8", "--variants", "1"])
+    data = load_source("npz", path=tmp_path / "g.npz")
+    assert len(data) == len(CONTRIBUTOR_FONTS) * 26 and data.images.shape[1:] == (1, 8, 8)
+    assert list(captions_of(data.item_ids[:2])) == [caption("A"), caption("B")]

@@ -103,3 +103,22 @@ def load_glyphs(
                 captions.append(caption(letter))
     data = ContributorData(np.stack(images)[:, None], np.array(owners), np.array(item_ids), np.array(labels))
     return data, np.array(captions)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m diffcredit.glyphs OUT.npz``: write the contributors' glyphs for ``data.source: npz``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m diffcredit.glyphs", description=main.__doc__)
+    parser.add_argument("out", help="the .npz to write (images, contributors, item_ids, labels)")
+    parser.add_argument("--size", type=int, default=16, help="image side in pixels (default: %(default)s)")
+    parser.add_argument("--variants", type=int, default=2, help="items per letter and font (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the variants' jitter (default: %(default)s)")
+    args = parser.parse_args(argv)
+    data, _ = load_glyphs(size=args.size, variants=args.variants, seed=args.seed)
+    data.save(args.out)
+    print(f"{args.out}: {len(data)} glyphs of {len(data.contributor_ids)} fonts, {args.size}x{args.size}")
+
+
+if __name__ == "__main__":
+    main()

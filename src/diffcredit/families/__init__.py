@@ -43,6 +43,9 @@ class Family:
     """
 
     name = "pixel"
+    # the keys of the config's ``model.<family>`` section that prepare and open take
+    prepare_options: tuple[str, ...] = ()
+    open_options: tuple[str, ...] = ()
 
     def __init__(self, unet_config: dict[str, Any], schedule: dict[str, Any] | None = None) -> None:
         self.unet_config = dict(unet_config)
@@ -128,6 +131,7 @@ class LatentFamily(Family):
     """
 
     name = "latent"
+    prepare_options = ("autoencoder", "latent_channels", "steps", "batch_size", "lr", "scaling_factor")
 
     def __init__(self, unet_config: dict[str, Any], schedule: dict[str, Any] | None = None, *, autoencoder,
                  latents: str | Path, image_shape: tuple[int, int, int]) -> None:
@@ -216,6 +220,8 @@ class TextLoraFamily(Family):
     """
 
     name = "text_lora"
+    prepare_options = ("base", "captions", "prompt", "steps", "batch_size", "lr")
+    open_options = ("rank", "prompts", "guidance_scale")
 
     def __init__(self, base, captions: dict[str, str], *, rank: int, prompts: Sequence[str] | None = None,
                  guidance_scale: float = 1.0, latents: str | Path | None = None) -> None:
@@ -281,15 +287,15 @@ class TextLoraFamily(Family):
     def open(cls, directory: str | Path, *, image_shape: tuple[int, ...] | None = None, unet: dict | None = None,
              schedule: dict | None = None, rank: int = 4, prompts: Sequence[str] | None = None,
              guidance_scale: float = 1.0, device: str | None = None, **options) -> TextLoraFamily:
-        """The text-LoRA family of a prepared ``directory`` (the base's UNet and schedule; ``unet`` and
-        ``schedule`` must be unset: they belong to the base)."""
+        """The text-LoRA family of a prepared ``directory``. The UNet and the noise schedule are the base's
+        (``unet/config.json``, ``scheduler/scheduler_config.json``): ``schedule`` is not used and ``unet`` must be
+        empty."""
         import pandas as pd
 
         from diffcredit.families.text_conditioning import load_base
 
-        if unet or schedule:
-            raise ValueError("model.unet and model.schedule come from the base model in the text_lora family; "
-                             "leave them unset")
+        if unet:
+            raise ValueError("model.unet comes from the base model in the text_lora family; leave it empty")
         summary = _read_summary(directory, cls.name)
         table = pd.read_csv(Path(directory) / "captions.tsv", sep="\t", dtype=str, keep_default_na=False)
         latents = Path(directory) / "latents.npz" if "autoencoder_digest" in summary else None
@@ -367,6 +373,32 @@ class TextLoraFamily(Family):
 
 
 FAMILIES: dict[str, type[Family]] = {"pixel": Family, "latent": LatentFamily, "text_lora": TextLoraFamily}
+
+
+def prepare_family(model: dict, directory: str | Path, *, data: ContributorData, seed: int,
+                   device: str | None = None, log=print) -> dict:
+    """Prepare the family of the config's ``model`` section (``family`` and its ``model.<family>`` options)."""
+    cls = family_class(model.get("family", "pixel"))
+    options = _options(model, cls, cls.prepare_options)
+    if cls.name != "pixel":
+        options["device"] = device
+    return cls.prepare(directory, data=data, seed=seed, log=log, **options)
+
+
+def open_family(model: dict, directory: str | Path, *, image_shape: tuple[int, ...],
+                device: str | None = None) -> Family:
+    """The family of the config's ``model`` section, from the folder :func:`prepare_family` wrote."""
+    cls = family_class(model.get("family", "pixel"))
+    options = _options(model, cls, cls.open_options)
+    if cls.name != "pixel":
+        options["device"] = device
+    return cls.open(directory, image_shape=image_shape, unet=model.get("unet"), schedule=model.get("schedule"),
+                    **options)
+
+
+def _options(model: dict, cls: type[Family], keys: tuple[str, ...]) -> dict:
+    section = model.get(cls.name) or {}
+    return {key: section[key] for key in keys if key in section}
 
 
 def _write_summary(directory: str | Path, summary: dict) -> dict:

@@ -93,14 +93,15 @@ def write_tokenizer(directory: str | Path, texts: Sequence[str], max_length: int
 
 
 def tiny_unet_config(sample_size: int = 16, channels: int = 1, cross_attention_dim: int = 32) -> dict[str, Any]:
-    """A small ``UNet2DConditionModel`` (channels 32/64, cross-attention at the full resolution) for the stand-in."""
+    """A small ``UNet2DConditionModel`` for the stand-in: channels 32/64, cross-attention at the half resolution
+    only (at the full one it costs twice as much per step on a CPU)."""
     return {
         "sample_size": sample_size,
         "in_channels": channels,
         "out_channels": channels,
         "block_out_channels": [32, 64],
-        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
         "layers_per_block": 1,
         "cross_attention_dim": cross_attention_dim,
         "attention_head_dim": 8,
