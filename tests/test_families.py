@@ -366,3 +366,18 @@ def test_glyphs_written_as_npz_load_as_a_source_with_their_ids(tmp_path):
     data = load_source("npz", path=tmp_path / "g.npz")
     assert len(data) == len(CONTRIBUTOR_FONTS) * 26 and data.images.shape[1:] == (1, 8, 8)
     assert list(captions_of(data.item_ids[:2])) == [caption("A"), caption("B")]
+
+
+def test_the_configs_model_section_chooses_the_family_and_its_options(tmp_path, glyphs, tiny_config):
+    from diffcredit.families import open_family, prepare_family
+
+    data = glyphs[0]
+    model = {"family": "latent", "unet": {}, "schedule": {"num_train_timesteps": 20},
+             "latent": {"steps": 2, "batch_size": 8, "latent_channels": 2}}
+    summary = prepare_family(model, tmp_path / "l", data=data, seed=0, device="cpu", log=lambda _: None)
+    assert summary["latent_shape"] == [2, 4, 4]
+    family = open_family(model, tmp_path / "l", image_shape=data.images.shape)
+    assert isinstance(family, LatentFamily) and family.schedule == {"num_train_timesteps": 20}
+    pixel = {"unet": tiny_config, "schedule": {}}  # no family key: today's pixel model
+    prepare_family(pixel, tmp_path / "p", data=data, seed=0)
+    assert type(open_family(pixel, tmp_path / "p", image_shape=data.images.shape)) is Family
