@@ -37,11 +37,14 @@ logger = logging.getLogger(__name__)
 
 # name -> (scheduler class, its settings beyond the training schedule, whether each step draws fresh noise).
 # Order 3 is what both solvers' authors recommend for unconditional models; the last steps fall back to lower orders.
+# Thresholding with sample_max_value 1 clips each predicted clean image to the data range [-1, 1], as DDIM's and
+# DDPM's clip_sample does, so that all samplers solve the same clipped problem.
+_CLIPPED = {"solver_order": 3, "thresholding": True, "sample_max_value": 1.0}
 SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any], bool]] = {
     "ddim": (DDIMScheduler, {}, False),
     "ddpm": (DDPMScheduler, {}, True),
-    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 3}, False),
-    "unipc": (UniPCMultistepScheduler, {"solver_order": 3}, False),
+    "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", **_CLIPPED}, False),
+    "unipc": (UniPCMultistepScheduler, _CLIPPED, False),
 }
 
 
