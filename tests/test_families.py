@@ -381,3 +381,15 @@ def test_the_configs_model_section_chooses_the_family_and_its_options(tmp_path, 
     pixel = {"unet": tiny_config, "schedule": {}}  # no family key: today's pixel model
     prepare_family(pixel, tmp_path / "p", data=data, seed=0)
     assert type(open_family(pixel, tmp_path / "p", image_shape=data.images.shape)) is Family
+
+
+def test_a_workflow_spec_opens_its_family_once_per_process(tmp_path, glyphs, tiny_config):
+    from diffcredit.families import family_of, prepare_family
+
+    data = glyphs[0]
+    model = {"family": "pixel", "unet": tiny_config, "schedule": {}}
+    prepare_family(model, tmp_path / "p", data=data, seed=0)
+    spec = {"model": model, "directory": str(tmp_path / "p")}
+    assert family_of(spec, (1, 8, 8)) is family_of(dict(spec), (1, 8, 8))
+    default = family_of(None, (1, 8, 8), unet=tiny_config, schedule={"num_train_timesteps": 20})
+    assert default.unet_config["block_out_channels"] == tiny_config["block_out_channels"]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -394,6 +395,24 @@ def open_family(model: dict, directory: str | Path, *, image_shape: tuple[int, .
         options["device"] = device
     return cls.open(directory, image_shape=image_shape, unet=model.get("unet"), schedule=model.get("schedule"),
                     **options)
+
+
+def family_of(spec: dict | None, item_shape: tuple[int, ...], *, unet: dict | None = None,
+              schedule: dict | None = None) -> Family:
+    """The family a workflow spec names (``{model: the config's model section, directory: its prepared folder}``),
+    opened once per process for items of ``item_shape`` (``(C, H, W)``); without a spec, the pixel family of
+    ``unet`` (overrides of the digits config) and ``schedule``."""
+    from diffcredit.models import unet_config_for
+
+    if spec is None:
+        return Family(unet_config_for((0, *item_shape), unet), schedule)
+    return _opened(json.dumps(spec, sort_keys=True), tuple(item_shape))
+
+
+@lru_cache(maxsize=2)
+def _opened(spec: str, item_shape: tuple[int, ...]) -> Family:
+    family = json.loads(spec)
+    return open_family(family["model"], family["directory"], image_shape=(0, *item_shape))
 
 
 def _options(model: dict, cls: type[Family], keys: tuple[str, ...]) -> dict:
