@@ -328,21 +328,24 @@ def test_each_family_is_prepared_once_and_opened_from_its_folder(tmp_path, glyph
     with pytest.raises(ValueError, match="takes no family options"):
         Family.prepare(tmp_path / "p2", data=data, seed=0, rank=4)
 
-    summary = LatentFamily.prepare(tmp_path / "latent", data=data, seed=0, steps=3, batch_size=8, device="cpu",
+    summary = LatentFamily.prepare(tmp_path / "staging", data=data, seed=0, steps=3, batch_size=8, device="cpu",
                                    log=lambda _: None)
     assert summary["latent_shape"] == [3, 4, 4] and summary["scaling"] == "measured (1/std)"
-    raw = ae.encode(ae.load_autoencoder(summary["autoencoder"]), data.images)
+    (tmp_path / "staging").rename(tmp_path / "latent")
+    assert summary["autoencoder"] is None  # trained in the folder, not staged
+    raw = ae.encode(ae.load_autoencoder(tmp_path / "latent" / "autoencoder"), data.images)
     assert summary["scaling_factor"] == pytest.approx(1 / raw.std(dtype=np.float64))
-    latent = LatentFamily.open(tmp_path / "latent", image_shape=data.images.shape)
+    latent = LatentFamily.open(tmp_path / "latent", image_shape=data.images.shape)  # after a move
     assert (latent.unet_config["sample_size"], latent.unet_config["in_channels"]) == (4, 3)
     assert latent.inputs(data).shape == (len(data), 3, 4, 4)
 
 
 def test_the_text_family_prepares_captions_and_a_base(tmp_path, glyphs, base):
     data = glyphs[0]
-    summary = TextLoraFamily.prepare(tmp_path / "standin", data=data, seed=0, captions="glyphs", steps=2,
+    summary = TextLoraFamily.prepare(tmp_path / "staging", data=data, seed=0, captions="glyphs", steps=2,
                                      batch_size=8, device="cpu", log=lambda _: None)
-    assert summary["n_captions"] == 3 and summary["base_pretraining_items"] > len(data)
+    assert summary["n_captions"] == 3 and summary["base_pretraining_items"] > len(data) and summary["base"] is None
+    (tmp_path / "staging").rename(tmp_path / "standin")
     family = TextLoraFamily.open(tmp_path / "standin", rank=2)
     assert family.prompts == [caption("A"), caption("O"), caption("X")]
     assert family.captions[data.item_ids[0]] == caption("A")

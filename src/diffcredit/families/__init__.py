@@ -34,6 +34,11 @@ import numpy as np
 
 from diffcredit.contributors import ContributorData
 
+# what prepare writes inside its folder when nothing is staged (the summary names a staged folder instead), so that
+# the folder can be prepared in a temporary place and moved
+TRAINED_AUTOENCODER = "autoencoder"
+STANDIN_BASE = "base"
+
 
 class Family:
     """The pixel family: an unconditional ``UNet2DModel`` trained on the images themselves.
@@ -162,18 +167,17 @@ class LatentFamily(Family):
                                          seed=derive_seed(seed, "autoencoder-init"))
             losses = ae.train_autoencoder(model, data.images, steps=steps, batch_size=batch_size, lr=lr,
                                           seed=derive_seed(seed, "autoencoder-train"), device=device)
-            ae.save_autoencoder(model, directory / "autoencoder")
-            autoencoder = str(directory / "autoencoder")
+            ae.save_autoencoder(model, directory / TRAINED_AUTOENCODER)
             summary["autoencoder_final_loss"] = float(np.mean(losses[-20:]))
             log(f"trained a tiny VQModel for {steps} steps: loss {losses[0]:.4f} -> {summary['autoencoder_final_loss']:.4f}")
         else:
             model = ae.load_autoencoder(autoencoder)
-        digest = file_digest(_weights_file(autoencoder))
+        digest = file_digest(_weights_file(autoencoder or directory / TRAINED_AUTOENCODER))
         shape = ae.latent_shape(dict(model.config), data.images.shape)
         factor = ae.cache_latents(model, data.images, data.item_ids, directory / "latents.npz",
                                   autoencoder_digest=digest, factor=scaling_factor, device=device)
         recon = ae.decode(model, ae.encode(model, data.images[:256], device=device), device=device)
-        summary.update(autoencoder=str(autoencoder), autoencoder_digest=digest, latent_shape=list(shape),
+        summary.update(autoencoder=autoencoder, autoencoder_digest=digest, latent_shape=list(shape),
                        scaling_factor=factor, scaling="given" if scaling_factor is not None else "measured (1/std)",
                        reconstruction_mse=float(np.mean((recon - data.images[:256]) ** 2)))
         log(f"latents {shape}, scaling factor {factor:.4g} ({summary['scaling']}), "
@@ -191,7 +195,8 @@ class LatentFamily(Family):
         summary = _read_summary(directory, cls.name)
         channels, size, _ = summary["latent_shape"]
         config = {**digits_unet_config(sample_size=size, channels=channels), **(unet or {})}
-        return cls(config, schedule, autoencoder=load_autoencoder(summary["autoencoder"], device or "cpu"),
+        folder = summary["autoencoder"] or Path(directory) / TRAINED_AUTOENCODER
+        return cls(config, schedule, autoencoder=load_autoencoder(folder, device or "cpu"),
                    latents=Path(directory) / "latents.npz", image_shape=tuple(image_shape)[-3:])
 
     def inputs(self, data: ContributorData) -> np.ndarray:
@@ -267,18 +272,17 @@ class TextLoraFamily(Family):
             result = tc.pretrain(pipeline, pretraining.images, pre_captions, steps=steps, batch_size=batch_size,
                                  lr=lr, seed=derive_seed(seed, "base-train"), device=device,
                                  log_every=max(1, steps // 10))
-            tc.save_base(pipeline, directory / "base")
-            base = str(directory / "base")
+            tc.save_base(pipeline, directory / STANDIN_BASE)
             summary.update(base_pretraining_items=len(pretraining), base_final_loss=float(np.mean(result.losses[-50:])))
             log(f"pre-trained the stand-in base on {len(pretraining)} glyphs of {len(BASE_FONTS)} fonts, "
                 f"{steps} steps")
-        pipeline = tc.load_base(base)
-        summary["base"] = str(base)
+        pipeline = tc.load_base(base or directory / STANDIN_BASE)
+        summary["base"] = base
         if pipeline.autoencoder is not None:
             from diffcredit.families.autoencoder import cache_latents
             from diffcredit.io import file_digest
 
-            digest = file_digest(_weights_file(Path(base) / "vae"))
+            digest = file_digest(_weights_file(Path(base or directory / STANDIN_BASE) / "vae"))
             cache_latents(pipeline.autoencoder, data.images, data.item_ids, directory / "latents.npz",
                           autoencoder_digest=digest, factor=pipeline.scaling_factor, device=device)
             summary.update(scaling_factor=pipeline.scaling_factor, autoencoder_digest=digest)
@@ -300,7 +304,8 @@ class TextLoraFamily(Family):
         summary = _read_summary(directory, cls.name)
         table = pd.read_csv(Path(directory) / "captions.tsv", sep="\t", dtype=str, keep_default_na=False)
         latents = Path(directory) / "latents.npz" if "autoencoder_digest" in summary else None
-        return cls(load_base(summary["base"], device or "cpu"), dict(zip(table["item"], table["caption"], strict=True)),
+        base = summary["base"] or Path(directory) / STANDIN_BASE
+        return cls(load_base(base, device or "cpu"), dict(zip(table["item"], table["caption"], strict=True)),
                    rank=rank, prompts=prompts, guidance_scale=guidance_scale, latents=latents)
 
     def build(self, seed: int):
