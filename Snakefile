@@ -4,15 +4,12 @@ import os
 
 from snakemake.utils import min_version, validate
 
+from diffcredit.reproducibility import job_environment
+
 min_version("9.0")
 
-# Jobs import the package from this checkout's src/, also inside a `--sdm conda` env (which holds only the pinned
-# dependencies, see envs/diffcredit.yaml) and on SLURM nodes (the profile exports the environment).
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [f"{workflow.basedir}/src", os.environ.get("PYTHONPATH")]))
-# CPU results are bit-identical only for the same kernels: pin torch's, oneDNN's and MKL's instruction set to AVX2 so
-# x86 machines with and without AVX-512 compute the same bytes (export other values to override; README).
-for variable, value in {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}.items():
-    os.environ.setdefault(variable, value)
+# Every job imports the package from this checkout and runs pinned CPU kernels (see diffcredit.reproducibility).
+os.environ.update(job_environment(f"{workflow.basedir}/src"))
 
 
 configfile: "config/config.yaml"

@@ -35,3 +35,13 @@ def test_pins_skip_comments_and_blank_lines(tmp_path):
     lock = tmp_path / "requirements.lock"
     lock.write_text("# header\n\nnumpy==2.0.0  # why\npandas==2.2.0\n")
     assert _conda_env_script().pins(lock) == ["numpy==2.0.0", "pandas==2.2.0"]
+
+
+def test_job_environment_puts_src_first_and_pins_kernels_unless_exported():
+    from diffcredit.reproducibility import KERNEL_PINS, job_environment
+
+    bare = job_environment("/wf/src", current={})
+    assert bare == {"PYTHONPATH": "/wf/src", **KERNEL_PINS}
+    mine = job_environment("/wf/src", current={"PYTHONPATH": "/mine", "ATEN_CPU_CAPABILITY": "avx512"})
+    assert mine["PYTHONPATH"] == "/wf/src:/mine"
+    assert mine["ATEN_CPU_CAPABILITY"] == "avx512" and mine["MKL_CBWR"] == "AVX2"

@@ -16,13 +16,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from diffcredit.io import file_digest, write_atomic, write_text
+from diffcredit.reproducibility import KERNEL_PINS
 
 ARCHIVE = "results.tar.gz"
 CHECKSUMS = "SHA256SUMS"
 PACKAGES = ("diffcredit", "torch", "diffusers", "peft", "torch-pruning", "clean-fid", "numpy", "pandas", "snakemake")
-# CPU kernels are chosen by instruction set at run time, and results on CPU are bit-identical only for the same
-# kernels and thread count: the Snakefile pins these for every job (README, "Reproducibility").
-KERNEL_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR", "OMP_NUM_THREADS")
 
 
 def make_bundle(files: Mapping[str, str | Path], out_dir: str | Path, metadata: Mapping | None = None) -> Path:
@@ -96,7 +94,7 @@ def environment() -> dict:
         "cpu_isa": sorted(flags & {"avx", "avx2", "fma", "avx512f", "avx512_bf16", "amx_tile"}),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch_threads": torch.get_num_threads(),
-        "kernel_variables": {name: os.environ.get(name) for name in KERNEL_VARIABLES},
+        "kernel_variables": {name: os.environ.get(name) for name in (*KERNEL_PINS, "OMP_NUM_THREADS")},
     }
 
 
