@@ -54,6 +54,8 @@ class UtilitySettings:
     inference_steps: int = 50
     sampler: str = "ddim"
     property_options: dict = field(default_factory=dict)
+    precision: str = "fp32"
+    sample_batch_size: int = 256
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -133,7 +135,7 @@ def coalition_model(
             grad_clip=settings.grad_clip,
             schedule=settings.schedule,
             device=device,
-            log=lambda message: None,
+            precision=settings.precision,
         )
         seconds["train"] = time.perf_counter() - tic - seconds["load"]
     return model, seconds
@@ -159,8 +161,10 @@ def measure_coalition(
     from diffcredit.models import save_model
     from diffcredit.properties import oriented
     from diffcredit.sampling import generate
-    from diffcredit.training import select_device
+    from diffcredit.training import peak_memory, reset_peak_memory, select_device
 
+    target_device = select_device(device or "auto")
+    reset_peak_memory(target_device)
     model, seconds = coalition_model(
         members, repeat, data=data, settings=settings, start_model=start_model, device=device
     )
@@ -172,7 +176,9 @@ def measure_coalition(
         inference_steps=settings.inference_steps,
         sampler=settings.sampler,
         schedule=settings.schedule,
+        batch_size=settings.sample_batch_size,
         device=device,
+        precision=settings.precision,
     )
     seconds["sample"] = time.perf_counter() - tic
     tic = time.perf_counter()
@@ -194,7 +200,8 @@ def measure_coalition(
         "n_samples": settings.n_samples,
         "seed": settings.seed,
         "seconds": seconds,
-        "device": str(select_device(device or "auto")),
+        "device": str(target_device),
+        "peak_memory": peak_memory(target_device),  # CUDA bytes over fine-tune, generation and scoring
     }
     return record, samples
 
