@@ -233,9 +233,9 @@ def test_kernelshap_intervals_cover_at_the_nominal_rate():
     assert 0.93 <= rate <= 0.97, rate
 
 
-# Measured (400 seeds, benchmarks/RESULTS.md has the same table): outside 0.93–0.97 are kernelshap at 32 (0.972,
-# HC3 is slightly conservative when m ≈ n), permutation at 128 (0.92–0.93: few antithetic draws, heavy tails) and
-# with every coalition repeated at 32 (0.98), and the unbiased form at 32 (0.895).
+# Measured (400 seeds): at or just outside 0.93–0.97 are kernelshap at 32 (0.970–0.971: HC3 is slightly
+# conservative when m ≈ n), permutation at 128 (0.926: few antithetic draws, heavy tails) and with every coalition
+# repeated at 32 (0.982), and the unbiased form at 32 (0.895). The rest lie in 0.944–0.966.
 KNOWN_MISSES = {("kernelshap", 32, "plan"), ("kernelshap", 32, "all"), ("permutation", 128, "plan"),
                 ("permutation", 128, "all"), ("permutation", 32, "all"), ("kernelshap_unbiased", 32, "plan"),
                 ("kernelshap_unbiased", 32, "all")}
@@ -245,11 +245,11 @@ KNOWN_MISSES = {("kernelshap", 32, "plan"), ("kernelshap", 32, "all"), ("permuta
 @pytest.mark.parametrize("repeats", ["plan", "all"])
 @pytest.mark.parametrize("budget", [32, 128])
 @pytest.mark.parametrize("estimator", NAMES)
-def test_intervals_cover_the_true_value_at_the_nominal_rate(estimator, budget, repeats):
+def test_intervals_cover_the_true_value_at_the_nominal_rate(estimator, budget, repeats, request):
     if not REGISTRY[estimator].sampled and budget != 32:
         pytest.skip("exact and loo take no budget")
-    if (estimator, budget, repeats) in KNOWN_MISSES:
-        pytest.xfail("measured outside 0.93–0.97; see KNOWN_MISSES")
+    if (estimator, budget, repeats) in KNOWN_MISSES:  # still run: a fix shows as XPASS
+        request.applymarker(pytest.mark.xfail(reason="measured outside 0.93–0.97; see KNOWN_MISSES"))
     rate = coverage(estimator, budget if REGISTRY[estimator].sampled else None, repeats)
     assert 0.93 <= rate <= 0.97, rate
 
