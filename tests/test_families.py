@@ -396,3 +396,11 @@ def test_a_workflow_spec_opens_its_family_once_per_process(tmp_path, glyphs, tin
     assert family_of(spec, (1, 8, 8)) is family_of(dict(spec), (1, 8, 8))
     default = family_of(None, (1, 8, 8), unet=tiny_config, schedule={"num_train_timesteps": 20})
     assert default.unet_config["block_out_channels"] == tiny_config["block_out_channels"]
+
+
+def test_a_unet_that_does_not_fit_the_latents_is_refused_before_the_autoencoder_trains(tmp_path, glyphs):
+    from diffcredit.families import prepare_family
+
+    model = {"family": "latent", "unet": {"sample_size": 8}, "latent": {"steps": 10_000}}  # would train for minutes
+    with pytest.raises(ValueError, match="sample_size 8 but the latents are 4x4"):
+        prepare_family(model, tmp_path / "l", data=glyphs[0], seed=0, device="cpu")

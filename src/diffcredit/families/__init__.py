@@ -138,6 +138,7 @@ class LatentFamily(Family):
 
     name = "latent"
     prepare_options = ("autoencoder", "latent_channels", "steps", "batch_size", "lr", "scaling_factor")
+    takes_unet = True  # prepare checks the UNet config against the latents before training anything
 
     def __init__(self, unet_config: dict[str, Any], schedule: dict[str, Any] | None = None, *, autoencoder,
                  latents: str | Path, image_shape: tuple[int, int, int]) -> None:
@@ -153,9 +154,11 @@ class LatentFamily(Family):
     @classmethod
     def prepare(cls, directory: str | Path, *, data: ContributorData, seed: int, log=print,
                 autoencoder: str | None = None, latent_channels: int = 3, steps: int = 400, batch_size: int = 64,
-                lr: float = 1e-3, scaling_factor: float | None = None, device: str | None = None) -> dict:
+                lr: float = 1e-3, scaling_factor: float | None = None, device: str | None = None,
+                unet: dict | None = None) -> dict:
         """Load the staged ``autoencoder`` folder (or train a tiny VQModel on ``data`` for the stand-in) and cache
-        every item's latents with the measured scaling factor (or ``scaling_factor``)."""
+        every item's latents with the measured scaling factor (or ``scaling_factor``). A ``unet`` config (overrides
+        of the default, see :meth:`open`) that does not fit the latents is refused before anything trains."""
         from diffcredit.families import autoencoder as ae
         from diffcredit.io import file_digest
         from diffcredit.seeds import derive_seed
@@ -165,6 +168,7 @@ class LatentFamily(Family):
         if autoencoder is None:
             model = ae.build_autoencoder(ae.tiny_autoencoder_config(data.images.shape[1], latent_channels),
                                          seed=derive_seed(seed, "autoencoder-init"))
+            cls._check_unet(dict(model.config), data.images.shape, unet)
             losses = ae.train_autoencoder(model, data.images, steps=steps, batch_size=batch_size, lr=lr,
                                           seed=derive_seed(seed, "autoencoder-train"), device=device)
             ae.save_autoencoder(model, directory / TRAINED_AUTOENCODER)
@@ -172,6 +176,7 @@ class LatentFamily(Family):
             log(f"trained a tiny VQModel for {steps} steps: loss {losses[0]:.4f} -> {summary['autoencoder_final_loss']:.4f}")
         else:
             model = ae.load_autoencoder(autoencoder)
+            cls._check_unet(dict(model.config), data.images.shape, unet)
         digest = file_digest(_weights_file(autoencoder or directory / TRAINED_AUTOENCODER))
         shape = ae.latent_shape(dict(model.config), data.images.shape)
         factor = ae.cache_latents(model, data.images, data.item_ids, directory / "latents.npz",
@@ -190,14 +195,26 @@ class LatentFamily(Family):
         """The latent family of a prepared ``directory``; the UNet's default config is the digits one at the
         latents' size and channels, under the user's ``unet`` overrides."""
         from diffcredit.families.autoencoder import load_autoencoder
-        from diffcredit.models import digits_unet_config
 
         summary = _read_summary(directory, cls.name)
-        channels, size, _ = summary["latent_shape"]
-        config = {**digits_unet_config(sample_size=size, channels=channels), **(unet or {})}
+        config = cls._unet_config(summary["latent_shape"], unet)
         folder = summary["autoencoder"] or Path(directory) / TRAINED_AUTOENCODER
         return cls(config, schedule, autoencoder=load_autoencoder(folder, device or "cpu"),
                    latents=Path(directory) / "latents.npz", image_shape=tuple(image_shape)[-3:])
+
+    @staticmethod
+    def _unet_config(latent_shape: Sequence[int], unet: dict | None) -> dict:
+        """The digits UNet at the latents' size and channels, under the user's overrides."""
+        from diffcredit.models import digits_unet_config
+
+        channels, size, _ = latent_shape
+        return {**digits_unet_config(sample_size=size, channels=channels), **(unet or {})}
+
+    @classmethod
+    def _check_unet(cls, autoencoder_config: dict, image_shape: tuple[int, ...], unet: dict | None) -> None:
+        from diffcredit.families.autoencoder import check_fits, latent_shape
+
+        check_fits(autoencoder_config, image_shape, cls._unet_config(latent_shape(autoencoder_config, image_shape), unet))
 
     def inputs(self, data: ContributorData) -> np.ndarray:
         from diffcredit.families.autoencoder import load_latents
@@ -388,6 +405,8 @@ def prepare_family(model: dict, directory: str | Path, *, data: ContributorData,
     options = _options(model, cls, cls.prepare_options)
     if cls.name != "pixel":
         options["device"] = device
+    if getattr(cls, "takes_unet", False):
+        options["unet"] = model.get("unet")
     return cls.prepare(directory, data=data, seed=seed, log=log, **options)
 
 
