@@ -50,25 +50,44 @@ def prepare_data(
     write_manifest(train, contributors_out)
 
 
+def prepare_family(*, train_data: str, out: str, model: dict, seed: int, log=print) -> None:
+    """Make what the model family needs besides the data, once (see :func:`diffcredit.families.prepare_family`)."""
+    from diffcredit.families import prepare_family as prepare
+
+    with atomic_dir(out) as staging:
+        prepare(model, staging, data=ContributorData.load(train_data), seed=seed, log=log)
+
+
+def model_family(data: ContributorData, family: dict | None, *, unet: dict | None = None,
+                 schedule: dict | None = None):
+    """The run's model family: the config's ``model`` section and the folder :func:`prepare_family` wrote
+    (`family`: {model, directory}); without them, the pixel family of `unet` and `schedule`."""
+    from diffcredit.families import family_of
+
+    return family_of(family, tuple(data.images.shape[1:]), unet=unet, schedule=schedule)
+
+
 def train_full(
     *, train_data: str, out: str, stats_out: str, unet: dict, schedule: dict, seed: int, inrun: dict | None = None,
-    **training
+    family: dict | None = None, **training
 ) -> None:
     """Train the full model (the grand coalition) from scratch; with `inrun` (heldout_data, out, first_order_out,
     order, validation_batch_size), accumulate In-Run Data Shapley during this very run."""
     from diffcredit.attribution import inrun as in_run
-    from diffcredit.models import build_model, save_model, unet_config_for
-    from diffcredit.training import train
 
     data = ContributorData.load(train_data)
-    model = build_model(unet_config_for(data.images.shape, unet), seed=derive_seed(seed, "full-init"))
+    kind = model_family(data, family, unet=unet, schedule=schedule)
+    model = kind.build(seed=derive_seed(seed, "full-init"))
     observer = None
     if inrun:
+        if kind.name != "pixel":
+            raise ValueError(f"In-Run Data Shapley during training needs the pixel family, not {kind.name!r}")
         observer = in_run.observer_for(data, inrun["heldout_data"], seed=seed, schedule=schedule,
                                        order=inrun["order"], validation_batch_size=inrun["validation_batch_size"])
-    result = train(model, data.images, schedule=schedule, seed=derive_seed(seed, "full-train"),
-                   log_every=_log_interval(training["steps"]), observer=observer, **training)
-    save_model(model, out)
+        training["observer"] = observer
+    result = kind.fit(model, data, seed=derive_seed(seed, "full-train"), log_every=_log_interval(training["steps"]),
+                      **training)
+    kind.save(model, out)
     if observer is not None:
         in_run.write_values(observer, data, out=inrun["out"], first_order_out=inrun["first_order_out"],
                             seconds=result.seconds)
@@ -77,40 +96,33 @@ def train_full(
 
 def prune_model(
     *, full_model: str, train_data: str, out: str, stats_out: str, ratio: float, importance: str, schedule: dict,
-    seed: int,
+    seed: int, family: dict | None = None,
 ) -> None:
-    """Prune the full model once (torch-pruning)."""
-    from diffcredit.models import count_parameters, load_model, save_model
-    from diffcredit.pruning import prune
-
-    model = load_model(full_model)
-    before = count_parameters(model)
+    """Prune the full model once (torch-pruning: UNet channels, or a LoRA's rank components)."""
+    data = ContributorData.load(train_data)
+    kind = model_family(data, family, schedule=schedule)
     tic = time.perf_counter()
-    images = ContributorData.load(train_data).images if importance != "magnitude" else None
-    pruned = prune(model, ratio, importance=importance, images=images, seed=derive_seed(seed, "prune"),
-                   schedule=schedule)
+    pruned, stats = kind.prune(kind.load(full_model), ratio, importance=importance, data=data,
+                               seed=derive_seed(seed, "prune"))
     seconds = time.perf_counter() - tic
-    save_model(pruned, out)
-    write_json(stats_out, {"stage": "prune", "seconds": seconds, "parameters_before": before,
-                                  "parameters_after": count_parameters(pruned), "ratio": ratio,
-                                  "importance": importance})
+    kind.save(pruned, out)
+    write_json(stats_out, {"stage": "prune", "seconds": seconds, **stats})
 
 
 def recover(
-    *, pruned_model: str, train_data: str, out: str, stats_out: str, schedule: dict, seed: int, **training
+    *, pruned_model: str, train_data: str, out: str, stats_out: str, schedule: dict, seed: int,
+    family: dict | None = None, **training
 ) -> None:
     """Fine-tune the pruned model on all data, the starting point of every coalition's sparsified fine-tune."""
-    from diffcredit.models import load_model, save_model
-    from diffcredit.training import train
-
     data = ContributorData.load(train_data)
-    model = load_model(pruned_model)
+    kind = model_family(data, family, schedule=schedule)
+    model = kind.load(pruned_model)
     if training["steps"] > 0:
-        result = train(model, data.images, schedule=schedule, seed=derive_seed(seed, "recover"),
-                       log_every=_log_interval(training["steps"]), **training)
+        result = kind.fit(model, data, seed=derive_seed(seed, "recover"), log_every=_log_interval(training["steps"]),
+                          **training)
     else:
         result = None
-    save_model(model, out)
+    kind.save(model, out)
     _write_stats(stats_out, result, stage="recover")
 
 
@@ -190,11 +202,11 @@ def coalition_utilities(
 
 
 def utility_settings(data: ContributorData, settings: dict) -> UtilitySettings:
-    """UtilitySettings from the workflow's settings dict, with the UNet config resolved for `data`."""
-    from diffcredit.models import unet_config_for
-
+    """UtilitySettings from the workflow's settings dict, with the UNet config of the run's model family (settings
+    ``family``; default: the pixel family for `data`)."""
     settings = dict(settings)
-    return UtilitySettings(model_config=unet_config_for(data.images.shape, settings.pop("unet", None)), **settings)
+    family = model_family(data, settings.get("family"), unet=settings.pop("unet", None), schedule=settings["schedule"])
+    return UtilitySettings(model_config=family.unet_config, **settings)
 
 
 def collect_utilities(batches: list[str], out: str) -> pd.DataFrame:
@@ -283,25 +295,27 @@ def _estimate(plan: pd.DataFrame, utilities: str, contributors: str, confidence:
 
 def sample_figure(
     *, heldout_data: str, full_model: str, recovered_model: str, utilities: str, coalitions: str, store: str,
-    schedule: dict, inference_steps: int, seed: int, out: str, n: int = 32,
+    schedule: dict, inference_steps: int, seed: int, out: str, n: int = 32, family: dict | None = None,
 ) -> None:
     """Real images beside samples of the full and recovered models and of the ∅, N and singleton coalitions."""
     from diffcredit.coalitions import member_sets, read_coalitions
-    from diffcredit.models import load_model
-    from diffcredit.sampling import generate, save_grid
+    from diffcredit.sampling import save_grid
 
-    panels = {"real (held out)": ContributorData.load(heldout_data).images[:n]}
+    heldout = ContributorData.load(heldout_data)
+    kind = model_family(heldout, family, schedule=schedule)
+    panels = {"real (held out)": heldout.images[:n]}
     for label, directory in (("full model", full_model), ("pruned + recovered", recovered_model)):
-        panels[label] = generate(load_model(directory), n, seed=derive_seed(seed, "generation-noise"),
-                                 inference_steps=inference_steps, schedule=schedule)
+        panels[label] = kind.generate(kind.load(directory), n, seed=derive_seed(seed, "generation-noise"),
+                                      inference_steps=inference_steps)
     members = member_sets(read_coalitions(coalitions))
     measured = pd.read_csv(utilities, sep="\t").drop_duplicates("coalition")
     measured["size"] = measured["coalition"].map(lambda c: len(members[c]))
     largest = measured["size"].max()
     chosen = pd.concat([measured[measured["size"] == 0], measured[measured["size"] == largest],
                         measured[measured["size"] == 1].head(2)])
+    empty = "empty coalition (the base)" if kind.name == "text_lora" else "empty coalition (untrained)"
     for coalition, record, size in zip(chosen["coalition"], chosen["record"], chosen["size"]):
-        label = "empty coalition (untrained)" if size == 0 else ("all contributors" if size == largest
+        label = empty if size == 0 else ("all contributors" if size == largest
                                                   else "only " + ",".join(members[coalition]))
         preview = UtilityStore(store).path(record).with_suffix(".npz")
         with np.load(preview) as samples:

@@ -6,7 +6,8 @@ Three ways to get the model of a coalition (Lu, Lin, Kim & Lee 2025), with one g
 - ``finetune``: start from the full model and fine-tune k steps on S;
 - ``retrain``: train a fresh model on S with the full recipe (the ground truth the other two approximate).
 
-v(∅) is the untrained model's, as in the paper, and so the same in every mode.
+v(∅) is the untrained model's, as in the paper (for a LoRA: the base model's), and so the same in every mode. What a
+model is comes from the settings' family (:mod:`diffcredit.families`).
 
 Each measured coalition is stored as one small JSON record keyed by (settings fingerprint, member set, repeat) and
 written atomically. A killed job therefore loses at most the coalition in progress, and a coalition shared by two plans,
@@ -26,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from diffcredit.contributors import ContributorData
+from diffcredit.families import Family
 from diffcredit.io import file_digest, save_npz, write_json
 from diffcredit.seeds import derive_seed
 
@@ -56,6 +58,9 @@ class UtilitySettings:
     property_options: dict = field(default_factory=dict)
     precision: str = "fp32"
     sample_batch_size: int = 256
+    # the model family (diffcredit.families): {model: the config's model section, directory: its prepared folder};
+    # None: the pixel family of model_config and schedule
+    family: dict | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -63,11 +68,23 @@ class UtilitySettings:
 
     def fingerprint(self, start_model: str | Path | None = None) -> str:
         """A digest of the settings and the starting model's weights: records of other settings never match."""
-        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode())
+        fields = asdict(self)
+        if fields["family"] is None:
+            del fields["family"]  # pixel-family records keep the keys they had before families existed
+        digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
         if start_model is not None:
             for weights in sorted(Path(start_model).glob("*.safetensors")):
                 digest.update(file_digest(weights).encode())
         return digest.hexdigest()[:16]
+
+
+def model_family(settings: UtilitySettings, data: ContributorData) -> Family:
+    """What a model is under `settings`: the family they name (opened once per process), or the pixel family."""
+    from diffcredit.families import family_of
+
+    if settings.family is None:
+        return Family(settings.model_config, settings.schedule)
+    return family_of(settings.family, tuple(data.images.shape[1:]))
 
 
 def record_key(fingerprint: str, members: Sequence[str], repeat: int) -> str:
@@ -103,9 +120,7 @@ def coalition_model(
     device: str | None = None,
 ):
     """The model standing for coalition `members`, and seconds spent per stage (``load``, ``train``)."""
-    from diffcredit.models import build_model, load_model
-    from diffcredit.training import train
-
+    family = model_family(settings, data)
     seconds: dict[str, float] = {}
     tic = time.perf_counter()
     if not members:
@@ -113,18 +128,18 @@ def coalition_model(
         # seed of single measurements, so stored records stay valid.
         init = (derive_seed(settings.seed, "untrained-model") if repeat == 0 else
                 derive_seed(settings.seed, "untrained-model", repeat))
-        model = build_model(settings.model_config, seed=init)
+        model = family.null_model(seed=init)
     elif settings.mode == "retrain":
-        model = build_model(settings.model_config, seed=derive_seed(settings.seed, "retrain-init", repeat))
+        model = family.build(seed=derive_seed(settings.seed, "retrain-init", repeat))
     else:
         if start_model is None:
             raise ValueError(f"utility mode {settings.mode!r} needs a starting model directory")
-        model = load_model(start_model)
+        model = family.load(start_model)
     seconds["load"] = time.perf_counter() - tic
     if members:
-        train(
+        family.fit(
             model,
-            data.subset(members).images,
+            data.subset(members),
             steps=settings.steps,
             batch_size=settings.batch_size,
             lr=settings.lr,
@@ -133,7 +148,6 @@ def coalition_model(
             ema_decay=settings.ema_decay,
             ema_step=settings.ema_step if settings.mode != "retrain" else 0,
             grad_clip=settings.grad_clip,
-            schedule=settings.schedule,
             device=device,
             precision=settings.precision,
         )
@@ -158,10 +172,10 @@ def measure_coalition(
 
     `keep` may name ``checkpoints`` (the coalition's model) and ``samples`` (all its images) to save in `keep_dir`.
     """
-    from diffcredit.models import save_model
     from diffcredit.properties import oriented
-    from diffcredit.sampling import generate
     from diffcredit.training import peak_memory, reset_peak_memory, select_device
+
+    family = model_family(settings, data)
 
     target_device = select_device(device or "auto")
     reset_peak_memory(target_device)
@@ -169,13 +183,12 @@ def measure_coalition(
         members, repeat, data=data, settings=settings, start_model=start_model, device=device
     )
     tic = time.perf_counter()
-    samples = generate(
+    samples = family.generate(
         model,
         settings.n_samples,
         seed=derive_seed(settings.seed, "generation-noise"),
         inference_steps=settings.inference_steps,
         sampler=settings.sampler,
-        schedule=settings.schedule,
         batch_size=settings.sample_batch_size,
         device=device,
         precision=settings.precision,
@@ -185,7 +198,7 @@ def measure_coalition(
     value = float(score(samples))
     seconds["score"] = time.perf_counter() - tic
     if "checkpoints" in keep:
-        save_model(model, keep_dir / "model")
+        family.save(model, keep_dir / "model")
     if "samples" in keep:
         save_npz(keep_dir / "samples.npz", samples=samples)
     record = {

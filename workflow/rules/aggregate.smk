@@ -33,6 +33,7 @@ rule sample_figure:
         heldout=rules.prepare_data.output.heldout,
         full=rules.train_full.output.model,
         recovered=rules.recover.output.model,
+        family=FAMILY_INPUT,
         utilities=f"{RUN}/{config['utility']['mode']}/{config['estimator']['name']}/utilities.tsv",
         plan=f"{RUN}/plans/{config['estimator']['name']}.tsv",
     output:
@@ -50,6 +51,7 @@ rule sample_figure:
     params:
         store=f"{RUN}/{config['utility']['mode']}/store",
         schedule=config["model"]["schedule"],
+        family=FAMILY,
         inference_steps=config["utility"]["inference_steps"],
         seed=config["seed"],
     script:

@@ -154,6 +154,7 @@ rule baseline_add_one_in:
         train=rules.prepare_data.output.train,
         reference=rules.reference.output[0],
         start=START_MODEL[config["utility"]["mode"]],
+        family=FAMILY_INPUT,
     output:
         f"{RUN}/baselines/add_one_in/values.csv",
     params:

@@ -26,6 +26,7 @@ rule coalition_utilities:
         train=rules.prepare_data.output.train,
         reference=rules.reference.output[0],
         start_model=start_model,
+        family=FAMILY_INPUT,
     output:
         f"{RUN}/{{mode}}/{{plan}}/batches/{{batch}}.tsv",
     log:

@@ -12,6 +12,10 @@ from diffcredit.estimators import NAMES as ESTIMATORS  # the estimator registry
 # Plans that are not estimators: held-out subsets for the LDS, and the estimation prefix that is also retrained.
 EVALUATION_PLANS = ("lds", "agreement")
 START_MODEL = {"sft": f"{RUN}/models/recovered", "finetune": f"{RUN}/models/full", "retrain": []}
+# The model family (diffcredit.families): the config's model section and the folder rule prepare_family makes; None for
+# the pixel family, which has nothing to prepare.
+FAMILY = None if config["model"]["family"] == "pixel" else {"model": config["model"], "directory": f"{RUN}/family"}
+FAMILY_INPUT = [] if FAMILY is None else FAMILY["directory"]
 
 
 wildcard_constraints:
@@ -179,6 +183,7 @@ def settings_of(mode):
         "ema_step": start_steps if continued else 0,
         "unet": config["model"]["unet"],
         "schedule": config["model"]["schedule"],
+        "family": FAMILY,
         "property": u["property"],
         "property_options": u["property_options"],
         "n_samples": u["n_samples"],
@@ -293,7 +298,6 @@ def ranking_jobs():
             own = ["baselines/ensemble_codes.tsv", "baselines/ensembles.tsv", "baselines/ensembles/*.tsv"]
         jobs[method] = own
     return jobs
-
 
 
 def ranking_values(wildcards):

@@ -7,6 +7,7 @@ rule counterfactual:
         unpack(ranking_values),
         train=rules.prepare_data.output.train,
         reference=rules.reference.output[0],
+        family=FAMILY_INPUT,
     output:
         f"{RUN}/evaluation/counterfactual.tsv",
     log:

@@ -1,8 +1,34 @@
 # With baselines.inrun.during: train_full, this run also accumulates In-Run Data Shapley (validated on the held-out
 # or reference images) and writes its values.
+# Once per run, what the model family needs besides the data: a latent family's autoencoder and cached latents, a text
+# family's captions and base model (trained here for the stand-ins). The pixel family has no such job.
+rule prepare_family:
+    input:
+        train=rules.prepare_data.output.train,
+    output:
+        directory(f"{RUN}/family"),
+    params:
+        model=config["model"],
+        seed=config["seed"],
+    log:
+        f"{RUN}/logs/prepare_family.log",
+    benchmark:
+        f"{RUN}/benchmarks/prepare_family.tsv"
+    conda:
+        ENV
+    threads: 1
+    resources:
+        runtime=minutes(60),
+        mem_mb=memory(8000),
+        gpu=1,
+    script:
+        "../scripts/prepare_family.py"
+
+
 rule train_full:
     input:
         train=rules.prepare_data.output.train,
+        family=FAMILY_INPUT,
         **({"heldout": rules.prepare_data.output.heldout} if INRUN_IN_TRAIN_FULL else {}),
     output:
         model=directory(f"{RUN}/models/full"),
@@ -13,6 +39,7 @@ rule train_full:
         inrun=inrun_during_training(),
         unet=config["model"]["unet"],
         schedule=config["model"]["schedule"],
+        family=FAMILY,
         seed=config["seed"],
     log:
         f"{RUN}/logs/train_full.log",
@@ -33,12 +60,14 @@ rule prune:
     input:
         model=rules.train_full.output.model,
         train=rules.prepare_data.output.train,
+        family=FAMILY_INPUT,
     output:
         model=directory(f"{RUN}/models/pruned"),
         stats=f"{RUN}/models/pruned.json",
     params:
         prune=config["prune"],
         schedule=config["model"]["schedule"],
+        family=FAMILY,
         seed=config["seed"],
     log:
         f"{RUN}/logs/prune.log",
@@ -59,12 +88,14 @@ rule recover:
     input:
         model=rules.prune.output.model,
         train=rules.prepare_data.output.train,
+        family=FAMILY_INPUT,
     output:
         model=directory(f"{RUN}/models/recovered"),
         stats=f"{RUN}/models/recovered.json",
     params:
         training=training_settings("recover"),
         schedule=config["model"]["schedule"],
+        family=FAMILY,
         seed=config["seed"],
     log:
         f"{RUN}/logs/recover.log",

@@ -12,6 +12,7 @@ stages.prune_model(
     out=snakemake.output.model,
     stats_out=snakemake.output.stats,
     schedule=snakemake.params.schedule,
+    family=snakemake.params.family,
     seed=snakemake.params.seed,
     **snakemake.params.prune,
 )

@@ -12,6 +12,7 @@ stages.recover(
     out=snakemake.output.model,
     stats_out=snakemake.output.stats,
     schedule=snakemake.params.schedule,
+    family=snakemake.params.family,
     seed=snakemake.params.seed,
     **snakemake.params.training,
 )

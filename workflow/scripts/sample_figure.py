@@ -14,6 +14,7 @@ stages.sample_figure(
     coalitions=snakemake.input.plan,
     store=snakemake.params.store,
     schedule=snakemake.params.schedule,
+    family=snakemake.params.family,
     inference_steps=snakemake.params.inference_steps,
     seed=snakemake.params.seed,
     out=snakemake.output[0],

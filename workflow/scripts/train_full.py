@@ -12,6 +12,7 @@ stages.train_full(
     stats_out=snakemake.output.stats,
     unet=snakemake.params.unet,
     schedule=snakemake.params.schedule,
+    family=snakemake.params.family,
     seed=snakemake.params.seed,
     inrun=snakemake.params.inrun,
     **snakemake.params.training,

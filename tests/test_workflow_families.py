@@ -1,0 +1,101 @@
+"""The latent and text-LoRA families through the workflow: every family preset plans, and each stand-in runs end to end.
+
+The GPU presets read staged weights and images (resources/README.md); planning needs only their manifests (the
+contributors), so the dry-runs stage fake manifests and nothing else. The glyph stand-ins read an npz that
+``python -m diffcredit.glyphs`` writes from matplotlib's fonts.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from workflow_files import workflow_copy
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "tests" / "configs"
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 900) -> str:
+    result = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, capture_output=True, text=True,
+                            timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result.stdout
+
+
+def planned(output: str) -> dict[str, int]:
+    """Job counts per rule from a dry-run's summary table."""
+    counts, in_table = {}, False
+    for line in output.splitlines():
+        parts = line.split()
+        if parts[:2] == ["job", "count"]:
+            in_table = True
+        elif in_table and len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+        elif in_table and counts and not parts:
+            break
+    return counts
+
+
+def stage_manifest(workdir: Path, folder: str, contributors: int, prefix: str) -> None:
+    lines = ["path\tcontributor"] + [f"{prefix}{i:03d}/{j}.png\t{prefix}{i:03d}" for i in range(contributors)
+                                     for j in range(2)]
+    (workdir / "resources" / folder).mkdir(parents=True)
+    (workdir / "resources" / folder / "manifest.tsv").write_text("\n".join(lines) + "\n")
+
+
+def stage_glyphs(workdir: Path, path: str, *args: str) -> None:
+    from diffcredit.glyphs import main
+
+    main([str(workdir / path), *args])
+
+
+@pytest.mark.parametrize(("preset", "contributors"), [("celebahq-ldm", 50), ("artbench-lora", 258),
+                                                      ("latent-glyphs", 12), ("glyphs-lora", 12)])
+def test_family_presets_plan_every_job_with_only_their_contributors_staged(tmp_path, preset, contributors):
+    workdir = workflow_copy(tmp_path)
+    (workdir / "resources").mkdir(exist_ok=True)
+    if preset == "celebahq-ldm":
+        stage_manifest(workdir, "celebahq", contributors, "identity")
+    elif preset == "artbench-lora":
+        stage_manifest(workdir, "artbench", contributors, "artist")
+    else:
+        stage_glyphs(workdir, "resources/glyphs.npz", "--size", "8", "--variants", "1")
+    jobs = planned(snakemake(workdir, "-n", "--configfile", "config/config.yaml", f"config/presets/{preset}.yaml"))
+    assert jobs["prepare_family"] == 1 and jobs["train_full"] == jobs["prune"] == jobs["recover"] == 1
+    assert jobs["coalition_utilities"] >= 2
+
+
+def test_the_pixel_family_has_no_preparation_job(tmp_path):
+    jobs = planned(snakemake(workflow_copy(tmp_path), "-n", "--configfile", str(CONFIGS / "tiny.yaml")))
+    assert "prepare_family" not in jobs and jobs["train_full"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["latent", "text-lora"])
+def test_each_family_stand_in_runs_end_to_end_with_efficient_values(tmp_path, family):
+    workdir = workflow_copy(tmp_path)
+    stage_glyphs(workdir, "glyphs8.npz", "--size", "8", "--variants", "1")
+    snakemake(workdir, "--cores", "2", "--configfile", str(CONFIGS / f"tiny-{family}.yaml"))
+    run = workdir / "results" / f"tiny-{family}"
+    values = pd.read_csv(run / "sft" / "kernelshap" / "shapley.csv")
+    utilities = pd.read_csv(run / "sft" / "kernelshap" / "utilities.tsv", sep="\t")
+    plan = pd.read_csv(run / "plans" / "kernelshap.tsv", sep="\t", keep_default_na=False)
+    assert len(values) == 12 and values["ci_low"].le(values["value"]).all() and values["value"].le(values["ci_high"]).all()
+    size = plan.set_index("coalition")["members"].map(lambda m: len([x for x in m.split(",") if x]))
+    by_size = utilities.groupby(utilities["coalition"].map(size))["utility"].mean()
+    assert values["value"].sum() == pytest.approx(by_size[12] - by_size[0], rel=1e-6)
+    summary = json.loads((run / "family" / "family.json").read_text())
+    pruned = json.loads((run / "models" / "pruned.json").read_text())
+    assert pruned["parameters_after"] < pruned["parameters_before"]
+    if family == "latent":
+        assert summary["scaling_factor"] > 0 and summary["latent_shape"] == [2, 4, 4]
+    else:
+        assert pruned["parameters_after"] <= 0.5 * pruned["parameters_before"]  # prune.ratio: the LoRA share kept
+        assert (run / "models" / "recovered" / "pytorch_lora_weights.safetensors").is_file()
+    assert (run / "figures" / "samples.png").is_file()

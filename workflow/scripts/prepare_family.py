@@ -1,0 +1,14 @@
+"""Prepare the model family once: a latent family's autoencoder and cached latents, a text family's captions and base."""
+import sys
+
+sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (snakemake is injected)
+
+from diffcredit import stages
+
+stages.set_threads(snakemake.threads)
+stages.prepare_family(
+    train_data=snakemake.input.train,
+    out=snakemake.output[0],
+    model=dict(snakemake.params.model),
+    seed=snakemake.params.seed,
+)
