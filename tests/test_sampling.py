@@ -166,3 +166,21 @@ def test_save_grid_panels_side_by_side(tmp_path):
     assert (width, height) == ((2 * cell + 1) * 2 + 2, 14 + 2 * cell + 1)
     with pytest.raises(ValueError, match=r"1 or 3 channels, got \(1, 2, 8, 8\)"):
         save_grid(np.zeros((1, 2, 8, 8), np.float32), tmp_path / "bad.png")
+
+
+def test_package_defaults_are_the_schemas():
+    """One default sampler and step count: the package's, the settings' and the schema's agree."""
+    from pathlib import Path
+
+    import yaml
+
+    from diffcredit.sampling import DEFAULT_INFERENCE_STEPS, DEFAULT_SAMPLER
+    from diffcredit.utility import UtilitySettings
+
+    schema = yaml.safe_load((Path(__file__).parent.parent / "workflow/schemas/config.schema.yaml").read_text())
+    utility = schema["properties"]["utility"]["properties"]
+    assert (utility["sampler"]["default"], utility["inference_steps"]["default"]) == (
+        DEFAULT_SAMPLER, DEFAULT_INFERENCE_STEPS
+    )
+    fields = UtilitySettings.__dataclass_fields__
+    assert (fields["sampler"].default, fields["inference_steps"].default) == (DEFAULT_SAMPLER, DEFAULT_INFERENCE_STEPS)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 
 from diffcredit.contributors import load_digits, split_heldout
 from diffcredit.models import build_model, count_parameters, digits_unet_config, save_model
+from diffcredit.progress import log_to_stderr
 from diffcredit.properties import load_property, prepare_reference
 from diffcredit.pruning import prune
 from diffcredit.sampling import generate, save_grid
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--classifier-steps", type=int, default=1500, help="training steps of the FID classifier")
     args = parser.parse_args(argv)
     # progress of training and sampling (rate, ETA) in the terminal
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    log_to_stderr()
 
     train_data, heldout = split_heldout(load_digits(), args.heldout, derive_seed(args.seed, "split"))
     fit = {"batch_size": args.batch_size, "lr": args.lr}

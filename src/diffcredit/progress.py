@@ -1,6 +1,6 @@
 """Progress of long loops (training steps, denoising steps) through `logging`: count, rate and time left.
 
-The package only logs; whoever runs it chooses where the lines go (`logging.basicConfig` in a rule script or the
+The package only logs; whoever runs it chooses where the lines go (:func:`log_to_stderr` in a rule script and the
 demo). Reports come about ten times per loop, so a log stays short whatever the loop's length.
 """
 
@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
+
+LOG_FORMAT = "%(asctime)s %(name)s: %(message)s"
+
+
+def log_to_stderr(level: int = logging.INFO) -> None:
+    """Send the package's log lines (progress with rate and ETA, warnings) to stderr: a rule's log, or the terminal."""
+    logging.basicConfig(level=level, format=LOG_FORMAT, datefmt="%H:%M:%S", stream=sys.stderr, force=True)
 
 
 class Progress:

@@ -33,6 +33,11 @@ from diffcredit.models import DEFAULT_SCHEDULE
 from diffcredit.progress import Progress
 from diffcredit.training import autocast, prepare_device, select_device
 
+# The schema's defaults (utility.sampler, utility.inference_steps): the fewest steps that keep the utilities'
+# agreement with DDIM 100 (benchmarks/RESULTS.md, "Samplers").
+DEFAULT_SAMPLER = "dpmsolver++"
+DEFAULT_INFERENCE_STEPS = 15
+
 logger = logging.getLogger(__name__)
 
 # name -> (scheduler class, its settings beyond the training schedule, whether each step draws fresh noise).
@@ -62,8 +67,8 @@ def generate(
     n: int,
     *,
     seed: int,
-    inference_steps: int = 50,
-    sampler: str = "ddim",
+    inference_steps: int = DEFAULT_INFERENCE_STEPS,
+    sampler: str = DEFAULT_SAMPLER,
     schedule: dict[str, Any] | None = None,
     batch_size: int = 256,
     device: str | None = None,

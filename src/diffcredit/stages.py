@@ -154,7 +154,7 @@ def prepare_reference(
 
 def plan_table(
     *, plan: str, contributors: list[str], seed: int, budget: int, main_estimator: str, lds_subsets: int,
-    alpha: float, agreement_coalitions: int,
+    alpha: float | list[float], agreement_coalitions: int, bound_repeats: int = 2,
 ) -> pd.DataFrame:
     """The coalitions of a named plan: an estimator's, the LDS held-out subsets, or the retrained agreement prefix."""
     from diffcredit.coalitions import plan as plan_coalitions
@@ -166,8 +166,10 @@ def plan_table(
                              "members": [",".join(s) for s in subsets], "estimator": "lds"})
     if plan == "agreement":
         # A prefix of the estimation plan, so its coalition ids and utilities line up with the estimation's.
-        return plan_coalitions(contributors, main_estimator, budget, seed).head(agreement_coalitions)
-    return plan_coalitions(contributors, plan, budget, seed)
+        return plan_coalitions(contributors, main_estimator, budget, seed, bound_repeats=bound_repeats).head(
+            agreement_coalitions
+        )
+    return plan_coalitions(contributors, plan, budget, seed, bound_repeats=bound_repeats)
 
 
 def write_plan(spec: dict, out: str) -> None:
@@ -295,7 +297,7 @@ def _estimate(plan: pd.DataFrame, utilities: str, contributors: str, confidence:
 
 def sample_figure(
     *, heldout_data: str, full_model: str, recovered_model: str, utilities: str, coalitions: str, store: str,
-    schedule: dict, inference_steps: int, seed: int, out: str, n: int = 32, family: dict | None = None,
+    schedule: dict, inference_steps: int, sampler: str, seed: int, out: str, n: int = 32, family: dict | None = None,
 ) -> None:
     """Real images beside samples of the full and recovered models and of the ∅, N and singleton coalitions."""
     from diffcredit.coalitions import member_sets, read_coalitions
@@ -306,7 +308,7 @@ def sample_figure(
     panels = {"real (held out)": heldout.images[:n]}
     for label, directory in (("full model", full_model), ("pruned + recovered", recovered_model)):
         panels[label] = kind.generate(kind.load(directory), n, seed=derive_seed(seed, "generation-noise"),
-                                      inference_steps=inference_steps)
+                                      inference_steps=inference_steps, sampler=sampler)
     members = member_sets(read_coalitions(coalitions))
     measured = pd.read_csv(utilities, sep="\t").drop_duplicates("coalition")
     measured["size"] = measured["coalition"].map(lambda c: len(members[c]))

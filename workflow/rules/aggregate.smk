@@ -53,6 +53,7 @@ rule sample_figure:
         schedule=config["model"]["schedule"],
         family=FAMILY,
         inference_steps=config["utility"]["inference_steps"],
+        sampler=config["utility"]["sampler"],
         seed=config["seed"],
     script:
         "../scripts/sample_figure.py"

@@ -47,6 +47,7 @@ def plan_spec(plan):
         "lds_subsets": evaluation["lds_subsets"],
         "alpha": evaluation["alpha"],
         "agreement_coalitions": evaluation["agreement_coalitions"],
+        "bound_repeats": main["bound_repeats"],
     }
 
 
@@ -189,6 +190,8 @@ def settings_of(mode):
         "n_samples": u["n_samples"],
         "inference_steps": u["inference_steps"],
         "sampler": u["sampler"],
+        "sample_batch_size": u["sample_batch_size"],
+        "precision": config["model"]["precision"],
         "seed": config["seed"],
     }
 
@@ -201,9 +204,9 @@ def keep_dir(wildcards):
 
 
 def training_settings(section):
+    """The recipe of `section` (train or recover, each complete in the schema) and the run's precision."""
     keys = ("steps", "batch_size", "lr", "optimizer", "ema_decay", "grad_clip")
-    recipe = {**config["train"], **config[section]}
-    return {key: recipe[key] for key in keys}
+    return {**{key: config[section][key] for key in keys}, "precision": config["model"]["precision"]}
 
 
 def minutes(base):
@@ -378,3 +381,15 @@ def baseline_values():
     if heuristic_predictor() is None:
         methods = [m for m in methods if not m.startswith("aesthetic")]
     return expand(f"{RUN}/baselines/{{method}}/values.csv", method=methods)
+
+
+# The yardstick is decided before any job runs: a config that declares itself a marketplace must name a trusted
+# reference (data.reference), and every reference-based property of the run is measured against it.
+from diffcredit.contributors import TRUSTED, yardstick
+
+YARDSTICK = yardstick(config["data"]["reference"], marketplace=config["marketplace"])
+
+
+def reference_training_data(wildcards):
+    """The contributors' items train the extractor only without a trusted reference (then it never sees them)."""
+    return [] if YARDSTICK == TRUSTED else rules.prepare_data.output.train

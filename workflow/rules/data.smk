@@ -1,15 +1,3 @@
-# The yardstick is decided before any job runs: a config that declares itself a marketplace must name a trusted
-# reference (data.reference), and every reference-based property of the run is measured against it.
-from diffcredit.contributors import TRUSTED, yardstick
-
-YARDSTICK = yardstick(config["data"]["reference"], marketplace=config["marketplace"])
-
-
-def reference_training_data(wildcards):
-    """The contributors' items train the extractor only without a trusted reference (then it never sees them)."""
-    return [] if YARDSTICK == TRUSTED else rules.prepare_data.output.train
-
-
 rule prepare_data:
     output:
         train=f"{RUN}/data/train.npz",

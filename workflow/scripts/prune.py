@@ -3,6 +3,10 @@ import sys
 
 sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (snakemake is injected)
 
+from diffcredit.progress import log_to_stderr
+
+log_to_stderr()  # the package's progress lines (rate, ETA) go to the rule log
+
 from diffcredit import stages
 
 stages.set_threads(snakemake.threads)

@@ -33,7 +33,7 @@ from torch import nn
 from diffcredit.attribution import save_values
 from diffcredit.contributors import ContributorData, validate_contributor_id
 from diffcredit.properties import Property, oriented
-from diffcredit.sampling import generate
+from diffcredit.sampling import DEFAULT_INFERENCE_STEPS, DEFAULT_SAMPLER, generate
 from diffcredit.seeds import derive_seed
 
 MAX_DRAWS = 1000
@@ -114,8 +114,8 @@ def ablation_table(
     *,
     n_samples: int,
     seed: int,
-    inference_steps: int = 50,
-    sampler: str = "ddim",
+    inference_steps: int = DEFAULT_INFERENCE_STEPS,
+    sampler: str = DEFAULT_SAMPLER,
     schedule: dict[str, Any] | None = None,
     device: str | None = None,
     log: Callable[[str], None] = print,

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from diffcredit.io import atomic_dir
+from diffcredit.sampling import DEFAULT_INFERENCE_STEPS, DEFAULT_SAMPLER
 
 REQUIRED = ("unet", "text_encoder", "tokenizer", "scheduler")
 SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
@@ -253,7 +254,7 @@ def pretrain(pipeline: TextPipeline, images: np.ndarray, captions: Sequence[str]
 
 def generate(
     pipeline: TextPipeline, unet, prompts: Sequence[str], n: int, *, seed: int, guidance_scale: float = 1.0,
-    inference_steps: int = 50, sampler: str = "ddim", batch_size: int = 64, device: str | None = None,
+    inference_steps: int = DEFAULT_INFERENCE_STEPS, sampler: str = DEFAULT_SAMPLER, batch_size: int = 64, device: str | None = None,
 ) -> np.ndarray:
     """``n`` images (float32 ``[n, C, H, W]`` in ``[-1, 1]``) of ``unet``; image ``i`` is prompted with
     ``prompts[i % len(prompts)]`` and starts from the noise of item ``i`` of :func:`diffcredit.sampling.generate`.
