@@ -5,12 +5,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORES ?= 2
 
-.PHONY: install run test test-all dry-run lint benchmark clean
+.PHONY: install run test test-all dry-run lint format benchmark clean
 
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements.lock requirements-dev.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet -r requirements-dev.lock -c requirements.lock
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -20,8 +21,8 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES)
 
-## The test suite CI runs (unit tests, workflow tests on a tiny config, the real-SLURM tests).
-test: $(STAMP)
+## The test suite CI runs: lint and format checks, then unit tests, workflow tests on a tiny config, real-SLURM tests.
+test: lint
 	$(BIN)/python -m pytest -m "not slow" -q
 
 ## Everything, including the long checks marked slow.
@@ -35,8 +36,17 @@ dry-run: $(STAMP)
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/fidelity.py --cores $(CORES)
 
+## ruff (lint and format), snakefmt and snakemake --lint; `make format` rewrites what the first two would flag.
 lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/snakefmt --check Snakefile workflow/rules
 	$(BIN)/snakemake --lint
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+	$(BIN)/snakefmt Snakefile workflow/rules
 
 clean:
 	rm -rf results/* .snakemake

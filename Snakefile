@@ -32,6 +32,6 @@ include: "workflow/rules/bundle.smk"
 
 
 rule all:
+    default_target: True
     input:
         default_targets(),
-    default_target: True

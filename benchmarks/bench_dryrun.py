@@ -58,7 +58,7 @@ def write_manifest(path: Path, contributors: int) -> Path:
 def job_counts(output: str) -> dict[str, int]:
     """Job counts per rule from the summary table a dry-run prints last."""
     counts: dict[str, int] = {}
-    for line in output[output.rindex("Job stats:"):].splitlines()[3:]:
+    for line in output[output.rindex("Job stats:") :].splitlines()[3:]:
         parts = line.split()
         if len(parts) != 2 or not parts[1].isdigit():
             break
@@ -69,8 +69,18 @@ def job_counts(output: str) -> dict[str, int]:
 def dry_run(workdir: Path, configfile: Path, per_job: int) -> DryRun:
     """Time one `snakemake -n` in a child process, with its peak resident memory (from wait4)."""
     log = workdir / f"dryrun-{per_job}.log"
-    command = [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", str(configfile),
-               "--config", f"coalitions_per_job={per_job}"]
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-n",
+        "--cores",
+        "1",
+        "--configfile",
+        str(configfile),
+        "--config",
+        f"coalitions_per_job={per_job}",
+    ]
     with log.open("w") as out:
         start = time.perf_counter()
         child = subprocess.Popen(command, cwd=workdir, stdout=out, stderr=subprocess.STDOUT)
@@ -94,20 +104,32 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="diffcredit-dryrun-") as tmp:
         workdir = workflow_copy(Path(tmp))
         configfile = workdir / "bench.yaml"
-        configfile.write_text(yaml.safe_dump({
-            "name": "bench",
-            "data": {"source": "digits", "manifest": str(write_manifest(workdir / "manifest.tsv", args.contributors))},
-            "estimator": {"name": "kernelshap", "budget": args.coalitions},
-        }))
-        print(f"{args.contributors} contributors, {args.coalitions} coalitions (kernelshap), "
-              f"{platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}\n")
+        configfile.write_text(
+            yaml.safe_dump(
+                {
+                    "name": "bench",
+                    "data": {
+                        "source": "digits",
+                        "manifest": str(write_manifest(workdir / "manifest.tsv", args.contributors)),
+                    },
+                    "estimator": {"name": "kernelshap", "budget": args.coalitions},
+                }
+            )
+        )
+        print(
+            f"{args.contributors} contributors, {args.coalitions} coalitions (kernelshap), "
+            f"{platform.node()}: {os.cpu_count()} cores, Python {platform.python_version()}\n"
+        )
         print("| coalitions_per_job | coalition jobs | jobs in DAG | `snakemake -n` (s) | peak RSS (MB) |")
         print("| ---: | ---: | ---: | ---: | ---: |")
         for per_job in args.per_job:
             runs = [dry_run(workdir, configfile, per_job) for _ in range(args.repeats)]
             best = min(runs, key=lambda run: run.seconds)
-            print(f"| {per_job} | {best.coalition_jobs:,} | {best.total_jobs:,} | {best.seconds:.1f} | "
-                  f"{best.max_rss_mb:.0f} |", flush=True)
+            print(
+                f"| {per_job} | {best.coalition_jobs:,} | {best.total_jobs:,} | {best.seconds:.1f} | "
+                f"{best.max_rss_mb:.0f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ TITLE = "Estimators on synthetic games"
 
 # ---- games (numpy only: the shapiq worker uses them too) ----
 
+
 def make_game(kind: str, n: int):
     """Return (value of each row of a 0-1 membership matrix, true Shapley values)."""
     rng = np.random.default_rng(n * 100 + GAMES.index(kind))
@@ -67,7 +68,7 @@ def _weighted_shapley(w: np.ndarray, g) -> np.ndarray:
         count = np.zeros((n, top + 1))
         count[0, 0] = 1
         for j in np.delete(np.arange(n), i):
-            count[1:, w[j]:] += count[:-1, : top + 1 - w[j]].copy()
+            count[1:, w[j] :] += count[:-1, : top + 1 - w[j]].copy()
         gain = g(np.minimum(totals + w[i], top).astype(float)) - g(totals.astype(float))
         values[i] = (weights[:, None] * count * gain[None, :]).sum()
     return values
@@ -112,6 +113,7 @@ def worker() -> None:
 
 # ---- the measurement ----
 
+
 def ours(estimator: str, n: int, budget: int, game, truth: np.ndarray, sd: float, seeds: int) -> dict:
     import pandas as pd
 
@@ -140,8 +142,13 @@ def ours(estimator: str, n: int, budget: int, game, truth: np.ndarray, sd: float
 
 
 def cells(games: list[str], sizes: list[int]) -> list[dict]:
-    return [{"game": g, "n": n, "noisy": noisy_, "budget": b, "seeds": SEEDS}
-            for n in sizes for g in games for noisy_ in (0, 1) for b in SIZES[n]]
+    return [
+        {"game": g, "n": n, "noisy": noisy_, "budget": b, "seeds": SEEDS}
+        for n in sizes
+        for g in games
+        for noisy_ in (0, 1)
+        for b in SIZES[n]
+    ]
 
 
 def key(cell: dict, estimator: str) -> str:
@@ -175,9 +182,14 @@ def measure(todo: list[dict], shapiq: str | None) -> dict:
     if shapiq:
         missing = [c for c in todo if key(c, "shapiq") not in store]
         if missing:
-            process = subprocess.run([shapiq, __file__, "--worker"], input="\n".join(map(json.dumps, missing)),
-                                     capture_output=True, text=True, check=True)
-            for cell, line in zip(missing, process.stdout.splitlines(), strict=False):
+            process = subprocess.run(
+                [shapiq, __file__, "--worker"],
+                input="\n".join(map(json.dumps, missing)),
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            for cell, line in zip(missing, process.stdout.splitlines(), strict=True):
                 _, truth = make_game(cell["game"], cell["n"])
                 errors = [np.linalg.norm(np.array(e) - truth) / np.linalg.norm(truth) for e in json.loads(line)]
                 store[key(cell, "shapiq")] = {"error": float(np.mean(errors))}
@@ -200,8 +212,10 @@ def report(store: dict, todo: list[dict], shapiq_version: str | None) -> str:
         "",
     ]
     groups = sorted({(c["n"], c["game"], c["noisy"]) for c in todo}, key=lambda g: (g[0], GAMES.index(g[1]), g[2]))
-    lines += ["| n | game | noise | budget | " + " | ".join(estimators) + " | ratio |",
-              "| --- | --- | --- | ---: | " + " | ".join("---:" for _ in estimators) + " | ---: |"]
+    lines += [
+        "| n | game | noise | budget | " + " | ".join(estimators) + " | ratio |",
+        "| --- | --- | --- | ---: | " + " | ".join("---:" for _ in estimators) + " | ---: |",
+    ]
     ratios = []
     for n, game, noisy_ in groups:
         for budget in SIZES[n]:
@@ -213,28 +227,53 @@ def report(store: dict, todo: list[dict], shapiq_version: str | None) -> str:
             ratio = 1.0 if max(errors[0], floor) < 1e-9 else errors[0] / floor if floor > 0 else math.inf
             ratios.append(ratio)
             shown = [f"**{e:.3g}**" if e == best else f"{e:.3g}" for e in errors]
-            lines.append(f"| {n} | {game} | {'yes' if noisy_ else 'no'} | {budget} | " + " | ".join(shown)
-                         + f" | {ratio:.2f} |")
-    lines += ["", "Coalitions needed for 10% relative error (smallest budget of the grid; `>` = not reached) "
-              "and mean 95% coverage over all budgets (ours only):", "",
-              "| n | game | noise | " + " | ".join(estimators) + " | coverage " + " / ".join(OURS) + " |",
-              "| --- | --- | --- | " + " | ".join("---:" for _ in estimators) + " | --- |"]
+            lines.append(
+                f"| {n} | {game} | {'yes' if noisy_ else 'no'} | {budget} | " + " | ".join(shown) + f" | {ratio:.2f} |"
+            )
+    lines += [
+        "",
+        "Coalitions needed for 10% relative error (smallest budget of the grid; `>` = not reached) "
+        "and mean 95% coverage over all budgets (ours only):",
+        "",
+        "| n | game | noise | " + " | ".join(estimators) + " | coverage " + " / ".join(OURS) + " |",
+        "| --- | --- | --- | " + " | ".join("---:" for _ in estimators) + " | --- |",
+    ]
     for n, game, noisy_ in groups:
         needed, cover = [], []
         for e in estimators:
-            reached = [b for b in SIZES[n] if store.get(key({"game": game, "n": n, "noisy": noisy_, "budget": b}, e),
-                                                        {}).get("error", math.inf) <= 0.1]
+            reached = [
+                b
+                for b in SIZES[n]
+                if store.get(key({"game": game, "n": n, "noisy": noisy_, "budget": b}, e), {}).get("error", math.inf)
+                <= 0.1
+            ]
             needed.append(str(reached[0]) if reached else f">{SIZES[n][-1]}")
         for e in OURS:
-            cover.append(np.nanmean([store.get(key({"game": game, "n": n, "noisy": noisy_, "budget": b}, e),
-                                               {}).get("coverage", math.nan) for b in SIZES[n]]))
-        lines.append(f"| {n} | {game} | {'yes' if noisy_ else 'no'} | " + " | ".join(needed) + " | "
-                     + " / ".join(f"{c:.3f}" for c in cover) + " |")
+            cover.append(
+                np.nanmean(
+                    [
+                        store.get(key({"game": game, "n": n, "noisy": noisy_, "budget": b}, e), {}).get(
+                            "coverage", math.nan
+                        )
+                        for b in SIZES[n]
+                    ]
+                )
+            )
+        lines.append(
+            f"| {n} | {game} | {'yes' if noisy_ else 'no'} | "
+            + " | ".join(needed)
+            + " | "
+            + " / ".join(f"{c:.3f}" for c in cover)
+            + " |"
+        )
     ratios = np.array(ratios)
     ratios = ratios[~np.isnan(ratios)]
-    lines += ["", f"Default over the best peer: median ratio {np.median(ratios):.2f}, worst {ratios.max():.2f}, "
-              f"≤ 1 in {np.mean(ratios <= 1):.0%} and ≤ 0.5 in {np.mean(ratios <= 0.5):.0%} of "
-              f"{len(ratios)} cells (cells where both are exact count as 1)."]
+    lines += [
+        "",
+        f"Default over the best peer: median ratio {np.median(ratios):.2f}, worst {ratios.max():.2f}, "
+        f"≤ 1 in {np.mean(ratios <= 1):.0%} and ≤ 0.5 in {np.mean(ratios <= 0.5):.0%} of "
+        f"{len(ratios)} cells (cells where both are exact count as 1).",
+    ]
     return "\n".join(lines)
 
 
@@ -255,8 +294,12 @@ def main() -> None:
     store = measure(todo, args.shapiq)
     version = None
     if args.shapiq:
-        version = subprocess.run([args.shapiq, "-c", "from importlib.metadata import version; print(version('shapiq'))"],
-                                 capture_output=True, text=True, check=True).stdout.strip()
+        version = subprocess.run(
+            [args.shapiq, "-c", "from importlib.metadata import version; print(version('shapiq'))"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     text = report(store, todo, version)
     print(text)
     replace_section(ROOT / "benchmarks" / "RESULTS.md", TITLE, text)

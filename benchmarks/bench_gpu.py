@@ -44,8 +44,8 @@ from torch import nn
 
 from diffcredit import sampling, training
 from diffcredit.models import build_model, count_parameters, unet_config_for
-from diffcredit.properties.fid import FID, feature_stats
 from diffcredit.properties.features import extract_features
+from diffcredit.properties.fid import FID, feature_stats
 from diffcredit.pruning import prune
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,9 +53,16 @@ PRESET = ROOT / "config/presets/cifar20.yaml"
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "GPU path: seconds per coalition at the cifar20 size"
 ANCHOR = {"sampler": "ddim", "inference_steps": 100, "precision": "fp32", "sample_batch_size": 256}
-TINY_UNET = {"sample_size": 8, "block_out_channels": [8, 16], "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-             "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "layers_per_block": 1, "norm_num_groups": 2,
-             "attention_head_dim": 8, "dropout": 0.1}
+TINY_UNET = {
+    "sample_size": 8,
+    "block_out_channels": [8, 16],
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+    "layers_per_block": 1,
+    "norm_num_groups": 2,
+    "attention_head_dim": 8,
+    "dropout": 0.1,
+}
 
 
 def preset() -> dict:
@@ -63,10 +70,18 @@ def preset() -> dict:
     cfg = yaml.safe_load(PRESET.read_text())
     u, m = cfg["utility"], cfg["model"]
     return {
-        "unet": m["unet"], "ratio": cfg["prune"]["ratio"], "finetune_steps": u["finetune_steps"],
-        "batch_size": u["batch_size"], "lr": u["lr"], "n_samples": u["n_samples"],
-        "default": {"sampler": u["sampler"], "inference_steps": u["inference_steps"],
-                    "precision": m.get("precision", "fp32"), "sample_batch_size": u.get("sample_batch_size", 256)},
+        "unet": m["unet"],
+        "ratio": cfg["prune"]["ratio"],
+        "finetune_steps": u["finetune_steps"],
+        "batch_size": u["batch_size"],
+        "lr": u["lr"],
+        "n_samples": u["n_samples"],
+        "default": {
+            "sampler": u["sampler"],
+            "inference_steps": u["inference_steps"],
+            "precision": m.get("precision", "fp32"),
+            "sample_batch_size": u.get("sample_batch_size", 256),
+        },
     }
 
 
@@ -123,12 +138,19 @@ def timed(device: torch.device, function, /, *args, **kwargs) -> tuple[object, f
     return result, time.perf_counter() - tic
 
 
-def per_coalition(recipe: dict, *, model: nn.Module, data: np.ndarray, score: FID, spec: dict, args,
-                  device: torch.device) -> dict:
+def per_coalition(
+    recipe: dict, *, model: nn.Module, data: np.ndarray, score: FID, spec: dict, args, device: torch.device
+) -> dict:
     """Seconds of one coalition's fine-tune, generation and scoring under `recipe` (rates × the preset's counts)."""
     steps = spec["finetune_steps"] if args.full else min(args.finetune_steps, spec["finetune_steps"])
-    fit = {"batch_size": spec["batch_size"], "lr": spec["lr"], "seed": 0, "device": str(device),
-           "precision": recipe["precision"], "log_every": 0}
+    fit = {
+        "batch_size": spec["batch_size"],
+        "lr": spec["lr"],
+        "seed": 0,
+        "device": str(device),
+        "precision": recipe["precision"],
+        "log_every": 0,
+    }
     training.reset_peak_memory(device)
     work = copy.deepcopy(model)
     training.train(work, data, steps=2, **fit)  # warm-up: cuDNN autotuning, allocator
@@ -139,20 +161,33 @@ def per_coalition(recipe: dict, *, model: nn.Module, data: np.ndarray, score: FI
     batches = math.ceil(spec["n_samples"] / batch)
     measured = batches if args.full else min(args.sample_batches, batches)
     n = min(spec["n_samples"], measured * batch)
-    gen = {"seed": 1, "sampler": recipe["sampler"], "batch_size": batch, "device": str(device),
-           "precision": recipe["precision"]}
+    gen = {
+        "seed": 1,
+        "sampler": recipe["sampler"],
+        "batch_size": batch,
+        "device": str(device),
+        "precision": recipe["precision"],
+    }
     sampling.generate(work, min(batch, 8), inference_steps=2, **gen)  # warm-up
     images, seconds = timed(device, sampling.generate, work, n, inference_steps=recipe["inference_steps"], **gen)
     sample = seconds / n * spec["n_samples"]
 
     _, seconds = timed(device, score, images)
     scoring = seconds / len(images) * spec["n_samples"]
-    return {"finetune": finetune, "sample": sample, "score": scoring, "total": finetune + sample + scoring,
-            "peak_memory": training.peak_memory(device), "measured_finetune_steps": steps, "measured_samples": n}
+    return {
+        "finetune": finetune,
+        "sample": sample,
+        "score": scoring,
+        "total": finetune + sample + scoring,
+        "peak_memory": training.peak_memory(device),
+        "measured_finetune_steps": steps,
+        "measured_samples": n,
+    }
 
 
-def together(model: nn.Module, data: np.ndarray, *, k: int, spec: dict, recipe: dict, args,
-             device: torch.device) -> dict:
+def together(
+    model: nn.Module, data: np.ndarray, *, k: int, spec: dict, recipe: dict, args, device: torch.device
+) -> dict:
     """Fine-tuning steps and denoising evaluations per second for `k` coalitions at once, by each way of running
     them together (``sequential`` is one model after the other: the baseline)."""
     models = [copy.deepcopy(model).to(device) for _ in range(k)]
@@ -180,13 +215,14 @@ def together(model: nn.Module, data: np.ndarray, *, k: int, spec: dict, recipe: 
     optimizers = [torch.optim.Adam(m.parameters(), lr=spec["lr"]) for m in models]
     streams = [torch.cuda.Stream(device) for _ in models] if device.type == "cuda" else None
     for way in ["sequential"] + (["streams"] if streams else []):
-        def run_fit():
+
+        def run_fit(way=way):
             for _ in range(steps):
-                for i, (m, opt) in enumerate(zip(models, optimizers)):
+                for i, (m, opt) in enumerate(zip(models, optimizers, strict=True)):
                     with torch.cuda.stream(streams[i]) if way == "streams" else contextlib.nullcontext():
                         fit_step(m, opt, clean[i], t_train[i])
 
-        def run_sample():
+        def run_sample(way=way):
             for _ in range(steps):
                 for i, m in enumerate(models):
                     with torch.cuda.stream(streams[i]) if way == "streams" else contextlib.nullcontext():
@@ -199,15 +235,18 @@ def together(model: nn.Module, data: np.ndarray, *, k: int, spec: dict, recipe: 
         for m in models:
             m.eval()
         _, sample_seconds = timed(device, run_sample)
-        out[way] = {"finetune_steps_per_s": k * steps / fit_seconds,
-                    "images_evaluated_per_s": k * steps * batch / sample_seconds}
+        out[way] = {
+            "finetune_steps_per_s": k * steps / fit_seconds,
+            "images_evaluated_per_s": k * steps * batch / sample_seconds,
+        }
     try:
-        out["vmap"] = vectorised(models, clean, t_train, noise_sample, steps=steps, lr=spec["lr"], context=context,
-                                 device=device)
+        out["vmap"] = vectorised(
+            models, clean, t_train, noise_sample, steps=steps, lr=spec["lr"], context=context, device=device
+        )
     except Exception as error:  # a model or kernel that torch.func cannot batch: record it, keep the others
         out["vmap"] = {"error": f"{type(error).__name__}: {str(error)[:200]}"}
     base = out["sequential"]
-    for way, figures in out.items():
+    for figures in out.values():
         if "error" not in figures:
             figures["finetune_gain"] = figures["finetune_steps_per_s"] / base["finetune_steps_per_s"]
             figures["sample_gain"] = figures["images_evaluated_per_s"] / base["images_evaluated_per_s"]
@@ -248,10 +287,14 @@ def vectorised(models, clean, t_train, noise_sample, *, steps, lr, context, devi
     batched_forward = vmap(forward, in_dims=(0, 0, 0, None))
     t = torch.tensor(500, device=device)
     with torch.inference_mode():
-        _, sample_seconds = timed(device, lambda: [batched_forward(params, buffers, noise_sample, t)
-                                                   for _ in range(steps)])
+        _, sample_seconds = timed(
+            device, lambda: [batched_forward(params, buffers, noise_sample, t) for _ in range(steps)]
+        )
     k, batch = noise_sample.shape[:2]
-    return {"finetune_steps_per_s": k * steps / fit_seconds, "images_evaluated_per_s": k * steps * batch / sample_seconds}
+    return {
+        "finetune_steps_per_s": k * steps / fit_seconds,
+        "images_evaluated_per_s": k * steps * batch / sample_seconds,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -270,9 +313,17 @@ def main(argv: list[str] | None = None) -> dict:
     spec = preset()
     if args.tiny:
         torch.set_num_threads(1)
-        spec.update(unet=TINY_UNET, finetune_steps=20, batch_size=8, n_samples=32,
-                    default={**spec["default"], "inference_steps": min(spec["default"]["inference_steps"], 5),
-                             "sample_batch_size": 16})
+        spec.update(
+            unet=TINY_UNET,
+            finetune_steps=20,
+            batch_size=8,
+            n_samples=32,
+            default={
+                **spec["default"],
+                "inference_steps": min(spec["default"]["inference_steps"], 5),
+                "sample_batch_size": 16,
+            },
+        )
         args.finetune_steps, args.sample_batches, args.together, args.together_steps = 3, 1, 2, 2
         recipes = {"anchor": {**ANCHOR, "inference_steps": 5, "sample_batch_size": 8}, "diffcredit": spec["default"]}
     else:
@@ -287,19 +338,27 @@ def main(argv: list[str] | None = None) -> dict:
     reference = rng.uniform(-1, 1, (64 if args.tiny else 2048 + 64, 3, size, size)).astype(np.float32)
     score = FID(extractor, *feature_stats(extract_features(extractor, reference)))
 
-    report = {"date": datetime.date.today().isoformat(), "device": describe(device), "tiny": args.tiny,
-              "parameters": {"full": count_parameters(full), "pruned": count_parameters(model)},
-              "spec": {k: v for k, v in spec.items() if k != "unet"}, "recipes": recipes, "per_coalition": {}}
+    report = {
+        "date": datetime.date.today().isoformat(),
+        "device": describe(device),
+        "tiny": args.tiny,
+        "parameters": {"full": count_parameters(full), "pruned": count_parameters(model)},
+        "spec": {k: v for k, v in spec.items() if k != "unet"},
+        "recipes": recipes,
+        "per_coalition": {},
+    }
     for name, recipe in recipes.items():
         with pytorch_default_tf32() if name == "anchor" else contextlib.nullcontext():
-            report["per_coalition"][name] = per_coalition(recipe, model=model, data=data, score=score, spec=spec,
-                                                          args=args, device=device)
+            report["per_coalition"][name] = per_coalition(
+                recipe, model=model, data=data, score=score, spec=spec, args=args, device=device
+            )
         print(name, json.dumps(report["per_coalition"][name]), flush=True)
     anchor, ours = report["per_coalition"]["anchor"], report["per_coalition"]["diffcredit"]
     report["speedup"] = anchor["total"] / ours["total"]
     report["together_k"] = args.together
-    report["together"] = together(model, data, k=args.together, spec=spec, recipe=recipes["diffcredit"], args=args,
-                                  device=device)
+    report["together"] = together(
+        model, data, k=args.together, spec=spec, recipe=recipes["diffcredit"], args=args, device=device
+    )
     report["wall_seconds"] = time.perf_counter() - started
     print(json.dumps({k: report[k] for k in ("speedup", "together", "wall_seconds")}, indent=1))
     if args.json:
@@ -315,7 +374,9 @@ def main(argv: list[str] | None = None) -> dict:
 def describe(device: torch.device) -> str:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}, torch {torch.__version__}"
+        return (
+            f"{props.name} ({props.total_memory / 2**30:.0f} GiB), CUDA {torch.version.cuda}, torch {torch.__version__}"
+        )
     from machine import machine_description
 
     return f"CPU: {machine_description()}, {torch.get_num_threads()} torch threads"
@@ -323,37 +384,53 @@ def describe(device: torch.device) -> str:
 
 def markdown(report: dict) -> str:
     spec = report["spec"]
-    rows = ["| recipe | sampler, steps | precision | generation batch | fine-tune (s) | sample (s) | score (s) | "
-            "total (s) | peak memory (GiB) |", "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = [
+        "| recipe | sampler, steps | precision | generation batch | fine-tune (s) | sample (s) | score (s) | "
+        "total (s) | peak memory (GiB) |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for name, recipe in report["recipes"].items():
         r = report["per_coalition"][name]
         memory = f"{r['peak_memory'] / 2**30:.1f}" if r["peak_memory"] else "–"
-        rows.append(f"| {name} | {recipe['sampler']}, {recipe['inference_steps']} | {recipe['precision']} | "
-                    f"{recipe['sample_batch_size']} | {r['finetune']:.1f} | {r['sample']:.1f} | {r['score']:.1f} | "
-                    f"{r['total']:.1f} | {memory} |")
-    together_rows = ["| way | fine-tune steps/s | gain | images evaluated/s | gain |", "| --- | ---: | ---: | ---: | ---: |"]
+        rows.append(
+            f"| {name} | {recipe['sampler']}, {recipe['inference_steps']} | {recipe['precision']} | "
+            f"{recipe['sample_batch_size']} | {r['finetune']:.1f} | {r['sample']:.1f} | {r['score']:.1f} | "
+            f"{r['total']:.1f} | {memory} |"
+        )
+    together_rows = [
+        "| way | fine-tune steps/s | gain | images evaluated/s | gain |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
     for way, f in report["together"].items():
         if "error" in f:
             together_rows.append(f"| {way} | failed: {f['error']} | | | |")
         else:
-            together_rows.append(f"| {way} | {f['finetune_steps_per_s']:.2f} | {f['finetune_gain']:.2f}× | "
-                                 f"{f['images_evaluated_per_s']:.0f} | {f['sample_gain']:.2f}× |")
-    return "\n".join([
-        f"Command: `python benchmarks/bench_gpu.py`. Device: {report['device']}. Date: {report['date']}. "
-        f"Wall time: {report['wall_seconds']:.0f} s. Packages: "
-        + ", ".join(f"{k} {v}" for k, v in report.get("versions", {}).items()) + ".",
-        "",
-        f"The cifar20 preset's UNet ({report['parameters']['full'] / 1e6:.1f}M parameters, pruned to "
-        f"{report['parameters']['pruned'] / 1e6:.1f}M), synthetic 32×32 data; per coalition {spec['finetune_steps']} "
-        f"fine-tuning steps at batch {spec['batch_size']} and {spec['n_samples']} images scored by FID with an "
-        "Inception-v3-sized extractor; seconds are measured rates times these counts.",
-        "", *rows, "",
-        f"DiffCredit's default costs **{report['speedup']:.1f}× less** per coalition than the paper's recipe.",
-        "",
-        f"{report['together_k']} coalitions at once (rates summed over the coalitions; gain against one after the "
-        "other; DiffCredit's default recipe):",
-        "", *together_rows,
-    ])
+            together_rows.append(
+                f"| {way} | {f['finetune_steps_per_s']:.2f} | {f['finetune_gain']:.2f}× | "
+                f"{f['images_evaluated_per_s']:.0f} | {f['sample_gain']:.2f}× |"
+            )
+    return "\n".join(
+        [
+            f"Command: `python benchmarks/bench_gpu.py`. Device: {report['device']}. Date: {report['date']}. "
+            f"Wall time: {report['wall_seconds']:.0f} s. Packages: "
+            + ", ".join(f"{k} {v}" for k, v in report.get("versions", {}).items())
+            + ".",
+            "",
+            f"The cifar20 preset's UNet ({report['parameters']['full'] / 1e6:.1f}M parameters, pruned to "
+            f"{report['parameters']['pruned'] / 1e6:.1f}M), synthetic 32×32 data; per coalition {spec['finetune_steps']} "
+            f"fine-tuning steps at batch {spec['batch_size']} and {spec['n_samples']} images scored by FID with an "
+            "Inception-v3-sized extractor; seconds are measured rates times these counts.",
+            "",
+            *rows,
+            "",
+            f"DiffCredit's default costs **{report['speedup']:.1f}× less** per coalition than the paper's recipe.",
+            "",
+            f"{report['together_k']} coalitions at once (rates summed over the coalitions; gain against one after the "
+            "other; DiffCredit's default recipe):",
+            "",
+            *together_rows,
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -28,13 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from scipy.stats import spearmanr
-
 from machine import machine_description, package_versions, replace_section
+from scipy.stats import spearmanr
 
 from diffcredit import stages
 from diffcredit.contributors import ContributorData
-from diffcredit.models import load_model, unet_config_for
+from diffcredit.models import unet_config_for
 from diffcredit.properties import load_property
 from diffcredit.sampling import generate
 from diffcredit.seeds import derive_seed
@@ -70,25 +69,70 @@ def build_inputs(cfg: dict, cache: Path) -> tuple[Path, Path, Path, dict]:
     seconds_file = cache / "stage_seconds.json"
     seconds = json.loads(seconds_file.read_text()) if seconds_file.exists() else {}
     seed, data, model = cfg["seed"], cfg["data"], cfg["model"]
-    recipe = lambda section: {k: {**cfg["train"], **cfg[section]}[k]  # noqa: E731 (as common.smk's training_settings)
-                              for k in ("steps", "batch_size", "lr", "optimizer", "ema_decay", "grad_clip")}
+
+    def recipe(section: str) -> dict:  # as common.smk's training_settings: each section is complete in the schema
+        return {k: cfg[section][k] for k in ("steps", "batch_size", "lr", "optimizer", "ema_decay", "grad_clip")}
+
     stages_run = {
-        "prepare_data": (cache / "train.npz", lambda: stages.prepare_data(
-            source=data["source"], path=data["path"], manifest=data["manifest"],
-            heldout_fraction=data["heldout_fraction"], seed=seed, train_out=str(cache / "train.npz"),
-            heldout_out=str(cache / "heldout.npz"), contributors_out=str(cache / "contributors.tsv"))),
-        "train_full": (cache / "full", lambda: stages.train_full(
-            train_data=str(cache / "train.npz"), out=str(cache / "full"), stats_out=str(cache / "full.json"),
-            unet=model["unet"], schedule=model["schedule"], seed=seed, **recipe("train"))),
-        "prune": (cache / "pruned", lambda: stages.prune_model(
-            full_model=str(cache / "full"), train_data=str(cache / "train.npz"), out=str(cache / "pruned"),
-            stats_out=str(cache / "pruned.json"), schedule=model["schedule"], seed=seed, **cfg["prune"])),
-        "recover": (cache / "recovered", lambda: stages.recover(
-            pruned_model=str(cache / "pruned"), train_data=str(cache / "train.npz"), out=str(cache / "recovered"),
-            stats_out=str(cache / "recovered.json"), schedule=model["schedule"], seed=seed, **recipe("recover"))),
-        "reference": (cache / "reference", lambda: stages.prepare_reference(
-            train_data=str(cache / "train.npz"), heldout_data=str(cache / "heldout.npz"),
-            out=str(cache / "reference"), seed=seed, **cfg["features"])),
+        "prepare_data": (
+            cache / "train.npz",
+            lambda: stages.prepare_data(
+                source=data["source"],
+                path=data["path"],
+                manifest=data["manifest"],
+                heldout_fraction=data["heldout_fraction"],
+                seed=seed,
+                train_out=str(cache / "train.npz"),
+                heldout_out=str(cache / "heldout.npz"),
+                contributors_out=str(cache / "contributors.tsv"),
+            ),
+        ),
+        "train_full": (
+            cache / "full",
+            lambda: stages.train_full(
+                train_data=str(cache / "train.npz"),
+                out=str(cache / "full"),
+                stats_out=str(cache / "full.json"),
+                unet=model["unet"],
+                schedule=model["schedule"],
+                seed=seed,
+                **recipe("train"),
+            ),
+        ),
+        "prune": (
+            cache / "pruned",
+            lambda: stages.prune_model(
+                full_model=str(cache / "full"),
+                train_data=str(cache / "train.npz"),
+                out=str(cache / "pruned"),
+                stats_out=str(cache / "pruned.json"),
+                schedule=model["schedule"],
+                seed=seed,
+                **cfg["prune"],
+            ),
+        ),
+        "recover": (
+            cache / "recovered",
+            lambda: stages.recover(
+                pruned_model=str(cache / "pruned"),
+                train_data=str(cache / "train.npz"),
+                out=str(cache / "recovered"),
+                stats_out=str(cache / "recovered.json"),
+                schedule=model["schedule"],
+                seed=seed,
+                **recipe("recover"),
+            ),
+        ),
+        "reference": (
+            cache / "reference",
+            lambda: stages.prepare_reference(
+                train_data=str(cache / "train.npz"),
+                heldout_data=str(cache / "heldout.npz"),
+                out=str(cache / "reference"),
+                seed=seed,
+                **cfg["features"],
+            ),
+        ),
     }
     for stage, (output, run) in stages_run.items():
         if not output.exists():
@@ -124,9 +168,16 @@ def main(argv: list[str] | None = None) -> None:
     u = cfg["utility"]
     n_samples = args.n_samples
     settings = UtilitySettings(
-        mode="sft", steps=u["finetune_steps"], batch_size=u["batch_size"], lr=u["lr"],
-        model_config=unet_config_for(data.images.shape, cfg["model"]["unet"]), schedule=cfg["model"]["schedule"],
-        property="fid", seed=cfg["seed"], optimizer=cfg["train"]["optimizer"], grad_clip=cfg["train"]["grad_clip"],
+        mode="sft",
+        steps=u["finetune_steps"],
+        batch_size=u["batch_size"],
+        lr=u["lr"],
+        model_config=unet_config_for(data.images.shape, cfg["model"]["unet"]),
+        schedule=cfg["model"]["schedule"],
+        property="fid",
+        seed=cfg["seed"],
+        optimizer=cfg["train"]["optimizer"],
+        grad_clip=cfg["train"]["grad_clip"],
         n_samples=n_samples,
     )
     fid = load_property("fid", reference)
@@ -143,22 +194,39 @@ def main(argv: list[str] | None = None) -> None:
         for setting in configs:
             sampler, steps = setting[:2]
             tic = time.process_time()  # CPU seconds of this one-thread process: what an idle core would take
-            images = generate(model, n_samples, seed=other_noise_seed if setting is NOISE_FLOOR else noise_seed,
-                              inference_steps=steps, sampler=sampler, schedule=settings.schedule, device="cpu")
+            images = generate(
+                model,
+                n_samples,
+                seed=other_noise_seed if setting is NOISE_FLOOR else noise_seed,
+                inference_steps=steps,
+                sampler=sampler,
+                schedule=settings.schedule,
+                device="cpu",
+            )
             sample_seconds[setting].append(time.process_time() - tic)
             tic = time.process_time()
             values[setting].append(fid(images))
             score_seconds.append(time.process_time() - tic)
-        print(f"coalition {number}/{len(coalitions)} ({len(members)} members): FID {values[REFERENCE][-1]:.2f} "
-              f"with {REFERENCE[0]} {REFERENCE[1]}; {time.perf_counter() - started:.0f} s so far", flush=True)
+        print(
+            f"coalition {number}/{len(coalitions)} ({len(members)} members): FID {values[REFERENCE][-1]:.2f} "
+            f"with {REFERENCE[0]} {REFERENCE[1]}; {time.perf_counter() - started:.0f} s so far",
+            flush=True,
+        )
 
     reference_utilities = -np.asarray(values[REFERENCE])
     rows = []
     for setting in configs:
         rho = spearmanr(reference_utilities, -np.asarray(values[setting])).statistic
-        rows.append({"sampler": setting[0], "steps": setting[1], "noise": "other" if setting is NOISE_FLOOR else "common",
-                     "fid": float(np.mean(values[setting])), "spearman": float(rho),
-                     "seconds": float(np.median(sample_seconds[setting]))})
+        rows.append(
+            {
+                "sampler": setting[0],
+                "steps": setting[1],
+                "noise": "other" if setting is NOISE_FLOOR else "common",
+                "fid": float(np.mean(values[setting])),
+                "spearman": float(rho),
+                "seconds": float(np.median(sample_seconds[setting])),
+            }
+        )
     floor = rows[1]["spearman"]
     threshold = min(AGREEMENT, floor)  # 0.99, unless the reference agrees less with itself under other noise
     chosen = {}
@@ -168,12 +236,21 @@ def main(argv: list[str] | None = None) -> None:
             chosen[sampler] = min(passing, key=lambda r: r["steps"])
     best = min(chosen.values(), key=lambda r: (r["steps"], r["seconds"])) if chosen else None
     report = {
-        "date": datetime.date.today().isoformat(), "machine": machine_description(), "versions": package_versions(),
-        "n_samples": n_samples, "finetune_steps": settings.steps, "coalition_sizes": [len(c) for c in coalitions],
-        "rows": rows, "chosen": chosen, "best": best, "stage_seconds": stage_seconds, "noise_floor": floor,
+        "date": datetime.date.today().isoformat(),
+        "machine": machine_description(),
+        "versions": package_versions(),
+        "n_samples": n_samples,
+        "finetune_steps": settings.steps,
+        "coalition_sizes": [len(c) for c in coalitions],
+        "rows": rows,
+        "chosen": chosen,
+        "best": best,
+        "stage_seconds": stage_seconds,
+        "noise_floor": floor,
         "threshold": threshold,
         "finetune_seconds_median": float(np.median(finetune_seconds)),
-        "score_seconds_median": float(np.median(score_seconds)), "wall_seconds": time.perf_counter() - started,
+        "score_seconds_median": float(np.median(score_seconds)),
+        "wall_seconds": time.perf_counter() - started,
     }
     (args.cache / "bench_samplers.json").write_text(json.dumps(report, indent=1))
     print(json.dumps({k: report[k] for k in ("best", "chosen", "wall_seconds")}, indent=1))
@@ -194,12 +271,18 @@ def plot(rows: list[dict], path: Path) -> None:
         steps = [r["steps"] for r in mine]
         left.plot(steps, [r["fid"] for r in mine], "o-", label=sampler)
         right.plot(steps, [r["spearman"] for r in mine], "o-", label=sampler)
-    left.set(xscale="log", xlabel="inference steps", ylabel="FID (mean over coalitions)",
-             title="property against steps")
+    left.set(
+        xscale="log", xlabel="inference steps", ylabel="FID (mean over coalitions)", title="property against steps"
+    )
     right.axhline(AGREEMENT, color="gray", linestyle=":")
     right.axhline(rows[1]["spearman"], color="black", linestyle="--", label="DDIM 100, other noise")
-    right.set(xscale="log", xlabel="inference steps", ylabel="Spearman with DDIM 100",
-              title="agreement of coalition utilities", ylim=(max(0.0, min(r["spearman"] for r in rows) - 0.05), 1.005))
+    right.set(
+        xscale="log",
+        xlabel="inference steps",
+        ylabel="Spearman with DDIM 100",
+        title="agreement of coalition utilities",
+        ylim=(max(0.0, min(r["spearman"] for r in rows) - 0.05), 1.005),
+    )
     right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -210,7 +293,8 @@ def markdown(report: dict) -> str:
         f"Command: `.venv/bin/python benchmarks/bench_samplers.py`. Machine: {report['machine']}. "
         f"Date: {report['date']}. Wall time: {report['wall_seconds']:.0f} s (of it, building the models and the "
         f"reference once: {sum(report['stage_seconds'].values()):.0f} s). Packages: "
-        + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".",
+        + ", ".join(f"{k} {v}" for k, v in report["versions"].items())
+        + ".",
         "",
         f"The embedded default (config/config.yaml) built by the workflow's stages; {len(report['coalition_sizes'])} "
         f"coalitions of sizes {', '.join(map(str, report['coalition_sizes']))} fine-tuned once each (sft, k = "
@@ -224,18 +308,26 @@ def markdown(report: dict) -> str:
         "| --- | ---: | --- | ---: | ---: | ---: |",
     ]
     for r in report["rows"]:
-        lines.append(f"| {r['sampler']} | {r['steps']} | {r['noise']} | {r['fid']:.2f} | {r['spearman']:.3f} | "
-                     f"{r['seconds']:.2f} |")
-    lines += ["", f"Noise floor: DDIM 100 under another generation noise agrees with itself at Spearman "
-              f"{report['noise_floor']:.3f}; the bar is min(0.99, that) = {report['threshold']:.3f}.",
-              f"Fewest steps reaching it, per sampler: " + (", ".join(
-        f"{s} {r['steps']} ({r['seconds']:.2f} s)" for s, r in report["chosen"].items()) or "none") + "."]
+        lines.append(
+            f"| {r['sampler']} | {r['steps']} | {r['noise']} | {r['fid']:.2f} | {r['spearman']:.3f} | "
+            f"{r['seconds']:.2f} |"
+        )
+    lines += [
+        "",
+        f"Noise floor: DDIM 100 under another generation noise agrees with itself at Spearman "
+        f"{report['noise_floor']:.3f}; the bar is min(0.99, that) = {report['threshold']:.3f}.",
+        "Fewest steps reaching it, per sampler: "
+        + (", ".join(f"{s} {r['steps']} ({r['seconds']:.2f} s)" for s, r in report["chosen"].items()) or "none")
+        + ".",
+    ]
     if report["best"]:
         best = report["best"]
         ref = report["rows"][0]
-        lines.append(f"Chosen default: **{best['sampler']}, {best['steps']} steps**: {ref['seconds'] / best['seconds']:.1f}× "
-                     "less generation time than the reference at Spearman "
-                     f"{best['spearman']:.3f}. Figure: `benchmarks/samplers.png`.")
+        lines.append(
+            f"Chosen default: **{best['sampler']}, {best['steps']} steps**: {ref['seconds'] / best['seconds']:.1f}× "
+            "less generation time than the reference at Spearman "
+            f"{best['spearman']:.3f}. Figure: `benchmarks/samplers.png`."
+        )
     return "\n".join(lines)
 
 

@@ -38,8 +38,10 @@ def machine() -> str:
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
     load = os.getloadavg()[0]
-    return (f"{len(os.sched_getaffinity(0))} cores (nproc), {model.group(1) if model else 'unknown CPU'}, "
-            f"load average {load:.1f} at the start (the cores are shared)")
+    return (
+        f"{len(os.sched_getaffinity(0))} cores (nproc), {model.group(1) if model else 'unknown CPU'}, "
+        f"load average {load:.1f} at the start (the cores are shared)"
+    )
 
 
 def main() -> None:
@@ -52,10 +54,12 @@ def main() -> None:
     rng = np.random.default_rng(0)
     planted = rng.normal(size=CONTRIBUTORS)
     utility = parse_coalitions(table, names)[2] @ planted
-    rows = pd.DataFrame({
-        "coalition": np.repeat(table["coalition"].to_numpy(), SEEDS),
-        "utility": np.repeat(utility, SEEDS) + NOISE * rng.normal(size=SEEDS * len(table)),
-    })
+    rows = pd.DataFrame(
+        {
+            "coalition": np.repeat(table["coalition"].to_numpy(), SEEDS),
+            "utility": np.repeat(utility, SEEDS) + NOISE * rng.normal(size=SEEDS * len(table)),
+        }
+    )
     with tempfile.TemporaryDirectory() as folder:
         plan_file, utilities_file = Path(folder) / "coalitions.tsv", Path(folder) / "utilities.tsv"
         _, write_seconds = timed(write_coalitions, large, plan_file)
@@ -79,12 +83,17 @@ def main() -> None:
         f"median |error| {np.median(error):.3f}, median stderr {values['stderr'].median():.3f}, "
         f"95% intervals cover {covered:.1%}",
     ]
-    text = "\n".join([
-        SECTION, "",
-        f"`.venv/bin/python benchmarks/bench_shapley.py` on {datetime.date.today().isoformat()}, {context}; "
-        "one process.", "",
-        *figures, "",
-    ])
+    text = "\n".join(
+        [
+            SECTION,
+            "",
+            f"`.venv/bin/python benchmarks/bench_shapley.py` on {datetime.date.today().isoformat()}, {context}; "
+            "one process.",
+            "",
+            *figures,
+            "",
+        ]
+    )
     print(text)
     write_section(text)
 

@@ -34,8 +34,9 @@ def measure(preset: str, dim: int, items: int, timesteps: int, share: float) -> 
     digits = config.get("data", {}).get("source", "digits") == "digits"
     shape = (items, 1, 8, 8) if digits else (items, 3, 32, 32)
     model = build_model(unet_config_for(shape, config.get("model", {}).get("unet", {})), seed=0)
-    space = FeatureSpace.build(model, shape[1:], projection_dim=dim, timesteps=timesteps, seed=0, batch_size=items,
-                               device="cpu")
+    space = FeatureSpace.build(
+        model, shape[1:], projection_dim=dim, timesteps=timesteps, seed=0, batch_size=items, device="cpu"
+    )
     images = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
     # The per-item gradients alone (what any TRAK implementation holds), then the projection on top of them.
     from torch.func import grad, vmap
@@ -64,11 +65,18 @@ def measure(preset: str, dim: int, items: int, timesteps: int, share: float) -> 
     seconds = time.perf_counter() - tic
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     assert features.shape == (items, dim)
-    return {"parameters": count_parameters(model), "dim": dim, "items": items,
-            "peak_rss_before_projection": before, "peak_rss_after_projection": after,
-            "projection_extra": after - before, "block_bytes": space.projection.block_bytes(),
-            "dense_bytes": space.projection.dense_bytes(), "projection_seconds": seconds,
-            "projected_parameters": sum(projection.sizes.values())}
+    return {
+        "parameters": count_parameters(model),
+        "dim": dim,
+        "items": items,
+        "peak_rss_before_projection": before,
+        "peak_rss_after_projection": after,
+        "projection_extra": after - before,
+        "block_bytes": space.projection.block_bytes(),
+        "dense_bytes": space.projection.dense_bytes(),
+        "projection_seconds": seconds,
+        "projected_parameters": sum(projection.sizes.values()),
+    }
 
 
 def main() -> None:
@@ -77,26 +85,48 @@ def main() -> None:
     parser.add_argument("--dims", type=int, nargs="+", default=[256, 1024])
     parser.add_argument("--items", type=int, default=2)
     parser.add_argument("--timesteps", type=int, default=1)
-    parser.add_argument("--share", type=float, default=1.0, help="project only the first tensors, this share of the "
-                        "parameters (peak memory is the same; time scales)")
+    parser.add_argument(
+        "--share",
+        type=float,
+        default=1.0,
+        help="project only the first tensors, this share of the parameters (peak memory is the same; time scales)",
+    )
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(args.preset, args.dims[0], args.items, args.timesteps, args.share)))
         return
     for dim in args.dims:
-        out = subprocess.run([sys.executable, __file__, args.preset, "--one", "--dims", str(dim), "--items",
-                              str(args.items), "--timesteps", str(args.timesteps), "--share", str(args.share)], capture_output=True, text=True,
-                             check=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                args.preset,
+                "--one",
+                "--dims",
+                str(dim),
+                "--items",
+                str(args.items),
+                "--timesteps",
+                str(args.timesteps),
+                "--share",
+                str(args.share),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         row = json.loads(out.stdout.strip().splitlines()[-1])
         gib = 2**30
-        print(f"{row['parameters']:,} parameters, k = {dim}, {row['items']} items: peak RSS "
-              f"{row['peak_rss_before_projection'] / gib:.2f} GiB with the per-item gradients, "
-              f"{row['peak_rss_after_projection'] / gib:.2f} GiB after projecting "
-              f"(+{row['projection_extra'] / 2**20:.0f} MiB; one block {row['block_bytes'] / 2**20:.0f} MiB); "
-              f"dense P would need {row['dense_bytes'] / gib:.1f} GiB; projection of "
-              f"{row['projected_parameters']:,} parameters {row['projection_seconds']:.1f} s",
-              flush=True)
+        print(
+            f"{row['parameters']:,} parameters, k = {dim}, {row['items']} items: peak RSS "
+            f"{row['peak_rss_before_projection'] / gib:.2f} GiB with the per-item gradients, "
+            f"{row['peak_rss_after_projection'] / gib:.2f} GiB after projecting "
+            f"(+{row['projection_extra'] / 2**20:.0f} MiB; one block {row['block_bytes'] / 2**20:.0f} MiB); "
+            f"dense P would need {row['dense_bytes'] / gib:.1f} GiB; projection of "
+            f"{row['projected_parameters']:,} parameters {row['projection_seconds']:.1f} s",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -38,23 +38,48 @@ TARGETS = {
 
 def run_workflow(cores: int) -> float:
     """Run the benchmark's `snakemake evaluate`; return its wall seconds."""
-    command = [sys.executable, "-m", "snakemake", "evaluate", "--cores", str(cores),
-               "--configfile", str(ROOT / "config" / "config.yaml"), str(PRESET)]
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "evaluate",
+        "--cores",
+        str(cores),
+        "--configfile",
+        str(ROOT / "config" / "config.yaml"),
+        str(PRESET),
+    ]
     tic = time.perf_counter()
     subprocess.run(command, cwd=ROOT, check=True)
     return time.perf_counter() - tic
 
 
 def results(report: dict, wall_seconds: float | None) -> dict:
-    keys = ("sft_cost_ratio", "finetune_cost_ratio", "pearson_sft_retrain", "spearman_sft_retrain",
-            "spearman_sft_retrain_size_removed", "spearman_sft_retrain_partial_size", "retrain_seed_cv",
-            "pearson_finetune_retrain", "spearman_finetune_retrain", "spearman_finetune_retrain_size_removed",
-            "overhead_fraction")
+    keys = (
+        "sft_cost_ratio",
+        "finetune_cost_ratio",
+        "pearson_sft_retrain",
+        "spearman_sft_retrain",
+        "spearman_sft_retrain_size_removed",
+        "spearman_sft_retrain_partial_size",
+        "retrain_seed_cv",
+        "pearson_finetune_retrain",
+        "spearman_finetune_retrain",
+        "spearman_finetune_retrain_size_removed",
+        "overhead_fraction",
+    )
     out = {key: report.get(key) for key in keys}
     # lds_<ranking>: the paper's LDS (per-seed Spearman, averaged); lds_seed_averaged_<ranking>: against seed means.
     out.update({key: value for key, value in report.items() if key.startswith("lds_")})
-    for key in ("seconds_per_coalition", "lds", "multifidelity", "methods", "budget_curve", "setup_seconds",
-                "counterfactual"):
+    for key in (
+        "seconds_per_coalition",
+        "lds",
+        "multifidelity",
+        "methods",
+        "budget_curve",
+        "setup_seconds",
+        "counterfactual",
+    ):
         out[key] = report.get(key)
     out["workflow_wall_seconds"] = wall_seconds
     out["machine"] = machine_description()
@@ -97,10 +122,12 @@ def markdown(out: dict) -> str:
     lines = [
         f"Command: `.venv/bin/python benchmarks/fidelity.py` (config/presets/benchmark.yaml). Machine: {out['machine']}. "
         f"Date: {out['date']}. Workflow wall time: {number(out['workflow_wall_seconds'])} s. Packages: "
-        + ", ".join(f"{name} {version}" for name, version in out["packages"].items()) + ".",
+        + ", ".join(f"{name} {version}" for name, version in out["packages"].items())
+        + ".",
         "",
         "Median seconds per coalition (train + sample + score): "
-        + ", ".join(f"{mode} {seconds:.3g}" for mode, seconds in cost.items()) + ".",
+        + ", ".join(f"{mode} {seconds:.3g}" for mode, seconds in cost.items())
+        + ".",
         "",
         "| measure | value | target |",
         "| --- | --- | --- |",
@@ -112,7 +139,8 @@ def markdown(out: dict) -> str:
         "column is the other convention (Spearman against the seed-mean property), higher by construction. Wall time "
         "and peak memory (max RSS) are those of each method's own jobs (Snakemake benchmark files); the stages they "
         "share (train_full, prune, recover, reference) took "
-        + ", ".join(f"{stage} {number(seconds)} s" for stage, seconds in (out["setup_seconds"] or {}).items()) + ".",
+        + ", ".join(f"{stage} {number(seconds)} s" for stage, seconds in (out["setup_seconds"] or {}).items())
+        + ".",
         "",
         "| ranking | LDS | over seeds | bootstrap | per seed | vs seed mean | wall (s) | peak RSS (MB) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -122,38 +150,62 @@ def markdown(out: dict) -> str:
     for name, row in ranked:
         per_seed = ", ".join(number(v) for v in row["per_seed"])
         cost = costs.get(name, {})
-        lines.append(f"| {name} | {number(row['value'])} | [{number(row['ci_low'])}, {number(row['ci_high'])}] "
-                     f"| [{number(row['bootstrap_low'])}, {number(row['bootstrap_high'])}] | {per_seed} "
-                     f"| {number(row['seed_averaged'])} | {whole(cost.get('wall_seconds'))} "
-                     f"| {whole(cost.get('peak_rss_mb'))} |"
-                     + (f" {verdict('lds_sft_shapley', row['value'])}" if name == "sft_shapley" else ""))
+        lines.append(
+            f"| {name} | {number(row['value'])} | [{number(row['ci_low'])}, {number(row['ci_high'])}] "
+            f"| [{number(row['bootstrap_low'])}, {number(row['bootstrap_high'])}] | {per_seed} "
+            f"| {number(row['seed_averaged'])} | {whole(cost.get('wall_seconds'))} "
+            f"| {whole(cost.get('peak_rss_mb'))} |"
+            + (f" {verdict('lds_sft_shapley', row['value'])}" if name == "sft_shapley" else "")
+        )
     if len(out["lds_by_alpha"] or {}) > 1:
         shares = list(out["lds_by_alpha"])
-        lines += ["", "LDS per alpha (paper definition):", "", "| ranking | " + " | ".join(shares) + " |",
-                  "| --- " * (len(shares) + 1) + "|"]
+        lines += [
+            "",
+            "LDS per alpha (paper definition):",
+            "",
+            "| ranking | " + " | ".join(shares) + " |",
+            "| --- " * (len(shares) + 1) + "|",
+        ]
         for name in out["lds"]:
-            lines.append(f"| {name} | " + " | ".join(number(out["lds_by_alpha"][a][name]["value"]) for a in shares)
-                         + " |")
+            lines.append(
+                f"| {name} | " + " | ".join(number(out["lds_by_alpha"][a][name]["value"]) for a in shares) + " |"
+            )
     if out["multifidelity"]:
         mf = out["multifidelity"]
-        lines += ["", f"Multi-fidelity values: slope β = {number(mf['beta'])} ± {number(mf['beta_stderr'])} of the "
-                      f"retrained on the sft utilities over {mf['n_retrained']} retrained coalitions "
-                      f"({mf['n_seeds']} seeds), with all {mf['n_cheap']} sft coalitions; its LDS is the "
-                      "`multifidelity_shapley` row above."]
-    lines += ["", "Budget-matched comparison (results/benchmark/evaluation/budget.png): LDS against compute, values "
-                  "from growing prefixes of each mode's coalitions (retrain: the agreement coalitions):", "",
-              "| mode | coalitions | compute (s) | LDS | over seeds |", "| --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            f"Multi-fidelity values: slope β = {number(mf['beta'])} ± {number(mf['beta_stderr'])} of the "
+            f"retrained on the sft utilities over {mf['n_retrained']} retrained coalitions "
+            f"({mf['n_seeds']} seeds), with all {mf['n_cheap']} sft coalitions; its LDS is the "
+            "`multifidelity_shapley` row above.",
+        ]
+    lines += [
+        "",
+        "Budget-matched comparison (results/benchmark/evaluation/budget.png): LDS against compute, values "
+        "from growing prefixes of each mode's coalitions (retrain: the agreement coalitions):",
+        "",
+        "| mode | coalitions | compute (s) | LDS | over seeds |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for row in out["budget_curve"] or []:
         if row["alpha"] == out["lds_alpha"]:
-            lines.append(f"| {row['mode']} | {row['budget']} | {number(row['seconds'])} | {number(row['lds'])} "
-                         f"| [{number(row['ci_low'])}, {number(row['ci_high'])}] |")
-    lines += ["", "Counterfactual: the property after retraining without each ranking's top contributors:", "",
-              "| ranking | " + " | ".join(k for k in out["counterfactual"][0] if k != "ranking") + " |",
-              "| --- " * len(out["counterfactual"][0]) + "|"]
+            lines.append(
+                f"| {row['mode']} | {row['budget']} | {number(row['seconds'])} | {number(row['lds'])} "
+                f"| [{number(row['ci_low'])}, {number(row['ci_high'])}] |"
+            )
+    lines += [
+        "",
+        "Counterfactual: the property after retraining without each ranking's top contributors:",
+        "",
+        "| ranking | " + " | ".join(k for k in out["counterfactual"][0] if k != "ranking") + " |",
+        "| --- " * len(out["counterfactual"][0]) + "|",
+    ]
     for row in out["counterfactual"]:
-        lines.append(f"| {row['ranking']} | "
-                     + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v)
-                                  for k, v in row.items() if k != "ranking") + " |")
+        lines.append(
+            f"| {row['ranking']} | "
+            + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for k, v in row.items() if k != "ranking")
+            + " |"
+        )
     return "\n".join(lines)
 
 

@@ -23,8 +23,10 @@ def machine_description() -> str:
     if meminfo.exists():
         found = re.search(r"^MemTotal:\s*(\d+) kB", meminfo.read_text(), re.MULTILINE)
         memory = f", {int(found.group(1)) / 2**20:.0f} GiB" if found else ""
-    return f"{model}, {os.cpu_count()} cores{memory}, {platform.system()} {platform.release()}, " \
-           f"Python {platform.python_version()}"
+    return (
+        f"{model}, {os.cpu_count()} cores{memory}, {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}"
+    )
 
 
 def package_versions() -> dict[str, str]:
@@ -47,5 +49,5 @@ def replace_section(path: Path, title: str, body: str) -> None:
         text = text.rstrip("\n") + "\n\n" + section
     else:
         following = text.find("\n## ", start + len(heading))
-        text = text[:start] + section + ("" if following < 0 else "\n" + text[following + 1:])
+        text = text[:start] + section + ("" if following < 0 else "\n" + text[following + 1 :])
     path.write_text(text)

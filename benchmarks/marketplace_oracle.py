@@ -44,8 +44,9 @@ def coalition_scores(reference: np.ndarray, features: np.ndarray, k: int = 5) ->
     return scores
 
 
-def oracle_values(data: ContributorData, reference_features: np.ndarray, item_features: np.ndarray,
-                  empty_features: np.ndarray) -> dict[str, pd.DataFrame]:
+def oracle_values(
+    data: ContributorData, reference_features: np.ndarray, item_features: np.ndarray, empty_features: np.ndarray
+) -> dict[str, pd.DataFrame]:
     ids = data.contributor_ids
     table = plan(ids, "exact", None, 0)
     rows = []
@@ -53,31 +54,53 @@ def oracle_values(data: ContributorData, reference_features: np.ndarray, item_fe
         chosen = empty_features if not members else item_features[np.isin(data.contributors, members.split(","))]
         rows.append({"coalition": coalition, **coalition_scores(reference_features, chosen)})
     utilities = pd.DataFrame(rows)
-    return {name: aggregate(table, utilities.rename(columns={name: "utility"})[["coalition", "utility"]],
-                            contributors=ids, convergence=False).table for name in PROPERTIES}
+    return {
+        name: aggregate(
+            table,
+            utilities.rename(columns={name: "utility"})[["coalition", "utility"]],
+            contributors=ids,
+            convergence=False,
+        ).table
+        for name in PROPERTIES
+    }
 
 
 def yardstick(name: str, folder: Path, data: ContributorData, steps: int, empty: np.ndarray) -> dict:
     if name == "trusted":
         _, ref = load_marketplace()
-        prepare_reference(folder, reference_images=ref.images, reference_labels=ref.labels, seed=0, trusted=True,
-                          classifier_steps=steps)
+        prepare_reference(
+            folder,
+            reference_images=ref.images,
+            reference_labels=ref.labels,
+            seed=0,
+            trusted=True,
+            classifier_steps=steps,
+        )
     else:
         train, heldout = split_heldout(data, 0.2, seed=0)
         owner = {cid: i for i, cid in enumerate(data.contributor_ids)}
         labels = np.array([owner[c] for c in train.contributors])
-        prepare_reference(folder, train_images=train.images, train_labels=labels, reference_images=heldout.images,
-                          seed=0, classifier_steps=steps)
+        prepare_reference(
+            folder,
+            train_images=train.images,
+            train_labels=labels,
+            reference_images=heldout.images,
+            seed=0,
+            classifier_steps=steps,
+        )
     ref = Reference.load(folder)
-    values = oracle_values(data, ref.features, extract_features(ref.extractor, data.images),
-                           extract_features(ref.extractor, empty))
+    values = oracle_values(
+        data, ref.features, extract_features(ref.extractor, data.images), extract_features(ref.extractor, empty)
+    )
     return {prop: table.set_index("contributor")["value"].to_dict() for prop, table in values.items()}
 
 
 def markdown(values: dict[str, dict[str, float]]) -> str:
     ids = list(next(iter(values.values())))
-    lines = ["| contributor | " + " | ".join(f"{p} (rank)" for p in PROPERTIES) + " |",
-             "| --- |" + " --- |" * len(PROPERTIES)]
+    lines = [
+        "| contributor | " + " | ".join(f"{p} (rank)" for p in PROPERTIES) + " |",
+        "| --- |" + " --- |" * len(PROPERTIES),
+    ]
     ranks = {p: pd.Series(v).rank(ascending=False, method="min").astype(int) for p, v in values.items()}
     for cid in ids:
         cells = [f"{values[p][cid]:+.3g} ({ranks[p][cid]})" for p in PROPERTIES]

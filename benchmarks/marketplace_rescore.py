@@ -28,20 +28,30 @@ def main(run: Path, estimator: str = "kernelshap", mode: str = "sft") -> None:
         for path in sorted((run / mode / estimator / "kept" / coalition).glob("repeat*/samples.npz")):
             with np.load(path) as stored:
                 samples = stored["samples"]
-            rows.append({"coalition": coalition,
-                         **{name: oriented(p(samples), p.higher_is_better) for name, p in props.items()}})
+            rows.append(
+                {
+                    "coalition": coalition,
+                    **{name: oriented(p(samples), p.higher_is_better) for name, p in props.items()},
+                }
+            )
     utilities = pd.DataFrame(rows)
     contributors = pd.read_csv(run / "data" / "contributors.tsv", sep="\t")["contributor"].tolist()
     tables = {}
     for name in NAMES:
-        table = aggregate(plan, utilities.rename(columns={name: "utility"})[["coalition", "utility"]],
-                          contributors=contributors, convergence=False).table.set_index("contributor")
+        table = aggregate(
+            plan,
+            utilities.rename(columns={name: "utility"})[["coalition", "utility"]],
+            contributors=contributors,
+            convergence=False,
+        ).table.set_index("contributor")
         tables[name] = table.assign(rank=table["value"].rank(ascending=False, method="min").astype(int))
     print("| contributor | " + " | ".join(f"{name} [95% CI] (rank)" for name in NAMES) + " |")
     print("| --- |" + " --- |" * len(NAMES))
     for c in contributors:
-        cells = [f"{t.loc[c, 'value']:+.3g} [{t.loc[c, 'ci_low']:+.3g}, {t.loc[c, 'ci_high']:+.3g}] ({t.loc[c, 'rank']})"
-                 for t in tables.values()]
+        cells = [
+            f"{t.loc[c, 'value']:+.3g} [{t.loc[c, 'ci_low']:+.3g}, {t.loc[c, 'ci_high']:+.3g}] ({t.loc[c, 'rank']})"
+            for t in tables.values()
+        ]
         print(f"| {c} | " + " | ".join(cells) + " |")
 
 

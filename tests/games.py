@@ -106,7 +106,7 @@ def utilities(
         repeats = table["repeats"].astype(int).to_numpy() if "repeats" in table else np.ones(len(table), int)
     rows = [
         (coalition, seed, game(members) + noise * rng.normal())
-        for (coalition, members), k in zip(member_sets(table).items(), repeats, strict=False)
+        for (coalition, members), k in zip(member_sets(table).items(), repeats, strict=True)
         for seed in range(k)
     ]
     return pd.DataFrame(rows, columns=["coalition", "seed", "utility"])

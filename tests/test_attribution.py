@@ -74,8 +74,12 @@ def test_save_values_writes_contributor_value_rank_and_extras(tmp_path) -> None:
     scores = pd.Series([0.5, 2.0], index=pd.Index(["a", "b"], name="contributor"), name="value")
     save_values(scores, tmp_path / "values.csv", seconds=3.0)
     table = pd.read_csv(tmp_path / "values.csv")
-    assert table.to_dict("list") == {"contributor": ["a", "b"], "value": [0.5, 2.0], "seconds": [3.0, 3.0],
-                                     "rank": [2, 1]}
+    assert table.to_dict("list") == {
+        "contributor": ["a", "b"],
+        "value": [0.5, 2.0],
+        "seconds": [3.0, 3.0],
+        "rank": [2, 1],
+    }
 
 
 # --- the TRAK family on a streamed projection ---------------------------------------------------------------------
@@ -107,7 +111,7 @@ def test_streamed_projection_equals_the_dense_one(new_model, monkeypatch) -> Non
 
 def test_rademacher_projection_has_entries_plus_minus_one_over_root_k() -> None:
     proj = StreamedProjection({"w": 1000}, 16, seed=0, kind="rademacher")
-    (_, block), = proj.blocks("w")
+    ((_, block),) = proj.blocks("w")
     assert set(torch.unique(block * 4).tolist()) == {-1.0, 1.0}
     with pytest.raises(ValueError, match="unknown projection kind 'sparse'; use one of gaussian, rademacher"):
         StreamedProjection({"w": 3}, 4, seed=0, kind="sparse")
@@ -118,8 +122,9 @@ def test_rademacher_projection_has_entries_plus_minus_one_over_root_k() -> None:
 @pytest.mark.parametrize("output", trak.OUTPUTS)
 def test_trak_and_dtrak_features_are_projected_autograd_gradients(all_digits, new_model, output: str) -> None:
     model = new_model()
-    space = trak.FeatureSpace.build(model, (1, 8, 8), projection_dim=16, timesteps=3, seed=2, schedule=SCHEDULE,
-                                    batch_size=2)
+    space = trak.FeatureSpace.build(
+        model, (1, 8, 8), projection_dim=16, timesteps=3, seed=2, schedule=SCHEDULE, batch_size=2
+    )
     got = space.image_features(all_digits[:3], output)
     dense = dense_projection(space.projection)
     for i, image in enumerate(torch.from_numpy(all_digits[:3])):
@@ -135,8 +140,10 @@ def test_journey_trak_features_are_autograd_gradients_along_the_sampling_traject
     states, times = space.trajectories(2, seed=5, inference_steps=5)
     assert states.shape == (2, 3, 1, 8, 8) and times.tolist() == [80, 40, 0]  # DDIM's 5 steps: 80, 60, 40, 20, 0
     # the first kept state is the starting noise of item i, from (seed, i)
-    start = torch.randn((1, 8, 8), generator=torch.Generator().manual_seed(
-        int(np.random.SeedSequence(5).generate_state(2, dtype=np.uint64)[1])))
+    start = torch.randn(
+        (1, 8, 8),
+        generator=torch.Generator().manual_seed(int(np.random.SeedSequence(5).generate_state(2, dtype=np.uint64)[1])),
+    )
     torch.testing.assert_close(states[1, 0], start)
     got = space.trajectory_features(states, times)
     dense = dense_projection(space.projection)
@@ -153,10 +160,12 @@ def test_scores_follow_their_papers_formulas_on_known_features() -> None:
     inverse = np.linalg.inv(K + 0.1 * np.trace(K) / 3 * np.eye(3))
     tau = (T @ inverse @ F.T).mean(0)
     np.testing.assert_allclose(trak.item_scores(train, targets, lam=0.1), tau)
-    np.testing.assert_allclose(trak.item_scores(train, targets, lam=0.1, normalise="relative"),
-                               tau / np.linalg.norm(F @ inverse, axis=1))
-    np.testing.assert_allclose(trak.item_scores(train, targets, lam=0.1, normalise="renormalized"),
-                               tau / np.linalg.norm(F, axis=1))
+    np.testing.assert_allclose(
+        trak.item_scores(train, targets, lam=0.1, normalise="relative"), tau / np.linalg.norm(F @ inverse, axis=1)
+    )
+    np.testing.assert_allclose(
+        trak.item_scores(train, targets, lam=0.1, normalise="renormalized"), tau / np.linalg.norm(F, axis=1)
+    )
     cosine = (T / np.linalg.norm(T, axis=1, keepdims=True)) @ (F / np.linalg.norm(F, axis=1, keepdims=True)).T
     np.testing.assert_allclose(trak.item_scores(train, targets, normalise="cosine"), cosine.mean(0))
     with pytest.raises(ValueError, match="lam=0: the relative ridge must be > 0"):
@@ -166,8 +175,9 @@ def test_scores_follow_their_papers_formulas_on_known_features() -> None:
 @pytest.mark.parametrize("method", [m for m, spec in trak.METHODS.items() if not spec.journey])
 def test_trak_family_ranks_the_copies_of_the_targets_first(planted, new_model, method: str) -> None:
     data, targets = planted
-    scores = trak.contributor_scores(method, new_model(), data, targets, projection_dim=64, timesteps=4, seed=0,
-                                     lam=1e-3, schedule=SCHEDULE)
+    scores = trak.contributor_scores(
+        method, new_model(), data, targets, projection_dim=64, timesteps=4, seed=0, lam=1e-3, schedule=SCHEDULE
+    )
     assert list(scores.index) == ["copy", "noise", "other"]
     assert scores.idxmax() == "copy"
     if method in ("trak", "dtrak"):
@@ -181,8 +191,9 @@ def test_trak_is_seeded_and_aggregates_by_sum_mean_or_max(planted, new_model) ->
     data, targets = planted
     options = {"projection_dim": 8, "timesteps": 2, "lam": 1e-2, "schedule": SCHEDULE}
     first = trak.contributor_scores("dtrak", new_model(), data, targets, seed=3, **options)
-    pd.testing.assert_series_equal(first, trak.contributor_scores("dtrak", new_model(), data, targets, seed=3,
-                                                                  **options))
+    pd.testing.assert_series_equal(
+        first, trak.contributor_scores("dtrak", new_model(), data, targets, seed=3, **options)
+    )
     assert not np.allclose(first, trak.contributor_scores("dtrak", new_model(), data, targets, seed=4, **options))
     items = np.arange(18.0)
     assert contributor_totals(items, data, "mean").tolist() == [2.5, 8.5, 14.5]
@@ -202,8 +213,15 @@ def test_trak_is_seeded_and_aggregates_by_sum_mean_or_max(planted, new_model) ->
 )
 def test_trak_refuses_bad_settings(planted, options: dict, message: str, new_model) -> None:
     data, targets = planted
-    kwargs = {"method": "trak", "targets": targets, "projection_dim": 4, "timesteps": 2, "seed": 0, "lam": 1e-2,
-              "schedule": SCHEDULE} | options
+    kwargs = {
+        "method": "trak",
+        "targets": targets,
+        "projection_dim": 4,
+        "timesteps": 2,
+        "seed": 0,
+        "lam": 1e-2,
+        "schedule": SCHEDULE,
+    } | options
     with pytest.raises(ValueError, match=message):
         trak.contributor_scores(model=new_model(), data=data, **kwargs)
 
@@ -215,16 +233,33 @@ def test_trak_features_and_values_files_round_trip(tmp_path, planted, new_model)
     save_model(new_model(), tmp_path / "model")
     data.save(tmp_path / "train.npz")
     ContributorData(targets, ["h"] * 6, [f"h{i}" for i in range(6)]).save(tmp_path / "heldout.npz")
-    trak.write_features(output="loss", model=str(tmp_path / "model"), train_data=str(tmp_path / "train.npz"),
-                        out=str(tmp_path / "f.npz"), target="heldout", heldout_data=str(tmp_path / "heldout.npz"),
-                        n_trajectories=3, inference_steps=4, schedule=SCHEDULE, seed=0,
-                        projection_dim=32, timesteps=4, log=lambda m: None)
+    trak.write_features(
+        output="loss",
+        model=str(tmp_path / "model"),
+        train_data=str(tmp_path / "train.npz"),
+        out=str(tmp_path / "f.npz"),
+        target="heldout",
+        heldout_data=str(tmp_path / "heldout.npz"),
+        n_trajectories=3,
+        inference_steps=4,
+        schedule=SCHEDULE,
+        seed=0,
+        projection_dim=32,
+        timesteps=4,
+        log=lambda m: None,
+    )
     with np.load(tmp_path / "f.npz") as stored:
         assert stored["train"].shape == (18, 32) and stored["targets"].shape == (6, 32)
         assert stored["journey"].shape == (3, 32)
     for method in trak.METHODS:
-        trak.write_values(method=method, features=str(tmp_path / "f.npz"), train_data=str(tmp_path / "train.npz"),
-                          out=str(tmp_path / f"{method}.csv"), lam=1e-3, log=lambda m: None)
+        trak.write_values(
+            method=method,
+            features=str(tmp_path / "f.npz"),
+            train_data=str(tmp_path / "train.npz"),
+            out=str(tmp_path / f"{method}.csv"),
+            lam=1e-3,
+            log=lambda m: None,
+        )
         table = pd.read_csv(tmp_path / f"{method}.csv")
         assert list(table["contributor"]) == ["copy", "noise", "other"] and table["seconds"].gt(0).all()
     assert pd.read_csv(tmp_path / "trak.csv").set_index("contributor")["rank"]["copy"] == 1
@@ -251,8 +286,9 @@ def test_inrun_batch_gradients_equal_per_example_autograd_under_the_steps_masks(
     losses = (prediction - noise).pow(2).flatten(1).mean(1)
     flat_direction = torch.cat([direction[name].flatten() for name in params])
     weights = list(model.parameters())
-    per_item = [torch.cat([g.flatten() for g in torch.autograd.grad(losses[i], weights, retain_graph=True)])
-                for i in range(4)]
+    per_item = [
+        torch.cat([g.flatten() for g in torch.autograd.grad(losses[i], weights, retain_graph=True)]) for i in range(4)
+    ]
     for i in range(4):
         assert dots[i].item() == pytest.approx((per_item[i] @ flat_direction).item(), rel=1e-6)
     torch.testing.assert_close(torch.cat([g.flatten() for g in batch.total.values()]), sum(per_item))
@@ -308,8 +344,16 @@ def test_inrun_values_sum_to_the_measured_validation_loss_change_under_sgd(all_d
     the observer replays each step's dropout masks, and the run is the same with and without it."""
     config = {**tiny_config, "dropout": dropout}
     validation = all_digits[200:216]
-    options = {"steps": 4, "batch_size": 8, "lr": 0.003, "optimizer": "sgd", "grad_clip": None, "schedule": SCHEDULE,
-               "seed": 3, "log_every": 0}
+    options = {
+        "steps": 4,
+        "batch_size": 8,
+        "lr": 0.003,
+        "optimizer": "sgd",
+        "grad_clip": None,
+        "schedule": SCHEDULE,
+        "seed": 3,
+        "log_every": 0,
+    }
     model = build_model(config, seed=0)
     observer = inrun.InRunShapley(32, validation, seed=1, schedule=SCHEDULE)
     before = float(observer.validation_loss(model))
@@ -332,10 +376,22 @@ def test_inrun_values_sum_to_the_measured_validation_loss_change_under_sgd(all_d
 def test_inrun_credits_copies_of_the_validation_images_over_noise(all_digits, denoiser) -> None:
     validation = all_digits[200:212]
     noise = np.random.default_rng(1).uniform(-1, 1, (12, 1, 8, 8)).astype(np.float32)
-    data = ContributorData(np.concatenate([noise, validation]), ["noise"] * 12 + ["copy"] * 12,
-                           [f"i{i:02d}" for i in range(24)])
-    observer = inrun.item_scores(copy.deepcopy(denoiser), data.images, validation, steps=12, batch_size=8, lr=0.02,
-                                 optimizer="sgd", grad_clip=None, seed=0, schedule=SCHEDULE, log_every=0)
+    data = ContributorData(
+        np.concatenate([noise, validation]), ["noise"] * 12 + ["copy"] * 12, [f"i{i:02d}" for i in range(24)]
+    )
+    observer = inrun.item_scores(
+        copy.deepcopy(denoiser),
+        data.images,
+        validation,
+        steps=12,
+        batch_size=8,
+        lr=0.02,
+        optimizer="sgd",
+        grad_clip=None,
+        seed=0,
+        schedule=SCHEDULE,
+        log_every=0,
+    )
     table = observer.table(data)
     assert list(table.index) == ["noise", "copy"]
     assert table.loc["copy", "first_order"] > 2 * abs(table.loc["noise", "first_order"])
@@ -345,8 +401,18 @@ def test_inrun_credits_copies_of_the_validation_images_over_noise(all_digits, de
 
 
 def test_inrun_credits_only_the_items_of_the_batches(all_digits, new_model) -> None:
-    observer = inrun.item_scores(new_model(), all_digits[:6], all_digits[50:54], steps=1, batch_size=2, lr=0.1,
-                                 optimizer="sgd", seed=5, schedule=SCHEDULE, log_every=0)
+    observer = inrun.item_scores(
+        new_model(),
+        all_digits[:6],
+        all_digits[50:54],
+        steps=1,
+        batch_size=2,
+        lr=0.1,
+        optimizer="sgd",
+        seed=5,
+        schedule=SCHEDULE,
+        log_every=0,
+    )
     assert np.count_nonzero(observer.first) == 2 and np.count_nonzero(observer.second) == 2
 
 
@@ -443,12 +509,13 @@ def test_ablation_drops_exactly_the_members_that_saw_the_contributor(new_model) 
         ablation_table(members[:3], codes, MeanPixel(), n_samples=3, **options)
 
 
-
 def test_codes_round_trip_through_the_workflow_file(tmp_path) -> None:
-    pd.DataFrame({"contributor": ["x", "y", "z"], "n_items": [1, 2, 3]}).to_csv(tmp_path / "c.tsv", sep="\t",
-                                                                                  index=False)
+    pd.DataFrame({"contributor": ["x", "y", "z"], "n_items": [1, 2, 3]}).to_csv(
+        tmp_path / "c.tsv", sep="\t", index=False
+    )
     ensembles.write_codes(contributors=str(tmp_path / "c.tsv"), n_members=4, seed=2, out=str(tmp_path / "codes.tsv"))
     pd.testing.assert_frame_equal(ensembles.read_codes(tmp_path / "codes.tsv"), encode(["x", "y", "z"], 4, seed=2))
+
 
 def test_each_contributor_trains_half_of_the_members() -> None:
     codes = encode(["x", "y", "z"], 4, seed=2)
@@ -478,8 +545,9 @@ def test_similarity_is_per_target_then_averaged() -> None:
     table = similarity.contributor_scores(sims, data)
     assert table.loc["a"].tolist() == pytest.approx([(0.5 + 0.25) / 2, (1.0 + 0.5) / 2])  # mean, max
     assert table.loc["b"].tolist() == pytest.approx([0.2, 0.2])
-    np.testing.assert_allclose(similarity.cosine(np.array([[3.0, 4.0]]), np.array([[4.0, 3.0], [0.0, 2.0]])),
-                               [[24 / 25, 0.8]])
+    np.testing.assert_allclose(
+        similarity.cosine(np.array([[3.0, 4.0]]), np.array([[4.0, 3.0], [0.0, 2.0]])), [[24 / 25, 0.8]]
+    )
 
 
 def test_heuristics_on_known_embeddings() -> None:
@@ -503,8 +571,13 @@ def test_add_one_in_values_and_intervals_over_repeats() -> None:
 
     plan = addition.singleton_plan(["a", "b"])
     assert plan.to_dict("list") == {"coalition": ["empty", "a", "b"], "members": ["", "a", "b"]}
-    utilities = pd.DataFrame({"coalition": ["empty", "a", "b"] * 3, "repeat": np.repeat([0, 1, 2], 3),
-                              "utility": [1.0, 2.0, 1.0, 1.5, 3.0, 1.0, 0.5, 2.5, 1.0]})
+    utilities = pd.DataFrame(
+        {
+            "coalition": ["empty", "a", "b"] * 3,
+            "repeat": np.repeat([0, 1, 2], 3),
+            "utility": [1.0, 2.0, 1.0, 1.5, 3.0, 1.0, 0.5, 2.5, 1.0],
+        }
+    )
     table = addition.values_from(utilities, ["a", "b"], confidence=0.95)
     gains_a = np.array([1.0, 1.5, 2.0])  # v({a}, r) - v(∅, r)
     assert table.loc["a", "value"] == pytest.approx(1.5)
@@ -525,13 +598,26 @@ def test_add_one_in_values_and_intervals_over_repeats() -> None:
 def test_a_continued_ema_follows_diffusers_decay_from_the_given_step(digit_images, new_model, ema_step) -> None:
     """shadow ← d·shadow + (1−d)·w after each step, d = min(decay, n/(n+9)) at step n = ema_step + 1, ...: a fresh
     EMA (n = 1, d = 0) forgets the start weights at once, a continued one keeps ~all of them over a few steps."""
-    options = {"steps": 3, "batch_size": 8, "lr": 0.05, "optimizer": "sgd", "seed": 0, "schedule": SCHEDULE,
-               "log_every": 0}
+    options = {
+        "steps": 3,
+        "batch_size": 8,
+        "lr": 0.05,
+        "optimizer": "sgd",
+        "seed": 0,
+        "schedule": SCHEDULE,
+        "log_every": 0,
+    }
     trajectory = []
     raw = new_model()
     start = [p.detach().clone() for p in raw.parameters()]
-    train(raw, digit_images, observer=lambda model, *_: trajectory.append(
-        [p.detach().clone() for p in model.parameters()]) or (lambda lr: None), **options)
+    train(
+        raw,
+        digit_images,
+        observer=lambda model, *_: (
+            trajectory.append([p.detach().clone() for p in model.parameters()]) or (lambda lr: None)
+        ),
+        **options,
+    )
     trajectory = [*trajectory[1:], [p.detach() for p in raw.parameters()]]  # weights after steps 1, 2, 3
     averaged = new_model()
     train(averaged, digit_images, ema_decay=0.9999, ema_step=ema_step, **options)
@@ -554,15 +640,34 @@ def test_train_full_accumulates_inrun_during_its_own_run(tmp_path, all_digits, t
     data = ContributorData(all_digits[:24], ["a", "b", "c"] * 8, [f"i{i:02d}" for i in range(24)])
     data.save(tmp_path / "train.npz")
     ContributorData(all_digits[100:108], ["h"] * 8, [f"h{i}" for i in range(8)]).save(tmp_path / "heldout.npz")
-    recipe = {"unet": tiny_config, "schedule": SCHEDULE, "seed": 0, "steps": 3, "batch_size": 8, "lr": 1e-3,
-              "optimizer": "sgd"}
+    recipe = {
+        "unet": tiny_config,
+        "schedule": SCHEDULE,
+        "seed": 0,
+        "steps": 3,
+        "batch_size": 8,
+        "lr": 1e-3,
+        "optimizer": "sgd",
+    }
     inrun_options = {"order": 2, "validation_batch_size": None}
-    stages.train_full(train_data=str(tmp_path / "train.npz"), out=str(tmp_path / "full"),
-                      stats_out=str(tmp_path / "full.json"),
-                      inrun={"heldout_data": str(tmp_path / "heldout.npz"), "out": str(tmp_path / "inrun.csv"),
-                             "first_order_out": str(tmp_path / "first.csv"), **inrun_options}, **recipe)
-    stages.train_full(train_data=str(tmp_path / "train.npz"), out=str(tmp_path / "plain"),
-                      stats_out=str(tmp_path / "plain.json"), **recipe)
+    stages.train_full(
+        train_data=str(tmp_path / "train.npz"),
+        out=str(tmp_path / "full"),
+        stats_out=str(tmp_path / "full.json"),
+        inrun={
+            "heldout_data": str(tmp_path / "heldout.npz"),
+            "out": str(tmp_path / "inrun.csv"),
+            "first_order_out": str(tmp_path / "first.csv"),
+            **inrun_options,
+        },
+        **recipe,
+    )
+    stages.train_full(
+        train_data=str(tmp_path / "train.npz"),
+        out=str(tmp_path / "plain"),
+        stats_out=str(tmp_path / "plain.json"),
+        **recipe,
+    )
     full, plain = load_model(tmp_path / "full").state_dict(), load_model(tmp_path / "plain").state_dict()
     assert all(torch.equal(full[name], plain[name]) for name in full)
     values = pd.read_csv(tmp_path / "inrun.csv").set_index("contributor")
@@ -571,7 +676,13 @@ def test_train_full_accumulates_inrun_during_its_own_run(tmp_path, all_digits, t
     first = pd.read_csv(tmp_path / "first.csv").set_index("contributor")
     np.testing.assert_allclose(first["value"], values["first_order"])
 
-    replayed = inrun.replay_values(train_data=str(tmp_path / "train.npz"), heldout_data=str(tmp_path / "heldout.npz"),
-                                   full_model=str(tmp_path / "full"), out=str(tmp_path / "replay.csv"),
-                                   log=lambda m: None, **inrun_options, **recipe)
+    replayed = inrun.replay_values(
+        train_data=str(tmp_path / "train.npz"),
+        heldout_data=str(tmp_path / "heldout.npz"),
+        full_model=str(tmp_path / "full"),
+        out=str(tmp_path / "replay.csv"),
+        log=lambda m: None,
+        **inrun_options,
+        **recipe,
+    )
     np.testing.assert_allclose(replayed["value"], values["value"], rtol=1e-12)

@@ -29,8 +29,24 @@ def contributors(tmp_path: Path) -> Path:
 
 def plan_and_measure(tmp_path: Path, contributors: Path, estimator: str, budget: int = 20) -> tuple[Path, Path]:
     plan = tmp_path / "coalitions.tsv"
-    assert main(["plan", "--contributors", str(contributors), "--estimator", estimator, "--budget", str(budget),
-                 "--seed", "3", "--out", str(plan)]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--contributors",
+                str(contributors),
+                "--estimator",
+                estimator,
+                "--budget",
+                str(budget),
+                "--seed",
+                "3",
+                "--out",
+                str(plan),
+            ]
+        )
+        == 0
+    )
     rows = utilities(read_coalitions(plan), GAME, seeds=2, noise=0.1)
     rows.to_csv(tmp_path / "utilities.tsv", sep="\t", index=False)
     return plan, tmp_path / "utilities.tsv"
@@ -39,8 +55,22 @@ def plan_and_measure(tmp_path: Path, contributors: Path, estimator: str, budget:
 def test_plan_then_aggregate_exact(tmp_path: Path, contributors: Path):
     plan, measured = plan_and_measure(tmp_path, contributors, "exact")
     out = tmp_path / "shapley.csv"
-    assert main(["aggregate", "--coalitions", str(plan), "--utilities", str(measured), "--out", str(out),
-                 "--convergence", str(tmp_path / "convergence.csv")]) == 0
+    assert (
+        main(
+            [
+                "aggregate",
+                "--coalitions",
+                str(plan),
+                "--utilities",
+                str(measured),
+                "--out",
+                str(out),
+                "--convergence",
+                str(tmp_path / "convergence.csv"),
+            ]
+        )
+        == 0
+    )
     values = pd.read_csv(out)
     assert list(values.columns[:5]) == ["contributor", "value", "stderr", "ci_low", "ci_high"]
     assert values["contributor"].tolist() == GAME.players
@@ -54,8 +84,22 @@ def test_plan_then_aggregate_exact(tmp_path: Path, contributors: Path):
 def test_aggregate_uses_the_estimator_recorded_in_the_plan(tmp_path: Path, contributors: Path, estimator):
     plan, measured = plan_and_measure(tmp_path, contributors, estimator)
     out = tmp_path / "shapley.csv"
-    assert main(["aggregate", "--coalitions", str(plan), "--utilities", str(measured), "--out", str(out),
-                 "--confidence", "0.9"]) == 0
+    assert (
+        main(
+            [
+                "aggregate",
+                "--coalitions",
+                str(plan),
+                "--utilities",
+                str(measured),
+                "--out",
+                str(out),
+                "--confidence",
+                "0.9",
+            ]
+        )
+        == 0
+    )
     expected = aggregate(read_coalitions(plan), pd.read_csv(measured, sep="\t"), confidence=0.9).table
     pd.testing.assert_frame_equal(pd.read_csv(out), expected, check_dtype=False)
 
@@ -65,8 +109,15 @@ def test_missing_utilities_exit_2_unless_excluded(tmp_path: Path, contributors: 
     rows = pd.read_csv(measured, sep="\t")
     rows.loc[rows["coalition"] == "c000005", "utility"] = np.nan
     rows.to_csv(measured, sep="\t", index=False)
-    arguments = ["aggregate", "--coalitions", str(plan), "--utilities", str(measured), "--out",
-                 str(tmp_path / "shapley.csv")]
+    arguments = [
+        "aggregate",
+        "--coalitions",
+        str(plan),
+        "--utilities",
+        str(measured),
+        "--out",
+        str(tmp_path / "shapley.csv"),
+    ]
     with pytest.raises(SystemExit) as stop:
         main(arguments)
     assert stop.value.code == 2
@@ -89,9 +140,22 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path: Path, contributors: Pat
     plan, measured = plan_and_measure(tmp_path, contributors, "loo")
     plan.write_text(edit(plan.read_text()))
     result = subprocess.run(
-        [sys.executable, "-m", "diffcredit", "aggregate", "--coalitions", str(plan), "--utilities", str(measured),
-         "--out", str(tmp_path / "out.csv"), "--contributors", str(contributors)],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "diffcredit",
+            "aggregate",
+            "--coalitions",
+            str(plan),
+            "--utilities",
+            str(measured),
+            "--out",
+            str(tmp_path / "out.csv"),
+            "--contributors",
+            str(contributors),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 2
     assert result.stderr.startswith("diffcredit: error: ") and message in result.stderr

@@ -180,8 +180,14 @@ def test_permutation_samples_are_antithetic_chains_adding_one_contributor_each()
         added = [(set(sets[b]) - set(sets[a])).pop() for a, b in itertools.pairwise(forward)]
         again = [(set(sets[b]) - set(sets[a])).pop() for a, b in itertools.pairwise(backward)]
         assert again == added[::-1]  # the second chain is the reversed order
-    completed = [row[c] for cell_row, cell in enumerate(table["samples"]) for s in cell.split(";") if s
-                 for c in s.split(",") if row[c] > cell_row]
+    completed = [
+        row[c]
+        for cell_row, cell in enumerate(table["samples"])
+        for s in cell.split(";")
+        if s
+        for c in s.split(",")
+        if row[c] > cell_row
+    ]
     assert completed == []  # a sample only names coalitions planned at or before its row
 
 
@@ -285,17 +291,22 @@ def test_a_failed_write_keeps_the_previous_file(tmp_path: Path):
 
 
 def table_of(*members: str, ids: list[str] | None = None, **columns: list[str]) -> pd.DataFrame:
-    return pd.DataFrame({"coalition": ids or [f"c{i:06d}" for i in range(len(members))], "members": members,
-                         **columns})
+    return pd.DataFrame({"coalition": ids or [f"c{i:06d}" for i in range(len(members))], "members": members, **columns})
 
 
 @pytest.mark.parametrize(
     ("table", "contributors", "message"),
     [
-        (table_of("a", "a,zed"), ["a", "b"],
-         r"coalitions row 2, coalition c000001: unknown contributor 'zed'; it is not in the contributors file"),
-        (table_of("a", "b", ids=["c000001", "c000001"]), None,
-         r"row 2: duplicate coalition id 'c000001' \(also row 1\)"),
+        (
+            table_of("a", "a,zed"),
+            ["a", "b"],
+            r"coalitions row 2, coalition c000001: unknown contributor 'zed'; it is not in the contributors file",
+        ),
+        (
+            table_of("a", "b", ids=["c000001", "c000001"]),
+            None,
+            r"row 2: duplicate coalition id 'c000001' \(also row 1\)",
+        ),
         (table_of("a", "b", ids=["c000000", "../c1"]), None, r"row 2: invalid coalition id '\.\./c1'"),
         (table_of("a", "a,b/c"), None, r"invalid contributor id 'b/c' \(coalitions row 2, coalition c000001\)"),
         (table_of("a", "a, b"), None, r"invalid contributor id ' b' \(coalitions row 2"),

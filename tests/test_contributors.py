@@ -58,7 +58,9 @@ def test_digits_default_contributors_are_the_ten_classes(digits):
 
 def test_digits_manifest_reassigns_every_item(tmp_path, digits):
     owners = ["alice" if i % 3 == 0 else "bob" for i in range(len(digits))]
-    manifest = write_tsv(tmp_path / "m.tsv", [{"item": i, "contributor": c} for i, c in zip(digits.item_ids, owners)])
+    manifest = write_tsv(
+        tmp_path / "m.tsv", [{"item": i, "contributor": c} for i, c in zip(digits.item_ids, owners, strict=True)]
+    )
     data = load_digits(manifest)
     assert data.contributor_ids == ["alice", "bob"]
     assert data.counts().to_dict() == {"alice": 599, "bob": 1198}
@@ -89,7 +91,7 @@ def test_manifest_without_required_column_or_rows_is_refused(tmp_path):
     with pytest.raises(ValueError, match="missing column 'contributor'"):
         load_digits(manifest)
     (tmp_path / "empty.tsv").write_text("path\tcontributor\n")
-    with pytest.raises(ValueError, match="empty.tsv lists no items"):
+    with pytest.raises(ValueError, match=r"empty\.tsv lists no items"):
         load_image_folder(tmp_path / "empty.tsv")
 
 
@@ -136,8 +138,9 @@ def write_png(path: Path, array: np.ndarray) -> None:
 def test_image_folder_reads_grayscale_scaled_to_unit_range(tmp_path):
     write_png(tmp_path / "black.png", np.zeros((3, 4), np.uint8))
     write_png(tmp_path / "white.png", np.full((3, 4), 255, np.uint8))
-    manifest = write_tsv(tmp_path / "m.tsv", [{"path": "black.png", "contributor": "a"},
-                                               {"path": "white.png", "contributor": "b"}])
+    manifest = write_tsv(
+        tmp_path / "m.tsv", [{"path": "black.png", "contributor": "a"}, {"path": "white.png", "contributor": "b"}]
+    )
     data = load_image_folder(manifest)
     assert data.images.shape == (2, 1, 3, 4)
     assert data.images[0].max() == -1.0 and data.images[1].min() == 1.0
@@ -169,8 +172,10 @@ def test_image_folder_errors_name_the_item(tmp_path, setup, message):
     write_png(tmp_path / "big.png", np.zeros((4, 4), np.uint8))
     (tmp_path / "broken.png").write_text("not an image")
     second = {"missing": "missing.png", "unreadable": "broken.png", "size": "big.png", "empty": "big.png"}[setup]
-    manifest = write_tsv(tmp_path / "m.tsv", [{"path": "ok.png", "contributor": "a"},
-                                               {"path": second, "contributor": "" if setup == "empty" else "b"}])
+    manifest = write_tsv(
+        tmp_path / "m.tsv",
+        [{"path": "ok.png", "contributor": "a"}, {"path": second, "contributor": "" if setup == "empty" else "b"}],
+    )
     with pytest.raises(ValueError, match=message):
         load_image_folder(manifest)
 
@@ -229,9 +234,14 @@ def test_write_manifest(tmp_path):
 
 def test_contributor_ids_match_the_loaded_data_without_reading_images(tmp_path):
     assert contributor_ids("digits") == load_digits().contributor_ids
-    manifest = write_tsv(tmp_path / "m.tsv", [{"path": "never-read.png", "contributor": "b"},
-                                               {"path": "also-absent.png", "contributor": "a"},
-                                               {"path": "third.png", "contributor": "b"}])
+    manifest = write_tsv(
+        tmp_path / "m.tsv",
+        [
+            {"path": "never-read.png", "contributor": "b"},
+            {"path": "also-absent.png", "contributor": "a"},
+            {"path": "third.png", "contributor": "b"},
+        ],
+    )
     assert contributor_ids("folder", manifest=manifest) == ["b", "a"]
     bad = write_tsv(tmp_path / "bad.tsv", [{"path": "x.png", "contributor": "a/b"}])
     with pytest.raises(ValueError, match="'a/b'"):
@@ -253,8 +263,19 @@ def market():
 
 def test_marketplace_plants_every_case_and_never_shares_an_item_with_its_reference(market):
     data, reference = market
-    assert data.contributor_ids == ["digit0", "digit1", "digit2", "digit3", "digit4", "dup2", "few4", "noisy3",
-                                    "blurred1", "glyphs", "noise"]
+    assert data.contributor_ids == [
+        "digit0",
+        "digit1",
+        "digit2",
+        "digit3",
+        "digit4",
+        "dup2",
+        "few4",
+        "noisy3",
+        "blurred1",
+        "glyphs",
+        "noise",
+    ]
     counts = data.counts()
     assert counts["few4"] == 6 and counts.drop("few4").min() >= 100
     assert data.labels is None and set(reference.contributors) == {REFERENCE_OWNER}
@@ -308,8 +329,9 @@ def test_bad_references_are_named_with_the_fix(digits):
 def test_a_reference_overlapping_the_training_items_is_counted_by_content(digits):
     train = digits.subset(["digit0", "digit1", "digit2"])
     # 3 renamed copies of digit1 items and 1 of digit0 among 10 reference images; the rest are digit5 items.
-    images = np.concatenate([train.subset(["digit1"]).images[:3], train.subset(["digit0"]).images[:1],
-                             digits.subset(["digit5"]).images[:6]])
+    images = np.concatenate(
+        [train.subset(["digit1"]).images[:3], train.subset(["digit0"]).images[:1], digits.subset(["digit5"]).images[:6]]
+    )
     reference = ContributorData(images, np.full(10, REFERENCE_OWNER), np.array([f"r{i}" for i in range(10)]))
     warning = check_reference(reference, train)
     assert warning.startswith("4 of 10 reference images (40.0%) are exact copies of training items")
@@ -327,19 +349,32 @@ def test_the_yardstick_is_named_and_a_marketplace_refuses_the_held_out_split():
 def test_prepare_data_with_a_reference_trains_on_every_item_and_logs_the_yardstick(tmp_path):
     from diffcredit.stages import prepare_data
 
-    outputs = {"train_out": str(tmp_path / "train.npz"), "heldout_out": str(tmp_path / "heldout.npz"),
-               "contributors_out": str(tmp_path / "contributors.tsv")}
+    outputs = {
+        "train_out": str(tmp_path / "train.npz"),
+        "heldout_out": str(tmp_path / "heldout.npz"),
+        "contributors_out": str(tmp_path / "contributors.tsv"),
+    }
     messages = []
-    prepare_data(source="digits", path=None, manifest=None, heldout_fraction=0.2, seed=0,
-                 reference={"source": "marketplace"}, log=messages.append, **outputs)
+    prepare_data(
+        source="digits",
+        path=None,
+        manifest=None,
+        heldout_fraction=0.2,
+        seed=0,
+        reference={"source": "marketplace"},
+        log=messages.append,
+        **outputs,
+    )
     train, heldout = (ContributorData.load(outputs[k]) for k in ("train_out", "heldout_out"))
     assert len(train) == 1797 and len(heldout) == 360 and set(heldout.contributors) == {REFERENCE_OWNER}
     assert messages[0].startswith("warning: 360 of 360 reference images (100.0%) are exact copies")
     assert messages[1].startswith("yardstick: trusted reference, 360 images (marketplace)")
     messages.clear()
-    prepare_data(source="digits", path=None, manifest=None, heldout_fraction=0.2, seed=0, log=messages.append,
-                 **outputs)
+    prepare_data(
+        source="digits", path=None, manifest=None, heldout_fraction=0.2, seed=0, log=messages.append, **outputs
+    )
     assert messages == [f"yardstick: contributors' held-out items. Warning: {UNTRUSTED_NOTE}"]
     with pytest.raises(ValueError, match="marketplace: true needs a trusted reference"):
-        prepare_data(source="digits", path=None, manifest=None, heldout_fraction=0.2, seed=0, marketplace=True,
-                     **outputs)
+        prepare_data(
+            source="digits", path=None, manifest=None, heldout_fraction=0.2, seed=0, marketplace=True, **outputs
+        )

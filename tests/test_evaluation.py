@@ -144,8 +144,13 @@ def test_lds_leaves_out_missing_runs_and_reports_them() -> None:
     ok = np.isfinite(column)
     assert result.per_seed[1] == pytest.approx(stats.spearmanr(predicted[ok], column[ok]).statistic)
     assert result.value == pytest.approx(
-        np.mean([stats.spearmanr(predicted, holed[keep, 0]).statistic, result.per_seed[1],
-                 stats.spearmanr(predicted, holed[keep, 2]).statistic])
+        np.mean(
+            [
+                stats.spearmanr(predicted, holed[keep, 0]).statistic,
+                result.per_seed[1],
+                stats.spearmanr(predicted, holed[keep, 2]).statistic,
+            ]
+        )
     )
     assert result.seed_averaged == pytest.approx(stats.spearmanr(predicted, np.nanmean(holed[keep], axis=1)).statistic)
 
@@ -229,8 +234,9 @@ def _additive_plan(n: int = 8, budget: int = 64, seed: int = 0, estimator: str =
 def test_budget_curve_prices_each_prefix_and_ends_at_the_whole_plan() -> None:
     names, plan, sets, w = _additive_plan(estimator="permutation")
     weight = pd.Series(w, index=names)
-    utilities = pd.DataFrame({"coalition": list(sets), "utility": [weight[list(m)].sum() for m in sets.values()],
-                              "seconds": 2.0})
+    utilities = pd.DataFrame(
+        {"coalition": list(sets), "utility": [weight[list(m)].sum() for m in sets.values()], "seconds": 2.0}
+    )
     subsets = heldout_subsets(names, 12, seed=1)
     measured = np.array([[weight[list(s)].sum()] * 2 for s in subsets])
     curve = budget_curve(plan, utilities, subsets=subsets, measured=measured, contributors=names, setup_seconds=100)
@@ -256,8 +262,9 @@ def test_multifidelity_of_an_affine_cheap_utility_is_the_rescaled_cheap_estimate
     truth = {c: weight[list(m)].sum() for c, m in sets.items()}
     cheap = pd.DataFrame({"coalition": list(truth), "utility": [2 + 0.5 * u for u in truth.values()]})
     prefix = list(sets)[:32]  # two antithetic permutation pairs
-    retrained = pd.DataFrame([(c, j, truth[c]) for c in prefix for j in range(2)],
-                             columns=["coalition", "repeat", "utility"])
+    retrained = pd.DataFrame(
+        [(c, j, truth[c]) for c in prefix for j in range(2)], columns=["coalition", "repeat", "utility"]
+    )
     result = multifidelity_values(plan, cheap, plan.head(32), retrained, contributors=names)
     assert result.beta == pytest.approx(2.0) and result.beta_stderr == pytest.approx(0.0, abs=1e-9)
     table = result.table.set_index("contributor").loc[names]
@@ -285,11 +292,13 @@ def test_multifidelity_beats_biased_sft_and_its_interval_covers_the_retraining_v
             z = np.isin(names, members)
             return 0.3 * a @ z + 0.5 * z.sum() ** 2 / n
 
-        cheap = pd.DataFrame({"coalition": list(sets),
-                              "utility": [game(m) + bias(m) + 0.05 * rng.normal() for m in sets.values()]})
+        cheap = pd.DataFrame(
+            {"coalition": list(sets), "utility": [game(m) + bias(m) + 0.05 * rng.normal() for m in sets.values()]}
+        )
         prefix = list(sets)[:prefix_size]
-        result = multifidelity_values(plan, cheap, plan.head(prefix_size), _retrained_rows(sets, prefix, game, rng),
-                                      contributors=names)
+        result = multifidelity_values(
+            plan, cheap, plan.head(prefix_size), _retrained_rows(sets, prefix, game, rng), contributors=names
+        )
         table = result.table.set_index("contributor").loc[names]
         errors["mf"].append(np.sqrt(np.mean((table["value"] - phi) ** 2)))
         errors["sft"].append(np.sqrt(np.mean((table["sft_value"] - phi) ** 2)))
@@ -391,9 +400,7 @@ def test_planted_within_size_signal_survives_size_removal() -> None:
     rng = np.random.default_rng(1)
     sizes = _coalitions(10)
     signal = rng.normal(size=len(sizes))
-    retrain = pd.DataFrame(
-        (sizes.to_numpy() + signal)[:, None] + 0.05 * rng.normal(size=(len(sizes), 3)), sizes.index
-    )
+    retrain = pd.DataFrame((sizes.to_numpy() + signal)[:, None] + 0.05 * rng.normal(size=(len(sizes), 3)), sizes.index)
     approx = pd.Series(2 * sizes.to_numpy() + signal, sizes.index)
     result = utility_agreement(approx, retrain, sizes)
     assert result["spearman_size_removed"] > 0.95
@@ -465,13 +472,16 @@ def test_job_costs_sum_wall_time_with_stored_coalitions_and_take_the_peak_memory
     (bench / "sft" / "kernelshap").mkdir(parents=True)
     (tmp_path / "sft" / "kernelshap" / "batches").mkdir(parents=True)
     (bench / "baselines").mkdir()
-    for path, wall, rss in ((bench / "sft" / "kernelshap" / "b00000.tsv", 50.0, 300.5),
-                            (bench / "sft" / "kernelshap" / "aggregate.tsv", 2.0, 120.0),
-                            (bench / "baselines" / "dtrak.tsv", 30.0, "-")):
+    for path, wall, rss in (
+        (bench / "sft" / "kernelshap" / "b00000.tsv", 50.0, 300.5),
+        (bench / "sft" / "kernelshap" / "aggregate.tsv", 2.0, 120.0),
+        (bench / "baselines" / "dtrak.tsv", 30.0, "-"),
+    ):
         pd.DataFrame({"s": [wall], "max_rss": [rss]}).to_csv(path, sep="\t", index=False)
     # The batch found one coalition stored (measured by another plan's job in 25 s): it counts at its cost.
     pd.DataFrame({"seconds": [20.0, 25.0], "fresh": [True, False]}).to_csv(
-        tmp_path / "sft" / "kernelshap" / "batches" / "b00000.tsv", sep="\t", index=False)
+        tmp_path / "sft" / "kernelshap" / "batches" / "b00000.tsv", sep="\t", index=False
+    )
     assert job_costs(bench, ["sft/kernelshap/**/*.tsv"]) == {"wall_seconds": 77.0, "peak_rss_mb": 300.5, "n_jobs": 2}
     assert job_costs(bench, ["baselines/dtrak.tsv"]) == {"wall_seconds": 30.0, "peak_rss_mb": None, "n_jobs": 1}
     assert job_costs(bench, ["baselines/inrun.tsv"]) == {"wall_seconds": None, "peak_rss_mb": None, "n_jobs": 0}
@@ -481,7 +491,9 @@ def test_job_costs_sum_wall_time_with_stored_coalitions_and_take_the_peak_memory
 
 TINY = ROOT / "tests" / "configs" / "tiny.yaml"
 # Two alphas (one LDS each) and enough retrained coalitions for multi-fidelity values of their own (two pairs).
-EVALUATE = {"evaluation": {"alpha": [0.25, 0.5], "agreement_coalitions": 6, "baselines": ["dtrak", "pixel_similarity_mean"]}}
+EVALUATE = {
+    "evaluation": {"alpha": [0.25, 0.5], "agreement_coalitions": 6, "baselines": ["dtrak", "pixel_similarity_mean"]}
+}
 
 
 def _evaluate(workdir: Path, *args: str) -> subprocess.CompletedProcess:
@@ -505,8 +517,15 @@ def test_evaluate_reports_every_method_per_alpha_with_costs_and_the_budget_compa
     _evaluate(workdir)
     out = workdir / "results" / "tiny" / "evaluation"
     report = json.loads((out / "report.json").read_text())
-    rankings = ["sft_shapley", "finetune_shapley", "loo", "banzhaf", "multifidelity_shapley", "dtrak",
-                "pixel_similarity_mean"]
+    rankings = [
+        "sft_shapley",
+        "finetune_shapley",
+        "loo",
+        "banzhaf",
+        "multifidelity_shapley",
+        "dtrak",
+        "pixel_similarity_mean",
+    ]
     assert report["lds_alpha"] == 0.5 and set(report["lds_by_alpha"]) == {"0.25", "0.5"}
     for name in rankings:
         row = report["lds"][name]

@@ -22,22 +22,29 @@ SAMPLING = {"inference_steps": 2, "device": "cpu"}
 
 @pytest.fixture(scope="module")
 def glyphs():
-    return load_glyphs({k: CONTRIBUTOR_FONTS[k] for k in ("dejavu-sans", "dejavu-serif-bold")}, letters="AOX",
-                       size=8, variants=2, seed=0)
+    return load_glyphs(
+        {k: CONTRIBUTOR_FONTS[k] for k in ("dejavu-sans", "dejavu-serif-bold")},
+        letters="AOX",
+        size=8,
+        variants=2,
+        seed=0,
+    )
 
 
 @pytest.fixture(scope="module")
 def tiny_ae_config():
-    return {**ae.tiny_autoencoder_config(channels=1, latent_channels=2), "block_out_channels": [8, 16],
-            "norm_num_groups": 4}
+    return {
+        **ae.tiny_autoencoder_config(channels=1, latent_channels=2),
+        "block_out_channels": [8, 16],
+        "norm_num_groups": 4,
+    }
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, glyphs):
     """A pixel-space text-to-image base on 8×8 glyphs, saved and loaded back as a diffusers folder."""
     folder = tmp_path_factory.mktemp("base")
-    pipeline = tc.tiny_base(glyphs[1], sample_size=8, seed=0,
-                            unet={"block_out_channels": [16, 32]})
+    pipeline = tc.tiny_base(glyphs[1], sample_size=8, seed=0, unet={"block_out_channels": [16, 32]})
     tc.save_base(pipeline, folder / "base")
     return tc.load_base(folder / "base")
 
@@ -120,16 +127,16 @@ def test_an_autoencoder_whose_latents_the_unet_does_not_fit_is_named(tiny_ae_con
         ae.build_autoencoder({**tiny_ae_config, "_class_name": "UNet2DModel"}, seed=0)
 
 
-def test_latent_family_refuses_a_unet_that_does_not_fit_before_training(tmp_path, glyphs, tiny_ae_config,
-                                                                        tiny_config):
+def test_latent_family_refuses_a_unet_that_does_not_fit_before_training(tmp_path, glyphs, tiny_ae_config, tiny_config):
     data = glyphs[0]
     model = ae.build_autoencoder(tiny_ae_config, seed=0)
     ae.cache_latents(model, data.images, data.item_ids, tmp_path / "l.npz", autoencoder_digest="d")
     with pytest.raises(ValueError, match="does not fit the autoencoder's latents"):
         LatentFamily(tiny_config, autoencoder=model, latents=tmp_path / "l.npz", image_shape=(1, 8, 8))
     config = {**tiny_config, "sample_size": 4, "in_channels": 2, "out_channels": 2}
-    family = LatentFamily(config, {"num_train_timesteps": 20}, autoencoder=model, latents=tmp_path / "l.npz",
-                          image_shape=(1, 8, 8))
+    family = LatentFamily(
+        config, {"num_train_timesteps": 20}, autoencoder=model, latents=tmp_path / "l.npz", image_shape=(1, 8, 8)
+    )
     unet = family.build(seed=0)
     family.fit(unet, data.subset(["dejavu-sans"]), steps=2, batch_size=4, lr=1e-3, seed=0, device="cpu")
     images = family.generate(unet, 3, seed=5, **SAMPLING)
@@ -151,8 +158,9 @@ def test_pixel_family_is_todays_models_training_and_sampling(tiny_config, tiny_s
     ours, theirs = family.build(seed=3), build_model(tiny_config, seed=3)
     family.fit(ours, data, steps=2, batch_size=8, lr=1e-3, seed=1, device="cpu")
     train(theirs, data.images, steps=2, batch_size=8, lr=1e-3, seed=1, schedule=tiny_schedule, device="cpu")
-    np.testing.assert_array_equal(family.generate(ours, 2, seed=0, **SAMPLING),
-                                  generate(theirs, 2, seed=0, schedule=tiny_schedule, **SAMPLING))
+    np.testing.assert_array_equal(
+        family.generate(ours, 2, seed=0, **SAMPLING), generate(theirs, 2, seed=0, schedule=tiny_schedule, **SAMPLING)
+    )
     _, stats = family.prune(ours, 0.5)
     assert stats["parameters_after"] < stats["parameters_before"] == family.count_parameters(ours)
     with pytest.raises(ValueError, match="unknown model family 'sd'"):
@@ -181,7 +189,9 @@ def test_a_base_folder_missing_a_component_is_named(tmp_path, base):
 
     shutil.rmtree(tmp_path / "b" / "tokenizer")
     (tmp_path / "b" / "scheduler" / "scheduler_config.json").unlink()
-    with pytest.raises(FileNotFoundError, match=r"lacks tokenizer/tokenizer_config.json, scheduler/scheduler_config.json"):
+    with pytest.raises(
+        FileNotFoundError, match=r"lacks tokenizer/tokenizer_config.json, scheduler/scheduler_config.json"
+    ):
         tc.load_base(tmp_path / "b")
 
 
@@ -251,8 +261,7 @@ def test_lora_importance_is_torch_prunings_magnitude_on_the_rank_group(text_fami
     torch.testing.assert_close(lora.importance(layer), (closed / closed.mean()).detach())
 
 
-def test_a_pruned_lora_keeps_at_most_its_share_drops_the_weakest_and_reloads_with_its_ranks(tmp_path,
-                                                                                           text_family):
+def test_a_pruned_lora_keeps_at_most_its_share_drops_the_weakest_and_reloads_with_its_ranks(tmp_path, text_family):
     unet = text_family.build(seed=0)
     _randomise_lora(unet)
     name, layer = next(iter(lora.lora_layers(unet).items()))
@@ -276,8 +285,9 @@ def test_a_pruned_lora_keeps_at_most_its_share_drops_the_weakest_and_reloads_wit
     assert config["alpha_pattern"] == {k: float(v) for k, v in config["rank_pattern"].items()}  # scale stays 1
     loaded = text_family.load(tmp_path / "pruned")
     assert lora.ranks(loaded) == ranks
-    np.testing.assert_array_equal(text_family.generate(loaded, 2, seed=3, **SAMPLING),
-                                  text_family.generate(pruned, 2, seed=3, **SAMPLING))
+    np.testing.assert_array_equal(
+        text_family.generate(loaded, 2, seed=3, **SAMPLING), text_family.generate(pruned, 2, seed=3, **SAMPLING)
+    )
     with pytest.raises(ValueError, match="pruned by magnitude"):
         text_family.prune(unet, 0.5, importance="taylor")
 
@@ -303,8 +313,7 @@ def test_fitting_a_lora_trains_only_the_adapter(text_family, glyphs):
     unet = text_family.build(seed=0)
     base_before = {k: v.clone() for k, v in unet.state_dict().items() if "lora" not in k}
     lora_before = [p.detach().clone() for p in lora.lora_parameters(unet)]
-    result = text_family.fit(unet, data.subset(["dejavu-sans"]), steps=3, batch_size=4, lr=1e-2, seed=0,
-                             device="cpu")
+    result = text_family.fit(unet, data.subset(["dejavu-sans"]), steps=3, batch_size=4, lr=1e-2, seed=0, device="cpu")
     assert result.steps == 3
     after = unet.state_dict()
     assert all(torch.equal(after[k], v) for k, v in base_before.items())
@@ -328,8 +337,9 @@ def test_each_family_is_prepared_once_and_opened_from_its_folder(tmp_path, glyph
     with pytest.raises(ValueError, match="takes no family options"):
         Family.prepare(tmp_path / "p2", data=data, seed=0, rank=4)
 
-    summary = LatentFamily.prepare(tmp_path / "staging", data=data, seed=0, steps=3, batch_size=8, device="cpu",
-                                   log=lambda _: None)
+    summary = LatentFamily.prepare(
+        tmp_path / "staging", data=data, seed=0, steps=3, batch_size=8, device="cpu", log=lambda _: None
+    )
     assert summary["latent_shape"] == [3, 4, 4] and summary["scaling"] == "measured (1/std)"
     (tmp_path / "staging").rename(tmp_path / "latent")
     assert summary["autoencoder"] is None  # trained in the folder, not staged
@@ -342,23 +352,31 @@ def test_each_family_is_prepared_once_and_opened_from_its_folder(tmp_path, glyph
 
 def test_the_text_family_prepares_captions_and_a_base(tmp_path, glyphs, base):
     data = glyphs[0]
-    summary = TextLoraFamily.prepare(tmp_path / "staging", data=data, seed=0, captions="glyphs", steps=2,
-                                     batch_size=8, device="cpu", log=lambda _: None)
+    summary = TextLoraFamily.prepare(
+        tmp_path / "staging",
+        data=data,
+        seed=0,
+        captions="glyphs",
+        steps=2,
+        batch_size=8,
+        device="cpu",
+        log=lambda _: None,
+    )
     assert summary["n_captions"] == 3 and summary["base_pretraining_items"] > len(data) and summary["base"] is None
     (tmp_path / "staging").rename(tmp_path / "standin")
     family = TextLoraFamily.open(tmp_path / "standin", rank=2)
     assert family.prompts == [caption("A"), caption("O"), caption("X")]
     assert family.captions[data.item_ids[0]] == caption("A")
     tc.save_base(base, tmp_path / "staged")
-    TextLoraFamily.prepare(tmp_path / "shared", data=data, seed=0, base=str(tmp_path / "staged"),
-                           prompt="a glyph")
+    TextLoraFamily.prepare(tmp_path / "shared", data=data, seed=0, base=str(tmp_path / "staged"), prompt="a glyph")
     shared = TextLoraFamily.open(tmp_path / "shared", rank=2)
     assert shared.prompts == ["a glyph"] and set(shared.captions.values()) == {"a glyph"}
     with pytest.raises(ValueError, match="comes from the base model"):
         TextLoraFamily.open(tmp_path / "shared", unet={"sample_size": 8})
     with pytest.raises(ValueError, match="is not a glyph's"):
-        TextLoraFamily.prepare(tmp_path / "bad", data=ContributorData(data.images[:1], ["x"], ["item7"]), seed=0,
-                               captions="glyphs")
+        TextLoraFamily.prepare(
+            tmp_path / "bad", data=ContributorData(data.images[:1], ["x"], ["item7"]), seed=0, captions="glyphs"
+        )
 
 
 def test_glyphs_written_as_npz_load_as_a_source_with_their_ids(tmp_path):
@@ -375,8 +393,12 @@ def test_the_configs_model_section_chooses_the_family_and_its_options(tmp_path, 
     from diffcredit.families import open_family, prepare_family
 
     data = glyphs[0]
-    model = {"family": "latent", "unet": {}, "schedule": {"num_train_timesteps": 20},
-             "latent": {"steps": 2, "batch_size": 8, "latent_channels": 2}}
+    model = {
+        "family": "latent",
+        "unet": {},
+        "schedule": {"num_train_timesteps": 20},
+        "latent": {"steps": 2, "batch_size": 8, "latent_channels": 2},
+    }
     summary = prepare_family(model, tmp_path / "l", data=data, seed=0, device="cpu", log=lambda _: None)
     assert summary["latent_shape"] == [2, 4, 4]
     family = open_family(model, tmp_path / "l", image_shape=data.images.shape)

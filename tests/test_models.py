@@ -72,7 +72,7 @@ def test_save_load_round_trip_is_exact(tmp_path, tiny_model):
 
 def test_load_model_names_missing_files(tmp_path):
     (tmp_path / "m").mkdir()
-    with pytest.raises(FileNotFoundError, match="architecture.json not found"):
+    with pytest.raises(FileNotFoundError, match=r"architecture\.json not found"):
         load_model(tmp_path / "m")
 
 

@@ -16,12 +16,14 @@ def values(rows: list[tuple]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["contributor", "value", "stderr", "ci_low", "ci_high"])
 
 
-HAND = values([
-    ("a", 6.0, 0.0, 6.0, 6.0),    # positive
-    ("b", 2.0, 0.0, -1.0, 5.0),   # uncertain: paid by its estimate
-    ("c", -3.0, 0.0, -5.0, -1.0),  # harmful: interval below zero
-    ("d", -0.5, 0.0, -2.0, 1.0),  # not positive
-])
+HAND = values(
+    [
+        ("a", 6.0, 0.0, 6.0, 6.0),  # positive
+        ("b", 2.0, 0.0, -1.0, 5.0),  # uncertain: paid by its estimate
+        ("c", -3.0, 0.0, -5.0, -1.0),  # harmful: interval below zero
+        ("d", -0.5, 0.0, -2.0, 1.0),  # not positive
+    ]
+)
 
 
 def test_shares_sum_to_the_budget_and_follow_the_rule():
@@ -102,13 +104,29 @@ def test_cli_writes_shares_and_one_statement_per_contributor(tmp_path):
     from diffcredit.cli import main
 
     HAND.to_csv(tmp_path / "shapley.csv", index=False)
-    status = main(["payout", "--values", str(tmp_path / "shapley.csv"), "--budget", "1000",
-                   "--out", str(tmp_path / "payout.csv"), "--statements", str(tmp_path / "statements")])
+    status = main(
+        [
+            "payout",
+            "--values",
+            str(tmp_path / "shapley.csv"),
+            "--budget",
+            "1000",
+            "--out",
+            str(tmp_path / "payout.csv"),
+            "--statements",
+            str(tmp_path / "statements"),
+        ]
+    )
     assert status == 0
     written = pd.read_csv(tmp_path / "payout.csv")
     assert written["share"].sum() == pytest.approx(1000.0)
     assert sorted(p.name for p in (tmp_path / "statements").iterdir()) == [
-        "a.md", "b.md", "c.md", "d.md", "statements.json"]
+        "a.md",
+        "b.md",
+        "c.md",
+        "d.md",
+        "statements.json",
+    ]
     assert json.loads((tmp_path / "statements" / "statements.json").read_text())["b"]["share"] == 250.0
 
 
@@ -117,11 +135,24 @@ def test_cli_statements_carry_the_evidence_of_a_plan_and_its_utilities(tmp_path)
 
     HAND.to_csv(tmp_path / "shapley.csv", index=False)
     pd.DataFrame({"coalition": ["c0", "c1", "c2"], "members": ["", "a", "a,b"]}).to_csv(
-        tmp_path / "plan.tsv", sep="\t", index=False)
+        tmp_path / "plan.tsv", sep="\t", index=False
+    )
     pd.DataFrame({"coalition": ["c0", "c1", "c2"], "utility": [0.0, 4.0, 9.0]}).to_csv(
-        tmp_path / "utilities.tsv", sep="\t", index=False)
-    args = ["payout", "--values", str(tmp_path / "shapley.csv"), "--budget", "10", "--out", str(tmp_path / "p.csv"),
-            "--statements", str(tmp_path / "s"), "--coalitions", str(tmp_path / "plan.tsv")]
+        tmp_path / "utilities.tsv", sep="\t", index=False
+    )
+    args = [
+        "payout",
+        "--values",
+        str(tmp_path / "shapley.csv"),
+        "--budget",
+        "10",
+        "--out",
+        str(tmp_path / "p.csv"),
+        "--statements",
+        str(tmp_path / "s"),
+        "--coalitions",
+        str(tmp_path / "plan.tsv"),
+    ]
     with pytest.raises(SystemExit):  # evidence needs both files
         main(args)
     assert main([*args, "--utilities", str(tmp_path / "utilities.tsv")]) == 0

@@ -73,8 +73,8 @@ def test_gradient_importances_choose_other_channels(tiny_model, digit_images, ti
     pruned = prune(tiny_model, 0.5, importance=importance, images=digit_images[:8], schedule=tiny_schedule)
     again = prune(tiny_model, 0.5, importance=importance, images=digit_images[:8], schedule=tiny_schedule)
     assert count_parameters(pruned) == count_parameters(magnitude)
-    assert any(not torch.equal(a, b) for a, b in zip(pruned.parameters(), magnitude.parameters()))
-    assert all(torch.equal(a, b) for a, b in zip(pruned.parameters(), again.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(pruned.parameters(), magnitude.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(pruned.parameters(), again.parameters(), strict=True))
     assert all(p.grad is None for p in pruned.parameters()) and all(p.grad is None for p in tiny_model.parameters())
 
 

@@ -81,8 +81,9 @@ def test_noise_does_not_depend_on_batch_size_or_n(tiny_model, sampler):
     multistep solvers must forget the previous batch's history (a leak moves pixels by tenths; the tolerance is the
     float round-off of other batch shapes)."""
     reference = generate(tiny_model, 5, seed=7, sampler=sampler, batch_size=5, **QUICK)
-    np.testing.assert_allclose(generate(tiny_model, 5, seed=7, sampler=sampler, batch_size=2, **QUICK), reference,
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        generate(tiny_model, 5, seed=7, sampler=sampler, batch_size=2, **QUICK), reference, atol=1e-4
+    )
     np.testing.assert_allclose(generate(tiny_model, 3, seed=7, sampler=sampler, **QUICK), reference[:3], atol=1e-4)
 
 
@@ -104,7 +105,7 @@ def test_ddpm_step_noise_is_shared_across_models():
     plain, consumer, other = NoisePeek(0.2), GlobalNoiseConsumer(0.2), NoisePeek(0.2)
     images = generate(plain, 3, seed=5, sampler="ddpm", **QUICK)
     np.testing.assert_array_equal(images, generate(consumer, 3, seed=5, sampler="ddpm", **QUICK))
-    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(plain.calls, consumer.calls))
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(plain.calls, consumer.calls, strict=True))
     generate(other, 3, seed=6, sampler="ddpm", **QUICK)
     assert not torch.equal(plain.calls[1][1], other.calls[1][1])
 
@@ -180,7 +181,8 @@ def test_package_defaults_are_the_schemas():
     schema = yaml.safe_load((Path(__file__).parent.parent / "workflow/schemas/config.schema.yaml").read_text())
     utility = schema["properties"]["utility"]["properties"]
     assert (utility["sampler"]["default"], utility["inference_steps"]["default"]) == (
-        DEFAULT_SAMPLER, DEFAULT_INFERENCE_STEPS
+        DEFAULT_SAMPLER,
+        DEFAULT_INFERENCE_STEPS,
     )
     fields = UtilitySettings.__dataclass_fields__
     assert (fields["sampler"].default, fields["inference_steps"].default) == (DEFAULT_SAMPLER, DEFAULT_INFERENCE_STEPS)

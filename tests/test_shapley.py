@@ -87,8 +87,14 @@ def test_efficiency(estimator, name):
     assert table["value"].sum() == pytest.approx(game(game.players) - game([]), abs=1e-9)
 
 
-TWIN_BUDGETS = [("exact", None), ("loo", None), ("banzhaf", 32), ("kernelshap", 20), ("kernelshap_leverage", 20),
-                ("permutation", 20)]
+TWIN_BUDGETS = [
+    ("exact", None),
+    ("loo", None),
+    ("banzhaf", 32),
+    ("kernelshap", 20),
+    ("kernelshap_leverage", 20),
+    ("permutation", 20),
+]
 
 
 @pytest.mark.parametrize(("estimator", "budget"), TWIN_BUDGETS)
@@ -162,8 +168,10 @@ def test_sampled_estimators_converge(estimator):
     pairs = pairwise(8, seed=5)
     game = Game(pairs.a, pairs.pairs, weights=np.arange(1.0, 9.0), quota=18, bonus=2.0)  # a majority term too
     truth = (reference_banzhaf if estimator == "banzhaf" else reference_shapley)(game, players)
-    error = {budget: np.mean([np.abs(values(game, estimator, budget, seed)["value"] - truth).max()
-                              for seed in range(4)]) for budget in (40, 240)}
+    error = {
+        budget: np.mean([np.abs(values(game, estimator, budget, seed)["value"] - truth).max() for seed in range(4)])
+        for budget in (40, 240)
+    }
     assert error[240] < 0.6 * error[40]
 
 
@@ -201,7 +209,9 @@ def coverage_game():
         return base(members) + 0.3 * pairs(members)
 
     table = plan(players, "exact", None, 0)
-    value = dict(zip(map(frozenset, member_sets(table).values()), utilities(table, game, seeds=1)["utility"], strict=False))
+    value = dict(
+        zip(map(frozenset, member_sets(table).values()), utilities(table, game, seeds=1)["utility"], strict=True)
+    )
     truths = {
         "Shapley": reference_shapley(game, players),
         "Banzhaf": reference_banzhaf(game, players),
@@ -221,8 +231,12 @@ def coverage(estimator: str, budget: int | None, repeats: str, seeds: int = 400,
         times = table["repeats"].to_numpy(int) if repeats == "plan" else np.full(len(table), 2)
         rng = np.random.default_rng(seed + 10_000)
         exact = np.array([value[frozenset(m)] for m in member_sets(table).values()])
-        rows = pd.DataFrame({"coalition": np.repeat(table["coalition"].to_numpy(), times),
-                             "utility": np.repeat(exact, times) + noise * rng.normal(size=times.sum())})
+        rows = pd.DataFrame(
+            {
+                "coalition": np.repeat(table["coalition"].to_numpy(), times),
+                "utility": np.repeat(exact, times) + noise * rng.normal(size=times.sum()),
+            }
+        )
         result = aggregate(table, rows, convergence=False)
         covered.append((result.ci_low <= truth) & (truth <= result.ci_high))
     return float(np.mean(covered))
@@ -236,9 +250,15 @@ def test_kernelshap_intervals_cover_at_the_nominal_rate():
 # Measured (400 seeds): at or just outside 0.93–0.97 are kernelshap at 32 (0.970–0.971: HC3 is slightly
 # conservative when m ≈ n), permutation at 128 (0.926: few antithetic draws, heavy tails) and with every coalition
 # repeated at 32 (0.982), and the unbiased form at 32 (0.895). The rest lie in 0.944–0.966.
-KNOWN_MISSES = {("kernelshap", 32, "plan"), ("kernelshap", 32, "all"), ("permutation", 128, "plan"),
-                ("permutation", 128, "all"), ("permutation", 32, "all"), ("kernelshap_unbiased", 32, "plan"),
-                ("kernelshap_unbiased", 32, "all")}
+KNOWN_MISSES = {
+    ("kernelshap", 32, "plan"),
+    ("kernelshap", 32, "all"),
+    ("permutation", 128, "plan"),
+    ("permutation", 128, "all"),
+    ("permutation", 32, "all"),
+    ("kernelshap_unbiased", 32, "plan"),
+    ("kernelshap_unbiased", 32, "all"),
+}
 
 
 @pytest.mark.slow
@@ -284,8 +304,10 @@ def test_more_seed_noise_widens_the_interval():
 
     assert (stderr(0.5) > stderr(0.05)).all()
     exact = planned(game, "exact", None)
-    quiet, loud = (aggregate(exact, utilities(exact, game, seeds=2, noise=s, rng=np.random.default_rng(1))).table
-                   for s in (0.1, 1.0))
+    quiet, loud = (
+        aggregate(exact, utilities(exact, game, seeds=2, noise=s, rng=np.random.default_rng(1))).table
+        for s in (0.1, 1.0)
+    )
     np.testing.assert_allclose(loud["stderr"], 10 * quiet["stderr"])  # same draws scaled: stderr scales too
 
 
@@ -309,7 +331,8 @@ def test_every_repeated_row_is_used():
     # one changed repeat moves the value: dropping it would not
     rows.loc[rows["coalition"] == table["coalition"].iloc[-1], "utility"] += [0.0, 0.0, 3.0]
     assert aggregate(table, rows).table["value"].sum() == pytest.approx(
-        aggregate(table, means).table["value"].sum() + 1.0)
+        aggregate(table, means).table["value"].sum() + 1.0
+    )
 
 
 def test_confidence_sets_the_width():
@@ -328,8 +351,11 @@ def test_missing_utilities_are_refused_or_excluded_explicitly():
     rows = utilities(table, game, seeds=2)
     rows.loc[rows["coalition"] == "c000007", "utility"] = np.nan
     rows = rows[rows["coalition"] != "c000012"]
-    with pytest.raises(ValueError, match=r"2 coalition\(s\) without a finite utility: c000007 \(NaN\), c000012 "
-                                         r"\(no row\); rerun them or exclude them explicitly"):
+    with pytest.raises(
+        ValueError,
+        match=r"2 coalition\(s\) without a finite utility: c000007 \(NaN\), c000012 "
+        r"\(no row\); rerun them or exclude them explicitly",
+    ):
         aggregate(table, rows)
     result = aggregate(table, rows, missing="exclude")
     assert result.excluded == ("c000007", "c000012")
@@ -350,8 +376,9 @@ def test_exact_cannot_exclude_a_coalition():
 
 def test_utilities_of_unplanned_coalitions_are_refused():
     table = planned(additive([1.0, 2.0]), "exact", None)
-    rows = pd.DataFrame({"coalition": ["c000000", "c000001", "c000002", "c000003", "c000999"],
-                         "utility": [0.0, 1.0, 2.0, 3.0, 4.0]})
+    rows = pd.DataFrame(
+        {"coalition": ["c000000", "c000001", "c000002", "c000003", "c000999"], "utility": [0.0, 1.0, 2.0, 3.0, 4.0]}
+    )
     with pytest.raises(ValueError, match=r"utilities row 5: coalition 'c000999' was not planned"):
         aggregate(table, rows)
 
@@ -409,12 +436,13 @@ def test_a_large_utility_offset_changes_nothing(estimator):
 
 def test_valuation_result_sorts_saves_loads_and_merges(tmp_path: Path):
     game = pairwise(6, seed=7)
-    first, second = (aggregate(t := planned(game, "kernelshap", 40, seed), utilities(t, game, noise=0.1))
-                     for seed in (0, 1))
+    first, second = (
+        aggregate(t := planned(game, "kernelshap", 40, seed), utilities(t, game, noise=0.1)) for seed in (0, 1)
+    )
     ordered = first.sorted()
     assert list(ordered.values) == sorted(first.values, reverse=True)
     assert ordered.to_frame()["rank"].tolist() == list(range(1, 7))
-    assert dict(zip(ordered.names, ordered.stderr, strict=False)) == dict(zip(first.names, first.stderr, strict=False))
+    assert dict(zip(ordered.names, ordered.stderr, strict=True)) == dict(zip(first.names, first.stderr, strict=True))
     first.save(tmp_path / "values.csv")
     back = ValuationResult.load(tmp_path / "values.csv")
     pd.testing.assert_frame_equal(back.to_frame(), first.to_frame(), check_dtype=False)

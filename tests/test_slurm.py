@@ -25,7 +25,6 @@ from typing import TypeVar
 import pandas as pd
 import pytest
 import yaml
-
 from workflow_files import fail_once, workflow_copy
 
 pytestmark = pytest.mark.slurm
@@ -69,7 +68,9 @@ def slurm_jobs(workdir: Path) -> list[SlurmJob]:
     """The SLURM jobs whose working directory is `workdir`, in submission order."""
     listing = subprocess.run(
         ["sacct", "-X", "-P", "-n", "-S", "now-1days", "-o", "JobID,State,WorkDir,AllocTRES,SubmitLine"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     jobs = []
     for line in listing.splitlines():
@@ -85,15 +86,17 @@ def slurm_jobs(workdir: Path) -> list[SlurmJob]:
 def cancel_jobs(workdir: Path) -> None:
     """scancel every queued or running job of `workdir`, as a user does after killing Snakemake."""
     queue = subprocess.run(["squeue", "-h", "-o", "%i %Z"], capture_output=True, text=True, check=True).stdout
-    ids = [job_id for job_id, job_dir in (line.split(" ", 1) for line in queue.splitlines()) if Path(job_dir) == workdir]
+    ids = [
+        job_id for job_id, job_dir in (line.split(" ", 1) for line in queue.splitlines()) if Path(job_dir) == workdir
+    ]
     if ids:
         subprocess.run(["scancel", *ids], check=True)
 
 
 def planned_jobs(output: str) -> Counter[str]:
     """Job counts per rule from the table Snakemake prints before it starts."""
-    table = output[output.index("Job stats:"):].splitlines()[3:]
-    rows = [line.split() for line in table[:next(i for i, line in enumerate(table) if not line.strip())]]
+    table = output[output.index("Job stats:") :].splitlines()[3:]
+    rows = [line.split() for line in table[: next(i for i, line in enumerate(table) if not line.strip())]]
     return Counter({rule: int(count) for rule, count in rows if rule != "total"})
 
 
@@ -108,8 +111,13 @@ class Run:
     def __init__(self, workdir: Path, *args: str) -> None:
         self.workdir, self.log = workdir, workdir / "snakemake.log"
         with self.log.open("w") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "snakemake", *args], cwd=workdir, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "snakemake", *args],
+                cwd=workdir,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.deadline = time.monotonic() + RUN_TIMEOUT
 
     def output(self) -> str:
@@ -145,8 +153,10 @@ class Run:
     def abort(self, doing: str) -> None:
         self.kill()
         subprocess.run([SCRIPT, "down"], check=False)
-        pytest.fail(f"timed out after {RUN_TIMEOUT} s {doing}; cancelled the jobs and stopped the cluster:\n"
-                    f"{self.output()[-4000:]}")
+        pytest.fail(
+            f"timed out after {RUN_TIMEOUT} s {doing}; cancelled the jobs and stopped the cluster:\n"
+            f"{self.output()[-4000:]}"
+        )
 
 
 def start_cluster_run(workdir: Path, *args: str, budget: int | None = None) -> Run:
@@ -165,15 +175,20 @@ def cluster() -> Iterator[dict[str, str]]:
     """The local cluster, up with the test profile's partition and account; stopped afterwards unless it was up.
     Yields the environment for scripts/slurm-local.sh."""
     resources = yaml.safe_load(TEST_PROFILE.read_text())["default-resources"]
-    env = {**os.environ, "DIFFCREDIT_SLURM_PARTITION": resources["slurm_partition"],
-           "DIFFCREDIT_SLURM_ACCOUNT": resources["slurm_account"]}
+    env = {
+        **os.environ,
+        "DIFFCREDIT_SLURM_PARTITION": resources["slurm_partition"],
+        "DIFFCREDIT_SLURM_ACCOUNT": resources["slurm_account"],
+    }
     was_up = subprocess.run([SCRIPT, "status"], capture_output=True, env=env).returncode == 0
     up = subprocess.run([SCRIPT, "up"], capture_output=True, text=True, env=env, timeout=900)
     if up.returncode != 0:
         missing = [command for command in PACKAGED_COMMANDS if shutil.which(command) is None]
         if missing:
-            pytest.skip(f"the SLURM Debian packages are not installed and could not be ({', '.join(missing)} "
-                        f"missing): {up.stderr.strip()}")
+            pytest.skip(
+                f"the SLURM Debian packages are not installed and could not be ({', '.join(missing)} "
+                f"missing): {up.stderr.strip()}"
+            )
         pytest.fail(f"scripts/slurm-local.sh up failed:\n{up.stderr}")
     yield env
     if not was_up:
@@ -215,7 +230,9 @@ def test_user_profile_holds_nothing_of_the_test_cluster():
     profile = yaml.safe_load((ROOT / "slurm" / "config.yaml").read_text())
     assert profile["executor"] == "slurm"
     local_only = set(yaml.safe_load(TEST_PROFILE.read_text()))
-    assert not local_only & set(profile), f"test-cluster settings leak into the user profile: {local_only & set(profile)}"
+    assert not local_only & set(profile), (
+        f"test-cluster settings leak into the user profile: {local_only & set(profile)}"
+    )
 
 
 def test_every_job_went_through_sbatch(cluster_run):
@@ -235,7 +252,7 @@ def test_every_job_went_through_sbatch(cluster_run):
 
 def test_gpu_rules_requested_and_got_a_gpu(cluster_run):
     jobs = slurm_jobs(cluster_run[0])
-    assert GPU_RULES <= {job.rule for job in jobs}
+    assert {job.rule for job in jobs} >= GPU_RULES
     for job in jobs:
         wants_gpu = job.rule in GPU_RULES
         assert ("--gpus=1" in job.submit_line) == wants_gpu, job.submit_line
@@ -270,8 +287,10 @@ def test_scancelled_job_is_detected_and_rerun(cluster_run, tmp_path):
     victim = run.wait_until(running, "the new coalition job ran")
     subprocess.run(["scancel", victim.id], check=True)
     run.finish()
-    assert [(job.state, job.attempt) for job in slurm_jobs(workdir) if job.wildcards == new_batch] == \
-        [("CANCELLED", 1), ("COMPLETED", 2)]
+    assert [(job.state, job.attempt) for job in slurm_jobs(workdir) if job.wildcards == new_batch] == [
+        ("CANCELLED", 1),
+        ("COMPLETED", 2),
+    ]
     assert len(pd.read_csv(workdir / UTILITIES, sep="\t")) == 12
 
 

@@ -30,8 +30,8 @@ def test_same_seed_same_weights_other_seed_other_weights(tiny_config, digit_imag
         model = build_model(tiny_config, seed=0)
         runs[name] = (train(model, digit_images, steps=5, seed=seed, **FAST).losses, weights(model))
     assert runs["a"][0] == runs["b"][0]
-    assert all(torch.equal(x, y) for x, y in zip(runs["a"][1], runs["b"][1]))
-    assert not all(torch.equal(x, y) for x, y in zip(runs["a"][1], runs["c"][1]))
+    assert all(torch.equal(x, y) for x, y in zip(runs["a"][1], runs["b"][1], strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(runs["a"][1], runs["c"][1], strict=True))
 
 
 def test_coalition_fine_tune_sees_only_its_items(tiny_config, digit_images):
@@ -46,7 +46,7 @@ def test_coalition_fine_tune_sees_only_its_items(tiny_config, digit_images):
         train(model, data.subset(["inside"]).images, steps=4, seed=0, **FAST)
         results.append(weights(model))
     assert all(torch.isfinite(w).all() for w in results[0])
-    assert all(torch.equal(x, y) for x, y in zip(*results))
+    assert all(torch.equal(x, y) for x, y in zip(*results, strict=True))
 
 
 def test_ema_zero_decay_equals_plain_training_and_positive_decay_lags(tiny_config, digit_images):
@@ -55,10 +55,10 @@ def test_ema_zero_decay_equals_plain_training_and_positive_decay_lags(tiny_confi
         model = build_model(tiny_config, seed=0)
         train(model, digit_images, steps=5, seed=0, ema_decay=decay, **FAST)
         trained[decay] = weights(model)
-    assert all(torch.equal(x, y) for x, y in zip(trained[None], trained[0.0]))
+    assert all(torch.equal(x, y) for x, y in zip(trained[None], trained[0.0], strict=True))
     initial = weights(build_model(tiny_config, seed=0))
     # The average lags behind: it stays closer to the initial weights than the raw weights do.
-    distance = {d: sum((w - w0).norm() ** 2 for w, w0 in zip(trained[d], initial)) for d in (None, 0.99)}
+    distance = {d: sum((w - w0).norm() ** 2 for w, w0 in zip(trained[d], initial, strict=True)) for d in (None, 0.99)}
     assert distance[0.99] < distance[None]
 
 
@@ -76,7 +76,9 @@ def test_progress_is_logged_with_loss_rate_and_eta(tiny_config, digit_images, ca
     assert "steps/s  ETA 00:00" in lines[1]
     caplog.clear()
     train(build_model(tiny_config, seed=0), digit_images, steps=25, seed=0, **FAST)  # default: about ten reports
-    assert [line.split()[1] for line in progress_lines(caplog)] == [f"{s}/25" for s in (3, 6, 9, 12, 15, 18, 21, 24, 25)]
+    assert [line.split()[1] for line in progress_lines(caplog)] == [
+        f"{s}/25" for s in (3, 6, 9, 12, 15, 18, 21, 24, 25)
+    ]
     caplog.clear()
     train(build_model(tiny_config, seed=0), digit_images, steps=5, seed=0, log_every=0, **FAST)
     assert progress_lines(caplog) == []
@@ -89,14 +91,14 @@ def test_bf16_on_the_cpu_trains_in_fp32_and_peak_memory_is_cuda_only(tiny_config
         runs[precision] = (train(model, digit_images, steps=3, seed=0, precision=precision, **FAST), weights(model))
     assert "precision bf16 needs a CUDA device" in caplog.text
     assert runs["fp32"][0].losses == runs["bf16"][0].losses
-    assert all(torch.equal(x, y) for x, y in zip(runs["fp32"][1], runs["bf16"][1]))
+    assert all(torch.equal(x, y) for x, y in zip(runs["fp32"][1], runs["bf16"][1], strict=True))
     assert runs["fp32"][0].peak_memory is None
 
 
 def test_adamw_with_weight_decay_and_no_clipping_runs(tiny_model, digit_images):
     before = weights(tiny_model)
     train(tiny_model, digit_images, steps=2, seed=0, optimizer="adamw", weight_decay=0.1, grad_clip=None, **FAST)
-    assert not all(torch.equal(x, y) for x, y in zip(before, weights(tiny_model)))
+    assert not all(torch.equal(x, y) for x, y in zip(before, weights(tiny_model), strict=True))
 
 
 @pytest.mark.parametrize(

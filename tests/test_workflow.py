@@ -23,7 +23,6 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import yaml
-
 from workflow_files import fail_once, workflow_copy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,8 +70,9 @@ def measurements(plan: pd.DataFrame) -> int:
 def html_table(page: str) -> pd.DataFrame:
     """The first table of an HTML page written by pandas, as strings."""
     table = re.search(r"<table.*?</table>", page, re.S).group(0)
-    rows = [re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", row, re.S) for row in re.findall(r"<tr[^>]*>(.*?)</tr>",
-                                                                                      table, re.S)]
+    rows = [
+        re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", row, re.S) for row in re.findall(r"<tr[^>]*>(.*?)</tr>", table, re.S)
+    ]
     return pd.DataFrame(rows[1:], columns=[cell.strip() for cell in rows[0]])
 
 
@@ -182,8 +182,9 @@ def test_values_caption_says_what_the_estimator_values_are(kind):
     from jinja2 import Environment
 
     caption = (ROOT / "workflow" / "report" / "values.rst").read_text()
-    job = SimpleNamespace(params=SimpleNamespace(kind=kind, confidence=0.95),
-                          wildcards=SimpleNamespace(plan="p", mode="sft"))
+    job = SimpleNamespace(
+        params=SimpleNamespace(kind=kind, confidence=0.95), wildcards=SimpleNamespace(plan="p", mode="sft")
+    )
     text = " ".join(Environment().from_string(caption).render(snakemake=job).split())
     assert text.startswith(f"{kind} values (p)")
     assert ("they sum to v(N) − v(∅)" in text) == (kind == "Shapley")
@@ -193,17 +194,29 @@ def test_values_caption_says_what_the_estimator_values_are(kind):
 def test_stage_costs_assign_each_benchmark_to_its_most_specific_rule(tmp_path):
     from diffcredit.report import stage_costs
 
-    patterns = {"coalition_utilities": "b/{mode}/{plan}/{batch}.tsv", "aggregate": "b/{mode}/{plan}/aggregate.tsv",
-                "plan": "b/plan/{plan}.tsv"}
+    patterns = {
+        "coalition_utilities": "b/{mode}/{plan}/{batch}.tsv",
+        "aggregate": "b/{mode}/{plan}/aggregate.tsv",
+        "plan": "b/plan/{plan}.tsv",
+    }
     header = "s\th:m:s\tmax_rss\tcpu_time\n"
-    for path, seconds, rss in (("b/sft/ks/b00000.tsv", 10, 300), ("b/sft/ks/b00001.tsv", 20, "NA"),
-                               ("b/sft/ks/aggregate.tsv", 1, 50), ("b/plan/ks.tsv", 2, 40), ("b/other.tsv", 9, 1)):
+    for path, seconds, rss in (
+        ("b/sft/ks/b00000.tsv", 10, 300),
+        ("b/sft/ks/b00001.tsv", 20, "NA"),
+        ("b/sft/ks/aggregate.tsv", 1, 50),
+        ("b/plan/ks.tsv", 2, 40),
+        ("b/other.tsv", 9, 1),
+    ):
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text(f"{header}{seconds}\t0:00:{seconds}\t{rss}\t{seconds / 2}\n")
     costs = stage_costs(patterns, tmp_path).set_index("stage")
     assert costs["jobs"].to_dict() == {"coalition_utilities": 2, "plan": 1, "aggregate": 1}
     assert costs.loc["coalition_utilities", ["wall_s", "max_wall_s", "cpu_s", "peak_rss_mb"]].tolist() == [
-        30, 20, 15, 300]
+        30,
+        20,
+        15,
+        300,
+    ]
 
 
 def test_raising_the_budget_runs_only_new_coalitions(tiny_run, tmp_path):
@@ -234,8 +247,9 @@ def test_adaptive_rounds_extend_the_plan_and_measure_only_new_coalitions(tiny_ru
     assert {p: after[p] for p in before} == before, "a finished coalition was recomputed"
     assert len(after) == len(before) + 4  # round 1 measured its 4 new coalitions, nothing else
     assert "rule coalition_utilities:" in output and "batch=b00002" in output and "batch=b00000" not in output
-    decisions = [json.loads((run / "sft" / "kernelshap" / "rounds" / r / "decision.json").read_text())
-                 for r in ("r00", "r01")]
+    decisions = [
+        json.loads((run / "sft" / "kernelshap" / "rounds" / r / "decision.json").read_text()) for r in ("r00", "r01")
+    ]
     assert [(d["n_coalitions"], d["stop"]) for d in decisions] == [(8, False), (12, True)]
     assert decisions[1]["reason"].startswith("budget spent")
     assert not (run / "sft" / "kernelshap" / "rounds" / "r02").exists()
@@ -258,9 +272,13 @@ def test_failed_and_killed_run_resumes_without_recomputing(tmp_path):
     workdir = workflow_copy(tmp_path)
     fail_once(workdir, "coalition_utilities", tmp_path / "failed-once")  # the first coalition job fails, is retried
     store = workdir / "results" / "tiny" / "sft" / "store"
-    process = subprocess.Popen([*SNAKEMAKE, "--cores", "1", "--retries", "1", "--configfile", str(TINY)],
-                               cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        [*SNAKEMAKE, "--cores", "1", "--retries", "1", "--configfile", str(TINY)],
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 600
         while len(list(store.glob("*/*.json"))) < 2:  # some coalitions of the first job are done

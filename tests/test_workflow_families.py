@@ -21,8 +21,9 @@ CONFIGS = ROOT / "tests" / "configs"
 
 
 def snakemake(workdir: Path, *args: str, timeout: int = 900) -> str:
-    result = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, capture_output=True, text=True,
-                            timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", *args], cwd=workdir, capture_output=True, text=True, timeout=timeout
+    )
     if result.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     return result.stdout
@@ -43,8 +44,9 @@ def planned(output: str) -> dict[str, int]:
 
 
 def stage_manifest(workdir: Path, folder: str, contributors: int, prefix: str) -> None:
-    lines = ["path\tcontributor"] + [f"{prefix}{i:03d}/{j}.png\t{prefix}{i:03d}" for i in range(contributors)
-                                     for j in range(2)]
+    lines = ["path\tcontributor"] + [
+        f"{prefix}{i:03d}/{j}.png\t{prefix}{i:03d}" for i in range(contributors) for j in range(2)
+    ]
     (workdir / "resources" / folder).mkdir(parents=True)
     (workdir / "resources" / folder / "manifest.tsv").write_text("\n".join(lines) + "\n")
 
@@ -55,8 +57,10 @@ def stage_glyphs(workdir: Path, path: str, *args: str) -> None:
     main([str(workdir / path), *args])
 
 
-@pytest.mark.parametrize(("preset", "contributors"), [("celebahq-ldm", 50), ("artbench-lora", 258),
-                                                      ("latent-glyphs", 12), ("glyphs-lora", 12)])
+@pytest.mark.parametrize(
+    ("preset", "contributors"),
+    [("celebahq-ldm", 50), ("artbench-lora", 258), ("latent-glyphs", 12), ("glyphs-lora", 12)],
+)
 def test_family_presets_plan_every_job_with_only_their_contributors_staged(tmp_path, preset, contributors):
     workdir = workflow_copy(tmp_path)
     (workdir / "resources").mkdir(exist_ok=True)
@@ -86,7 +90,9 @@ def test_each_family_stand_in_runs_end_to_end_with_efficient_values(tmp_path, fa
     values = pd.read_csv(run / "sft" / "kernelshap" / "shapley.csv")
     utilities = pd.read_csv(run / "sft" / "kernelshap" / "utilities.tsv", sep="\t")
     plan = pd.read_csv(run / "plans" / "kernelshap.tsv", sep="\t", keep_default_na=False)
-    assert len(values) == 12 and values["ci_low"].le(values["value"]).all() and values["value"].le(values["ci_high"]).all()
+    assert (
+        len(values) == 12 and values["ci_low"].le(values["value"]).all() and values["value"].le(values["ci_high"]).all()
+    )
     size = plan.set_index("coalition")["members"].map(lambda m: len([x for x in m.split(",") if x]))
     by_size = utilities.groupby(utilities["coalition"].map(size))["utility"].mean()
     assert values["value"].sum() == pytest.approx(by_size[12] - by_size[0], rel=1e-6)

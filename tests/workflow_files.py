@@ -43,4 +43,5 @@ def fail_once(workdir: Path, script: str, marker: Path) -> None:
     (scripts / f"{script}.py").rename(real)
     # Jobs run in `workdir` (locally and on SLURM), so the real script is found relative to it.
     (scripts / f"{script}.py").write_text(
-        _FAIL_ONCE.format(script=script, marker=str(marker), real=real.relative_to(workdir).as_posix()))
+        _FAIL_ONCE.format(script=script, marker=str(marker), real=real.relative_to(workdir).as_posix())
+    )

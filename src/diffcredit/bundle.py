@@ -38,11 +38,14 @@ def make_bundle(files: Mapping[str, str | Path], out_dir: str | Path, metadata: 
     manifest = json.dumps({"files": sums, "metadata": dict(metadata or {})}, indent=1, sort_keys=True).encode()
 
     def write_archive(tmp: str) -> None:
-        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz:
-            with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                _add(tar, "MANIFEST.json", manifest)
-                for name, path in sorted(files.items()):
-                    _add(tar, name, Path(path).read_bytes())
+        with (
+            open(tmp, "wb") as raw,
+            gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz,
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+        ):
+            _add(tar, "MANIFEST.json", manifest)
+            for name, path in sorted(files.items()):
+                _add(tar, name, Path(path).read_bytes())
 
     write_atomic(out_dir / ARCHIVE, write_archive)
 
@@ -81,8 +84,13 @@ def environment() -> dict:
             elif key.strip() == "flags":
                 flags = set(value.split())
     try:
-        commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = None
     return {

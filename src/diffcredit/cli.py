@@ -18,8 +18,9 @@ from diffcredit.estimators import NAMES as ESTIMATORS
 def _plan(args: argparse.Namespace) -> int:
     from diffcredit.coalitions import plan, read_contributors, write_coalitions
 
-    table = plan(read_contributors(args.contributors), args.estimator, args.budget, args.seed,
-                 bound_repeats=args.bound_repeats)
+    table = plan(
+        read_contributors(args.contributors), args.estimator, args.budget, args.seed, bound_repeats=args.bound_repeats
+    )
     write_coalitions(table, args.out)
     print(f"planned {len(table)} {args.estimator} coalitions -> {args.out}")
     return 0
@@ -78,16 +79,18 @@ def _payout(args: argparse.Namespace) -> int:
 
     if (args.coalitions is None) != (args.utilities is None):
         raise ValueError("evidence needs both --coalitions and --utilities (or neither)")
-    shares = payout(pd.read_csv(args.values), args.budget, confidence=args.confidence, draws=args.draws,
-                    seed=args.seed)
+    shares = payout(pd.read_csv(args.values), args.budget, confidence=args.confidence, draws=args.draws, seed=args.seed)
     write_table(shares, args.out, sep=",")
     print(f"{len(shares)} shares of {args.budget:g} -> {args.out}; unallocated {unallocated(shares, args.budget):.4g}")
     if args.statements is not None:
         from diffcredit.coalitions import read_coalitions
         from diffcredit.shapley import read_utilities
 
-        evidence = {} if args.coalitions is None else {
-            "coalitions": read_coalitions(args.coalitions), "utilities": read_utilities(args.utilities)}
+        evidence = (
+            {}
+            if args.coalitions is None
+            else {"coalitions": read_coalitions(args.coalitions), "utilities": read_utilities(args.utilities)}
+        )
         stated = statements(shares, budget=args.budget, **evidence)
         for contributor, statement in stated.items():
             write_text(args.statements / f"{contributor}.md", statement_text(statement))
@@ -99,8 +102,9 @@ def _payout(args: argparse.Namespace) -> int:
 def _parser() -> argparse.ArgumentParser:
     from diffcredit import __version__
 
-    parser = argparse.ArgumentParser(prog="diffcredit", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="diffcredit", description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -109,27 +113,41 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--estimator", choices=ESTIMATORS, required=True)
     plan.add_argument("--budget", type=int, help="number of coalitions (sampled estimators; exact and loo ignore it)")
     plan.add_argument("--seed", type=int, default=0)
-    plan.add_argument("--bound-repeats", type=int, default=2,
-                      help="utility measurements of the empty and the grand coalition (the plan's 'repeats')")
+    plan.add_argument(
+        "--bound-repeats",
+        type=int,
+        default=2,
+        help="utility measurements of the empty and the grand coalition (the plan's 'repeats')",
+    )
     plan.add_argument("--out", type=Path, required=True, help="coalitions TSV to write")
     plan.set_defaults(run=_plan)
 
     aggregate = commands.add_parser("aggregate", help="values with intervals from coalition utilities")
     aggregate.add_argument("--coalitions", type=Path, required=True, help="the plan written by 'diffcredit plan'")
-    aggregate.add_argument("--utilities", type=Path, required=True,
-                           help="TSV with 'coalition' and 'utility' (several rows per coalition allowed)")
+    aggregate.add_argument(
+        "--utilities",
+        type=Path,
+        required=True,
+        help="TSV with 'coalition' and 'utility' (several rows per coalition allowed)",
+    )
     aggregate.add_argument("--out", type=Path, required=True, help="values CSV to write")
     aggregate.add_argument("--confidence", type=float, default=0.95, help="interval level")
-    aggregate.add_argument("--missing", choices=("error", "exclude"), default="error",
-                           help="coalitions without a finite utility: refuse or leave out")
+    aggregate.add_argument(
+        "--missing",
+        choices=("error", "exclude"),
+        default="error",
+        help="coalitions without a finite utility: refuse or leave out",
+    )
     aggregate.add_argument("--convergence", type=Path, help="CSV of value and stderr vs coalitions used")
-    aggregate.add_argument("--contributors", type=Path,
-                           help="TSV with a 'contributor' column: refuse others, order the output by it")
+    aggregate.add_argument(
+        "--contributors", type=Path, help="TSV with a 'contributor' column: refuse others, order the output by it"
+    )
     aggregate.set_defaults(run=_aggregate)
 
     # Every argument after "demo" (--help too) goes to diffcredit.demo, which parses its own.
-    demo = commands.add_parser("demo", help="train, prune and sample the tiny digits model (needs torch)",
-                               add_help=False)
+    demo = commands.add_parser(
+        "demo", help="train, prune and sample the tiny digits model (needs torch)", add_help=False
+    )
     demo.set_defaults(run=_demo)
 
     verify = commands.add_parser("verify", help="check a result bundle against its checksums")
@@ -137,8 +155,9 @@ def _parser() -> argparse.ArgumentParser:
     verify.set_defaults(run=_verify)
 
     payout = commands.add_parser("payout", help="shares of a budget from values with intervals, and statements")
-    payout.add_argument("--values", type=Path, required=True,
-                        help="CSV with contributor, value, stderr, ci_low, ci_high (shapley.csv)")
+    payout.add_argument(
+        "--values", type=Path, required=True, help="CSV with contributor, value, stderr, ci_low, ci_high (shapley.csv)"
+    )
     payout.add_argument("--budget", type=float, required=True, help="the amount to share out")
     payout.add_argument("--out", type=Path, required=True, help="shares CSV to write")
     payout.add_argument("--statements", type=Path, help="folder for one Markdown statement per contributor (+ JSON)")

@@ -96,7 +96,11 @@ def read_contributors(path: str | os.PathLike[str]) -> list[str]:
 
 
 def plan(
-    contributors: Sequence[str], estimator: str, budget: int | None, seed: int, *,
+    contributors: Sequence[str],
+    estimator: str,
+    budget: int | None,
+    seed: int,
+    *,
     bound_repeats: int = BOUND_REPEATS,
 ) -> pd.DataFrame:
     """Plan the coalitions to evaluate for ``estimator`` (see the module docstring for the table)."""
@@ -261,8 +265,9 @@ def _stratified_draws(n: int, seed: int, weight: np.ndarray) -> Iterator[_Draws]
         index = np.repeat(pair + np.arange(len(chosen)), 2)
         pair += len(chosen)
         stratum = np.repeat(np.array(chosen) + 1, 2)
-        yield _Draws(np.stack([mask, ~mask], axis=1).reshape(-1, n), index, {"pair": index, "stratum": stratum},
-                     sample=True)
+        yield _Draws(
+            np.stack([mask, ~mask], axis=1).reshape(-1, n), index, {"pair": index, "stratum": stratum}, sample=True
+        )
 
 
 def _stratum_sequence(n: int, k: int, seed: int) -> Iterator[np.ndarray]:
@@ -288,7 +293,7 @@ def _stratum_sequence(n: int, k: int, seed: int) -> Iterator[np.ndarray]:
         masks[np.arange(_STRATUM_BLOCK)[:, None], order] = np.arange(n) < k
         if 2 * k == n:
             masks[~masks[:, 0]] = ~masks[~masks[:, 0]]
-        for mask, key in zip(masks, np.packbits(masks, axis=1), strict=False):
+        for mask, key in zip(masks, np.packbits(masks, axis=1), strict=True):
             key = key.tobytes()
             if key not in seen:
                 seen.add(key)
@@ -307,8 +312,9 @@ def permutation_draws(ids: list[str], seed: int) -> Iterator[_Draws]:
             index = np.full(2 * (n + 1), block * _BLOCK + offset)
             forward = rank[None, :] < np.arange(n + 1)[:, None]  # row s: the first s contributors of the order
             backward = rank[None, :] >= n - np.arange(n + 1)[:, None]  # the first s of the reversed order
-            yield _Draws(np.vstack([forward, backward]), index, {"permutation": index, "position": position},
-                         sample=True)
+            yield _Draws(
+                np.vstack([forward, backward]), index, {"permutation": index, "position": position}, sample=True
+            )
 
 
 def _collect(
@@ -327,7 +333,7 @@ def _collect(
         ends = np.append(block.draw[1:] != block.draw[:-1], True).tolist()
         new: list[int] = []
         taken.append((block, new))
-        for position, (key, end) in enumerate(zip(keys, ends, strict=False)):
+        for position, (key, end) in enumerate(zip(keys, ends, strict=True)):
             row = index_of.get(key)
             if row is None:
                 if len(index_of) == budget:  # the budget ends inside this draw: it is not complete
@@ -390,7 +396,9 @@ def _members_text(ids: list[str], masks: np.ndarray) -> list[str]:
         keep = np.repeat(masks[start : start + _TEXT_ROWS], width, axis=1)
         text = np.broadcast_to(buffer, keep.shape)[keep].tobytes().decode("ascii")
         ends = np.cumsum(keep.sum(axis=1)).tolist()
-        texts += [text[begin:end][:-1] for begin, end in zip([0, *ends[:-1]], ends, strict=False)]  # [:-1]: the last comma
+        texts += [
+            text[begin:end][:-1] for begin, end in zip([0, *ends[:-1]], ends, strict=True)
+        ]  # [:-1]: the last comma
     return texts
 
 
@@ -450,15 +458,13 @@ def parse_coalitions(
     codes, found = pd.factorize(np.array(flat, dtype=object))
     first = np.unique(codes, return_index=True)[1]  # factorize numbers names by first appearance
     where = [f"{source} row {row_of[k] + 1}, coalition {ids[row_of[k]]}" for k in first]
-    for name, place in zip(found, where, strict=False):
+    for name, place in zip(found, where, strict=True):
         validate_contributor_id(name, where=place)
     keys = np.sort(row_of * len(found) + codes)
     twice = keys[1:][keys[1:] == keys[:-1]]
     if len(twice):
         row = int(twice[0] // len(found))
-        raise ValueError(
-            f"{source} row {row + 1}: coalition {ids[row]} lists {found[twice[0] % len(found)]!r} twice"
-        )
+        raise ValueError(f"{source} row {row + 1}: coalition {ids[row]} lists {found[twice[0] % len(found)]!r} twice")
     if contributors is None:
         names = _member_order(found, codes, row_of, counts)
     else:
@@ -466,12 +472,11 @@ def parse_coalitions(
         _refuse_duplicates(names, "duplicate contributor")
         unknown = np.flatnonzero(~pd.Index(found).isin(names))
         if len(unknown):
-            raise ValueError(f"{where[unknown[0]]}: unknown contributor {found[unknown[0]]!r}; "
-                             "it is not in the contributors file")
+            raise ValueError(
+                f"{where[unknown[0]]}: unknown contributor {found[unknown[0]]!r}; it is not in the contributors file"
+            )
     column = pd.Index(names).get_indexer(found)
-    matrix = sparse.csr_array(
-        (np.ones(len(codes), bool), (row_of, column[codes])), shape=(len(table), len(names))
-    )
+    matrix = sparse.csr_array((np.ones(len(codes), bool), (row_of, column[codes])), shape=(len(table), len(names)))
     matrix.sort_indices()
     return table, names, matrix
 
@@ -484,7 +489,7 @@ def _member_order(found: np.ndarray, codes: np.ndarray, row_of: np.ndarray, coun
     follows = row_of[1:] == row_of[:-1]
     pairs = np.unique(codes[:-1][follows] * len(found) + codes[1:][follows])  # (earlier, later) as one integer
     before: dict[int, set[int]] = {code: set() for code in range(len(found))}
-    for earlier, later in zip(*np.divmod(pairs, len(found)), strict=False):
+    for earlier, later in zip(*np.divmod(pairs, len(found)), strict=True):
         before[int(later)].add(int(earlier))
     try:
         return found[list(graphlib.TopologicalSorter(before).static_order())].tolist()
@@ -504,13 +509,14 @@ def parse_plan(
     estimators = table["estimator"].unique()
     if len(estimators) != 1 or estimators[0] not in REGISTRY:
         raise ValueError(
-            f"{source}: column 'estimator' must hold one of {', '.join(NAMES)} on every row, "
-            f"found {sorted(estimators)}"
+            f"{source}: column 'estimator' must hold one of {', '.join(NAMES)} on every row, found {sorted(estimators)}"
         )
     for name in REGISTRY[estimators[0]].columns:
         if name not in table.columns:
             raise ValueError(f"{source}: the {estimators[0]} plan needs a {name!r} column; re-run diffcredit plan")
-    sets = pd.Series([matrix.indices[a:b].tobytes() for a, b in zip(matrix.indptr[:-1], matrix.indptr[1:], strict=False)])
+    sets = pd.Series(
+        [matrix.indices[a:b].tobytes() for a, b in zip(matrix.indptr[:-1], matrix.indptr[1:], strict=True)]
+    )
     same = sets.duplicated()
     if same.any():
         row = int(np.flatnonzero(same)[0])
@@ -524,7 +530,7 @@ def parse_plan(
 
 def member_sets(table: pd.DataFrame) -> dict[str, tuple[str, ...]]:
     """Map each coalition id to its member ids."""
-    return {c: tuple(m.split(",")) if m else () for c, m in zip(table["coalition"], table["members"], strict=False)}
+    return {c: tuple(m.split(",")) if m else () for c, m in zip(table["coalition"], table["members"], strict=True)}
 
 
 def _read_tsv(path: str | os.PathLike[str]) -> pd.DataFrame:

@@ -67,7 +67,7 @@ class ContributorData:
         if (counts > 1).any():
             duplicate = str(unique_ids[counts > 1][0])
             raise ValueError(f"item id {duplicate!r} occurs {counts[counts > 1][0]} times; item ids must be unique")
-        for cid, index in zip(*np.unique(contributors, return_index=True)):
+        for cid, index in zip(*np.unique(contributors, return_index=True), strict=True):
             validate_contributor_id(cid, where=f"item {str(item_ids[index])!r}")
         labels = None if self.labels is None else np.asarray(self.labels)
         if labels is not None and (labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer)):
@@ -224,9 +224,7 @@ def load_arrays(path: str | Path, *, owner: str | None = None) -> ContributorDat
     return ContributorData(_to_unit_range(images, where=str(path)), owners, item_ids, arrays.get("labels"))
 
 
-def load_source(
-    source: str, path: str | Path | None = None, manifest: str | Path | None = None
-) -> ContributorData:
+def load_source(source: str, path: str | Path | None = None, manifest: str | Path | None = None) -> ContributorData:
     """Load a dataset by source name.
 
     - ``digits``: the bundled digits; ``manifest`` (``item``, ``contributor``) optionally reassigns items.
@@ -252,9 +250,7 @@ def load_source(
     raise ValueError(f"unknown data source {source!r}; use one of {', '.join(SOURCES)}")
 
 
-def contributor_ids(
-    source: str, path: str | Path | None = None, manifest: str | Path | None = None
-) -> list[str]:
+def contributor_ids(source: str, path: str | Path | None = None, manifest: str | Path | None = None) -> list[str]:
     """The contributor ids of a source, in the order :func:`load_source` gives them, without decoding images.
 
     The workflow calls this when it plans coalitions, before any job runs; a folder source is read from its
@@ -313,9 +309,7 @@ def yardstick(reference: dict | None, *, marketplace: bool = False) -> str:
 REFERENCE_OWNER = "reference"  # the owner of every image of a trusted reference: the buyer, not a contributor
 
 
-def load_reference(
-    source: str, path: str | Path | None = None, manifest: str | Path | None = None
-) -> ContributorData:
+def load_reference(source: str, path: str | Path | None = None, manifest: str | Path | None = None) -> ContributorData:
     """The buyer's trusted reference images (``data.reference``), owned by :data:`REFERENCE_OWNER`.
 
     - ``digits``: scikit-learn's digits; ``manifest`` (a TSV with column ``item``) picks the items, default all.
@@ -429,8 +423,9 @@ def load_marketplace(seed: int = 0) -> tuple[ContributorData, ContributorData]:
         in_reference[members[:n_reference]] = True
         pool[label] = np.sort(members[n_reference:])
     reference = digits._take(in_reference)
-    reference = ContributorData(reference.images, np.full(len(reference), REFERENCE_OWNER), reference.item_ids,
-                                reference.labels)
+    reference = ContributorData(
+        reference.images, np.full(len(reference), REFERENCE_OWNER), reference.item_ids, reference.labels
+    )
 
     parts: list[tuple[str, np.ndarray, np.ndarray]] = []  # (contributor, images, item ids)
 
@@ -466,15 +461,25 @@ def _glyphs(n: int) -> np.ndarray:
     from matplotlib.figure import Figure
     from matplotlib.font_manager import FontProperties
 
-    fonts = [Path(get_data_path()) / "fonts" / "ttf" / f"DejaVu{style}.ttf"
-             for style in ("Sans", "Sans-Bold", "Serif", "Serif-Bold", "SansMono")]
+    fonts = [
+        Path(get_data_path()) / "fonts" / "ttf" / f"DejaVu{style}.ttf"
+        for style in ("Sans", "Sans-Bold", "Serif", "Serif-Bold", "SansMono")
+    ]
     letters = "ABCDEFGHJKLMNPRSTUVWXYZabdefghkmnpqrtuwxyz"
     glyphs = np.empty((n, 1, 8, 8), dtype=np.float32)
     for i in range(n):
         figure = Figure(figsize=(1, 1), dpi=32, facecolor="black")
         canvas = FigureCanvasAgg(figure)
-        figure.text(0.5, 0.5, letters[i % len(letters)], color="white", ha="center", va="center", fontsize=64,
-                    fontproperties=FontProperties(fname=fonts[(i // len(letters)) % len(fonts)]))
+        figure.text(
+            0.5,
+            0.5,
+            letters[i % len(letters)],
+            color="white",
+            ha="center",
+            va="center",
+            fontsize=64,
+            fontproperties=FontProperties(fname=fonts[(i // len(letters)) % len(fonts)]),
+        )
         canvas.draw()
         ink = np.asarray(canvas.buffer_rgba())[..., 0].astype(np.float64) / 255.0
         cells = ink.reshape(8, 4, 8, 4).mean(axis=(1, 3))

@@ -48,16 +48,22 @@ def main(argv: list[str] | None = None) -> None:
     seconds: dict[str, float] = {}
     samples: dict[str, np.ndarray] = {"real (held out)": heldout.images[: args.samples]}
     fid: dict[str, float] = {}
-    prepare_reference(args.out / "reference", train_images=train_data.images, train_labels=train_data.labels,
-                      reference_images=heldout.images, seed=derive_seed(args.seed, "features"),
-                      classifier_steps=args.classifier_steps)
+    prepare_reference(
+        args.out / "reference",
+        train_images=train_data.images,
+        train_labels=train_data.labels,
+        reference_images=heldout.images,
+        seed=derive_seed(args.seed, "features"),
+        classifier_steps=args.classifier_steps,
+    )
     score = load_property("fid", args.out / "reference")
     fid["real held out vs real train"] = score(train_data.images)
 
     def sample(label: str, model) -> None:
         start = time.perf_counter()
-        images = generate(model, max(args.samples, args.fid_samples), seed=derive_seed(args.seed, "generation"),
-                          log_every=None)
+        images = generate(
+            model, max(args.samples, args.fid_samples), seed=derive_seed(args.seed, "generation"), log_every=None
+        )
         seconds[f"sample_{label}"] = time.perf_counter() - start
         samples[label] = images[: args.samples]
         fid[label] = score(images[: args.fid_samples])

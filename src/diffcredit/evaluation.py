@@ -238,9 +238,16 @@ def budget_curve(
                 continue
             raise
         result = lds(values.set_index("contributor")["value"], subsets, measured, confidence, n_bootstrap=1)
-        rows.append({"budget": int(budget), "seconds": setup_seconds + float(used["seconds"].sum()),
-                     "lds": result.value, "ci_low": result.ci_low, "ci_high": result.ci_high,
-                     "seed_averaged": result.seed_averaged})
+        rows.append(
+            {
+                "budget": int(budget),
+                "seconds": setup_seconds + float(used["seconds"].sum()),
+                "lds": result.value,
+                "ci_low": result.ci_low,
+                "ci_high": result.ci_high,
+                "seed_averaged": result.seed_averaged,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -343,11 +350,7 @@ def utility_agreement(approx: pd.Series, retrain: pd.DataFrame, sizes: pd.Series
             (1 - rho["approx", "size"] ** 2) * (1 - rho["retrain", "size"] ** 2)
         )
     spread = present[kept].sum(axis=1) >= 2
-    cv = (
-        np.nanstd(runs[kept][spread], axis=1, ddof=1) / np.abs(mean[spread])
-        if spread.any()
-        else np.array([np.nan])
-    )
+    cv = np.nanstd(runs[kept][spread], axis=1, ddof=1) / np.abs(mean[spread]) if spread.any() else np.array([np.nan])
     return {
         "pearson": float(_pearson(frame["approx"].to_numpy(), frame["retrain"].to_numpy())),
         "spearman": float(rho["approx", "retrain"]),

@@ -21,8 +21,16 @@ from diffcredit.utility import UtilityStore, evaluate_coalitions
 
 
 def counterfactual(
-    *, values: dict[str, str], train_data: str, reference: str, fraction: float, repeats: int, settings: dict,
-    store: str, out: str, log=print,
+    *,
+    values: dict[str, str],
+    train_data: str,
+    reference: str,
+    fraction: float,
+    repeats: int,
+    settings: dict,
+    store: str,
+    out: str,
+    log=print,
 ) -> pd.DataFrame:
     """Retrain without the top `fraction` of contributors of each ranking (and of a seeded random ranking).
 
@@ -38,8 +46,16 @@ def counterfactual(
     removed = {name: counterfactual_removals(scores, fraction) for name, scores in rankings.items()}
     kept = {"full": everyone} | {name: [c for c in everyone if c not in gone] for name, gone in removed.items()}
     plan = pd.DataFrame({"coalition": list(kept), "members": [",".join(m) for m in kept.values()]})
-    measured = evaluate_coalitions(plan, repeats=repeats, data=data, settings=utility_settings(data, settings),
-                                   start_model=None, store=UtilityStore(store), reference_dir=reference, log=log)
+    measured = evaluate_coalitions(
+        plan,
+        repeats=repeats,
+        data=data,
+        settings=utility_settings(data, settings),
+        start_model=None,
+        store=UtilityStore(store),
+        reference_dir=reference,
+        log=log,
+    )
     runs = measured.pivot(index="coalition", columns="repeat", values="utility")
     table = counterfactual_table(runs.loc["full"].to_numpy(), {name: runs.loc[name].to_numpy() for name in removed})
     table["removed"] = pd.Series({name: ",".join(gone) for name, gone in removed.items()})
@@ -48,8 +64,15 @@ def counterfactual(
 
 
 def multifidelity(
-    *, cheap_plan: str, cheap: str, retrained_plan: str, retrained: str, contributors: str, confidence: float,
-    values_out: str, summary_out: str,
+    *,
+    cheap_plan: str,
+    cheap: str,
+    retrained_plan: str,
+    retrained: str,
+    contributors: str,
+    confidence: float,
+    values_out: str,
+    summary_out: str,
 ) -> None:
     """Multi-fidelity values of the retraining game (:mod:`diffcredit.multifidelity`) as a ``shapley.csv`` table."""
     from diffcredit.coalitions import read_coalitions, read_contributors
@@ -57,18 +80,40 @@ def multifidelity(
     from diffcredit.shapley import read_utilities
 
     measured = read_utilities(cheap)
-    result = multifidelity_values(_measured_prefix(read_coalitions(cheap_plan), measured), measured,
-                                  read_coalitions(retrained_plan), read_utilities(retrained),
-                                  contributors=read_contributors(contributors), confidence=confidence)
+    result = multifidelity_values(
+        _measured_prefix(read_coalitions(cheap_plan), measured),
+        measured,
+        read_coalitions(retrained_plan),
+        read_utilities(retrained),
+        contributors=read_contributors(contributors),
+        confidence=confidence,
+    )
     write_table(result.table, values_out, sep=",")
     write_json(summary_out, _json_ready(result.summary()))
 
 
 def evaluation_report(
-    *, values: dict[str, str], contributors: str, alpha: float | list[float], lds_plan: str, lds_retrain: str,
-    agreement_plan: str, agreement: dict[str, str], estimation_plan: str, estimation: dict[str, str],
-    multifidelity: str | None, counterfactual: str, benchmarks: str, jobs: dict[str, list[str]], confidence: float,
-    report_out: str, lds_out: str, methods_out: str, methods_figure: str, budget_out: str, budget_figure: str,
+    *,
+    values: dict[str, str],
+    contributors: str,
+    alpha: float | list[float],
+    lds_plan: str,
+    lds_retrain: str,
+    agreement_plan: str,
+    agreement: dict[str, str],
+    estimation_plan: str,
+    estimation: dict[str, str],
+    multifidelity: str | None,
+    counterfactual: str,
+    benchmarks: str,
+    jobs: dict[str, list[str]],
+    confidence: float,
+    report_out: str,
+    lds_out: str,
+    methods_out: str,
+    methods_figure: str,
+    budget_out: str,
+    budget_figure: str,
 ) -> dict:
     """LDS of each ranking per alpha, agreement of sft/finetune utilities with retraining, the budget-matched
     comparison, every method's LDS beside its wall time and peak memory, overhead and counterfactuals.
@@ -84,39 +129,68 @@ def evaluation_report(
     headline = 0.5 if 0.5 in shares else shares[0]
     protocol = _lds_protocol(lds_plan, lds_retrain, shares, len(everyone))
     rankings = {name: _values(path) for name, path in values.items()}
-    by_alpha = {share: {name: lds(scores, *protocol[share], confidence).to_dict() for name, scores in rankings.items()}
-                for share in shares}
-    write_table(pd.DataFrame([{"alpha": share, "ranking": name, **row} for share, rows in by_alpha.items()
-                              for name, row in rows.items()]), lds_out)
+    by_alpha = {
+        share: {name: lds(scores, *protocol[share], confidence).to_dict() for name, scores in rankings.items()}
+        for share in shares
+    }
+    write_table(
+        pd.DataFrame(
+            [{"alpha": share, "ranking": name, **row} for share, rows in by_alpha.items() for name, row in rows.items()]
+        ),
+        lds_out,
+    )
 
     sizes = pd.Series({c: len(m) for c, m in member_sets(read_coalitions(agreement_plan)).items()})
     truth = _runs(agreement["retrain"])
     tables = {mode: pd.read_csv(path, sep="\t") for mode, path in agreement.items()}
-    agree = {mode: utility_agreement(tables[mode].groupby("coalition")["utility"].mean(), truth, sizes)
-             for mode in ("sft", "finetune")}
+    agree = {
+        mode: utility_agreement(tables[mode].groupby("coalition")["utility"].mean(), truth, sizes)
+        for mode in ("sft", "finetune")
+    }
     # Cost of one coalition's utility (train + sample + score), over coalitions that train (not the empty one).
     cost = {mode: float(t.loc[t["n_items"] > 0, "seconds"].median()) for mode, t in tables.items()}
 
     bench = Path(benchmarks)
     setup = {stage: _job_seconds(bench / f"{stage}.tsv") for stage in ("train_full", "prune", "recover", "reference")}
-    plans = {mode: (_measured_prefix(read_coalitions(estimation_plan), measured), measured)
-             for mode, measured in ((mode, pd.read_csv(path, sep="\t")) for mode, path in estimation.items())}
+    plans = {
+        mode: (_measured_prefix(read_coalitions(estimation_plan), measured), measured)
+        for mode, measured in ((mode, pd.read_csv(path, sep="\t")) for mode, path in estimation.items())
+    }
     plans["retrain"] = (read_coalitions(agreement_plan), tables["retrain"])
     curve = _budget_comparison(plans, protocol, setup, everyone, confidence)
     if multifidelity is not None:  # one point per alpha: every sft coalition plus the retrained prefix
         seconds = sum(setup[stage] or 0.0 for stage in _MODE_SETUP["sft"]) + sum(
-            float(plans[mode][1]["seconds"].sum()) for mode in ("sft", "retrain"))
-        points = [{"mode": "multifidelity", "alpha": share, "budget": len(plans["sft"][0]), "seconds": seconds,
-                   "lds": row["value"], "ci_low": row["ci_low"], "ci_high": row["ci_high"],
-                   "seed_averaged": row["seed_averaged"]}
-                  for share, row in ((share, by_alpha[share]["multifidelity_shapley"]) for share in shares)]
+            float(plans[mode][1]["seconds"].sum()) for mode in ("sft", "retrain")
+        )
+        points = [
+            {
+                "mode": "multifidelity",
+                "alpha": share,
+                "budget": len(plans["sft"][0]),
+                "seconds": seconds,
+                "lds": row["value"],
+                "ci_low": row["ci_low"],
+                "ci_high": row["ci_high"],
+                "seed_averaged": row["seed_averaged"],
+            }
+            for share, row in ((share, by_alpha[share]["multifidelity_shapley"]) for share in shares)
+        ]
         curve = pd.concat([curve, pd.DataFrame(points)], ignore_index=True)
     write_table(curve, budget_out)
     plot_budget(curve, budget_figure, confidence=confidence)
 
-    methods = pd.DataFrame([{"ranking": name, "alpha": headline, **{k: by_alpha[headline][name][k] for k in _LDS_COLUMNS},
-                             **{f"lds_alpha_{share:g}": by_alpha[share][name]["value"] for share in shares},
-                             **job_costs(bench, jobs.get(name, []))} for name in rankings])
+    methods = pd.DataFrame(
+        [
+            {
+                "ranking": name,
+                "alpha": headline,
+                **{k: by_alpha[headline][name][k] for k in _LDS_COLUMNS},
+                **{f"lds_alpha_{share:g}": by_alpha[share][name]["value"] for share in shares},
+                **job_costs(bench, jobs.get(name, [])),
+            }
+            for name in rankings
+        ]
+    )
     write_table(methods, methods_out)
     plot_methods(methods, methods_figure, confidence=confidence)
 
@@ -171,8 +245,11 @@ def _lds_protocol(
 
 
 def _budget_comparison(
-    plans: dict[str, tuple[pd.DataFrame, pd.DataFrame]], protocol: dict, setup: dict[str, float | None],
-    contributors: list[str], confidence: float,
+    plans: dict[str, tuple[pd.DataFrame, pd.DataFrame]],
+    protocol: dict,
+    setup: dict[str, float | None],
+    contributors: list[str],
+    confidence: float,
 ) -> pd.DataFrame:
     """LDS against compute per mode and alpha (:func:`diffcredit.evaluation.budget_curve`), with the setup each
     mode's coalitions need counted once."""
@@ -182,14 +259,29 @@ def _budget_comparison(
     for share, (subsets, measured) in protocol.items():
         for mode, (plan, utilities) in plans.items():
             start = sum(setup[stage] or 0.0 for stage in _MODE_SETUP[mode])
-            curve = budget_curve(plan, utilities, subsets=subsets, measured=measured, contributors=contributors,
-                                 setup_seconds=start, confidence=confidence)
+            curve = budget_curve(
+                plan,
+                utilities,
+                subsets=subsets,
+                measured=measured,
+                contributors=contributors,
+                setup_seconds=start,
+                confidence=confidence,
+            )
             curves.append(curve.assign(mode=mode, alpha=share))
     return pd.concat(curves, ignore_index=True)
 
 
-_LDS_COLUMNS = ("value", "ci_low", "ci_high", "bootstrap_low", "bootstrap_high", "seed_averaged", "n_subsets",
-                "n_seeds")
+_LDS_COLUMNS = (
+    "value",
+    "ci_low",
+    "ci_high",
+    "bootstrap_low",
+    "bootstrap_high",
+    "seed_averaged",
+    "n_subsets",
+    "n_seeds",
+)
 
 
 def job_costs(benchmarks: Path, patterns: list[str]) -> dict[str, float | int | None]:
@@ -259,8 +351,9 @@ def plot_methods(methods: pd.DataFrame, path: str, *, confidence: float) -> None
     table = methods.sort_values("value", na_position="first").reset_index(drop=True)
     y = np.arange(len(table))
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, max(2.5, 0.4 * len(table) + 1.2)), sharey=True)
-    left.hlines(y, table["bootstrap_low"], table["bootstrap_high"], color="grey", linewidth=1,
-                label="bootstrap over subsets")
+    left.hlines(
+        y, table["bootstrap_low"], table["bootstrap_high"], color="grey", linewidth=1, label="bootstrap over subsets"
+    )
     left.hlines(y, table["ci_low"], table["ci_high"], color="#4878a8", linewidth=4, label="over seeds (paper)")
     left.plot(table["value"], y, "o", color="black", label="LDS (mean over seeds)")
     left.plot(table["seed_averaged"], y, "x", color="#c44e52", label="Spearman vs seed-mean property")
@@ -272,8 +365,13 @@ def plot_methods(methods: pd.DataFrame, path: str, *, confidence: float) -> None
     wall = table["wall_seconds"].astype(float)
     right.barh(y, wall.fillna(0), color="#4878a8", height=0.6)
     for row, (seconds, rss) in enumerate(zip(wall, table["peak_rss_mb"], strict=True)):
-        label = "not measured" if not np.isfinite(seconds) else (
-            f"{seconds:.3g} s" + (f", {float(rss):.0f} MB" if rss is not None and np.isfinite(float(rss)) else ""))
+        label = (
+            "not measured"
+            if not np.isfinite(seconds)
+            else (
+                f"{seconds:.3g} s" + (f", {float(rss):.0f} MB" if rss is not None and np.isfinite(float(rss)) else "")
+            )
+        )
         right.text(seconds if np.isfinite(seconds) else 0, row, " " + label, va="center", fontsize=7)
     if (wall > 0).any():
         right.set_xscale("log")
@@ -295,8 +393,15 @@ def plot_budget(curve: pd.DataFrame, path: str, *, confidence: float) -> None:
         for mode, rows in curve[curve["alpha"] == share].groupby("mode", sort=False):
             rows = rows.sort_values("seconds")
             style = "*" if mode == "multifidelity" else "o-"
-            ax.errorbar(rows["seconds"], rows["lds"], yerr=[rows["lds"] - rows["ci_low"], rows["ci_high"] - rows["lds"]],
-                        fmt=style, capsize=3, markersize=10 if mode == "multifidelity" else 4, label=mode)
+            ax.errorbar(
+                rows["seconds"],
+                rows["lds"],
+                yerr=[rows["lds"] - rows["ci_low"], rows["ci_high"] - rows["lds"]],
+                fmt=style,
+                capsize=3,
+                markersize=10 if mode == "multifidelity" else 4,
+                label=mode,
+            )
         ax.set_xscale("log")
         ax.set_ylim(-1.05, 1.05)
         ax.axhline(0, color="grey", linewidth=0.8)

@@ -21,9 +21,7 @@ def _pyplot():
     return plt
 
 
-def plot_values(
-    table: pd.DataFrame, path: str | Path, *, title: str, confidence: float, name: str
-) -> None:
+def plot_values(table: pd.DataFrame, path: str | Path, *, title: str, confidence: float, name: str) -> None:
     """Horizontal bars of `value` per `contributor`, highest on top, with [ci_low, ci_high] whiskers; `name` says what
     the values are (Shapley, Banzhaf, leave-one-out)."""
     plt = _pyplot()
@@ -63,29 +61,39 @@ def plot_convergence(
     fig, axes = plt.subplots(lines, columns, figsize=(3.2 * columns, 2.4 * lines + 0.6), sharex=True, squeeze=False)
     z = norm.ppf(0.5 + confidence / 2)
     ends = sorted(rounds["n_coalitions"].unique())
-    for ax, contributor in zip(axes.flat, shown, strict=False):
+    for ax, contributor in zip(axes.flat, shown, strict=True):
         path_of = convergence[convergence["contributor"] == contributor].sort_values("n_coalitions")
         x, value, band = path_of["n_coalitions"], path_of["value"], z * path_of["stderr"].fillna(0)
         ax.fill_between(x, value - band, value + band, color="#4878a8", alpha=0.25, linewidth=0)
         ax.plot(x, value, color="#4878a8", linewidth=1.2)
         at_ends = rounds[rounds["contributor"] == contributor]
-        ax.errorbar(at_ends["n_coalitions"], at_ends["value"], fmt="o", color="black", markersize=3, capsize=3,
-                    yerr=np.vstack([at_ends["value"] - at_ends["ci_low"], at_ends["ci_high"] - at_ends["value"]]),
-                    linewidth=1)
+        ax.errorbar(
+            at_ends["n_coalitions"],
+            at_ends["value"],
+            fmt="o",
+            color="black",
+            markersize=3,
+            capsize=3,
+            yerr=np.vstack([at_ends["value"] - at_ends["ci_low"], at_ends["ci_high"] - at_ends["value"]]),
+            linewidth=1,
+        )
         for end in ends:
             ax.axvline(end, color="grey", linestyle="--", linewidth=0.7)
         ax.axhline(0, color="grey", linewidth=0.5)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(contributor, fontsize=9)
         ax.tick_params(labelsize=7)
-    for ax in axes.flat[len(shown):]:
+    for ax in axes.flat[len(shown) :]:
         ax.set_visible(False)
     for ax in axes[-1]:
         ax.set_xlabel("coalitions used", fontsize=8)
     for ax in axes[:, 0]:
         ax.set_ylabel(f"{name} value", fontsize=8)
-    fig.suptitle(f"{title}\nband: ±{z:.2f}·stderr; points: {confidence:.0%} interval at the end of each of "
-                 f"{len(ends)} round(s) (dashed)", fontsize=9)
+    fig.suptitle(
+        f"{title}\nband: ±{z:.2f}·stderr; points: {confidence:.0%} interval at the end of each of "
+        f"{len(ends)} round(s) (dashed)",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

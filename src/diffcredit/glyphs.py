@@ -21,16 +21,23 @@ from diffcredit.contributors import ContributorData
 # contributor id -> font file in matplotlib's fonts/ttf folder (the Display cuts are for large sizes only)
 CONTRIBUTOR_FONTS = {
     f"dejavu-{family.lower()}{'-' + style.lower() if style else ''}": f"DejaVu{family}{'-' + style if style else ''}.ttf"
-    for family, styles in (("Sans", ("", "Bold", "Oblique", "BoldOblique")),
-                           ("SansMono", ("", "Bold", "Oblique", "BoldOblique")),
-                           ("Serif", ("", "Bold", "Italic", "BoldItalic")))
+    for family, styles in (
+        ("Sans", ("", "Bold", "Oblique", "BoldOblique")),
+        ("SansMono", ("", "Bold", "Oblique", "BoldOblique")),
+        ("Serif", ("", "Bold", "Italic", "BoldItalic")),
+    )
     for style in styles
 }
 # fonts for pre-training the stand-in base model: none is a contributor's
 BASE_FONTS = {
-    "stix": "STIXGeneral.ttf", "stix-bold": "STIXGeneralBol.ttf", "stix-italic": "STIXGeneralItalic.ttf",
-    "stix-bolditalic": "STIXGeneralBolIta.ttf", "cm-roman": "cmr10.ttf", "cm-sans": "cmss10.ttf",
-    "cm-typewriter": "cmtt10.ttf", "cm-italic": "cmti10.ttf",
+    "stix": "STIXGeneral.ttf",
+    "stix-bold": "STIXGeneralBol.ttf",
+    "stix-italic": "STIXGeneralItalic.ttf",
+    "stix-bolditalic": "STIXGeneralBolIta.ttf",
+    "cm-roman": "cmr10.ttf",
+    "cm-sans": "cmss10.ttf",
+    "cm-typewriter": "cmtt10.ttf",
+    "cm-italic": "cmti10.ttf",
 }
 LETTERS = string.ascii_uppercase
 OVERSAMPLE = 4
@@ -53,8 +60,9 @@ def captions_of(item_ids) -> np.ndarray:
     return np.array([caption(letter) for letter in letters])
 
 
-def render(letter: str, font_file: str, size: int = 16, *, shift: tuple[float, float] = (0.0, 0.0),
-           scale: float = 1.0) -> np.ndarray:
+def render(
+    letter: str, font_file: str, size: int = 16, *, shift: tuple[float, float] = (0.0, 0.0), scale: float = 1.0
+) -> np.ndarray:
     """One glyph as float32 ``[size, size]`` in ``[-1, 1]`` (ink +1); ``shift`` moves it by that share of the image."""
     from matplotlib import get_data_path
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -68,8 +76,16 @@ def render(letter: str, font_file: str, size: int = 16, *, shift: tuple[float, f
     figure = Figure(figsize=(1, 1), dpi=pixels, facecolor="black")
     canvas = FigureCanvasAgg(figure)
     # 72 points fill the one-inch figure; 60 leaves a margin for ascenders and the shift
-    figure.text(0.5 + shift[0], 0.5 + shift[1], letter, color="white", ha="center", va="center",
-                fontsize=60 * scale, fontproperties=FontProperties(fname=path))
+    figure.text(
+        0.5 + shift[0],
+        0.5 + shift[1],
+        letter,
+        color="white",
+        ha="center",
+        va="center",
+        fontsize=60 * scale,
+        fontproperties=FontProperties(fname=path),
+    )
     canvas.draw()
     ink = np.asarray(canvas.buffer_rgba())[..., 0].astype(np.float64) / 255.0
     cells = ink.reshape(size, OVERSAMPLE, size, OVERSAMPLE).mean(axis=(1, 3))
@@ -77,7 +93,12 @@ def render(letter: str, font_file: str, size: int = 16, *, shift: tuple[float, f
 
 
 def load_glyphs(
-    fonts: dict[str, str] | None = None, *, letters: str = LETTERS, size: int = 16, variants: int = 2, seed: int = 0,
+    fonts: dict[str, str] | None = None,
+    *,
+    letters: str = LETTERS,
+    size: int = 16,
+    variants: int = 2,
+    seed: int = 0,
 ) -> tuple[ContributorData, np.ndarray]:
     """Every letter of ``letters`` in every font, ``variants`` times: the data and one caption per item.
 

@@ -48,7 +48,6 @@ def digits_unet_config(sample_size: int = 8, channels: int = 1) -> dict[str, Any
     }
 
 
-
 def unet_config_for(image_shape: tuple[int, ...], overrides: dict | None = None) -> dict:
     """The UNet config for images of `image_shape` (items, channels, height, width): the digits default with the
     user's overrides on top."""
@@ -56,6 +55,7 @@ def unet_config_for(image_shape: tuple[int, ...], overrides: dict | None = None)
     if height != width:
         raise ValueError(f"images are {height}x{width}: the UNet needs square images; crop or resize them first")
     return {**digits_unet_config(sample_size=height, channels=channels), **(overrides or {})}
+
 
 def model_class(config: dict[str, Any]) -> type[ModelMixin]:
     """The diffusers model class named by ``config["_class_name"]`` (default ``UNet2DModel``)."""

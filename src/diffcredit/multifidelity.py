@@ -70,8 +70,14 @@ class MultiFidelityResult:
 
     def summary(self) -> dict[str, object]:
         """The scalars, for the evaluation report."""
-        return {"beta": self.beta, "beta_stderr": self.beta_stderr, "n_cheap": self.n_cheap,
-                "n_retrained": self.n_retrained, "n_seeds": self.n_seeds, "confidence": self.confidence}
+        return {
+            "beta": self.beta,
+            "beta_stderr": self.beta_stderr,
+            "n_cheap": self.n_cheap,
+            "n_retrained": self.n_retrained,
+            "n_seeds": self.n_seeds,
+            "confidence": self.confidence,
+        }
 
 
 def multifidelity_values(

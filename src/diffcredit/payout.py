@@ -55,8 +55,9 @@ def payout(
     tail = (1 - confidence) / 2
     low, high = np.quantile(drawn, [tail, 1 - tail], axis=0)
     ci_low = table["ci_low"].to_numpy(float)
-    status = np.where(harmful, "harmful", np.where(value <= 0, "not positive",
-                                                   np.where(ci_low <= 0, "uncertain", "positive")))
+    status = np.where(
+        harmful, "harmful", np.where(value <= 0, "not positive", np.where(ci_low <= 0, "uncertain", "positive"))
+    )
     out = table.loc[:, list(VALUE_COLUMNS)].copy()
     out["rank"] = out["value"].rank(ascending=False, method="min").astype(int)
     out["status"] = status
@@ -71,7 +72,10 @@ def unallocated(shares: pd.DataFrame, budget: float) -> float:
 
 
 def statements(
-    shares: pd.DataFrame, *, coalitions: pd.DataFrame | None = None, utilities: pd.DataFrame | None = None,
+    shares: pd.DataFrame,
+    *,
+    coalitions: pd.DataFrame | None = None,
+    utilities: pd.DataFrame | None = None,
     budget: float | None = None,
 ) -> dict[str, dict]:
     """One statement per contributor: value, interval, rank, share with interval, status, the rule, and evidence.
@@ -87,17 +91,26 @@ def statements(
     result = {}
     for row in shares.itertuples(index=False):
         statement = {
-            "contributor": row.contributor, "value": row.value, "stderr": row.stderr,
-            "interval": [row.ci_low, row.ci_high], "rank": int(row.rank), "of": n, "status": row.status,
-            "share": row.share, "share_interval": [row.share_low, row.share_high], "fraction": row.fraction,
-            "budget": budget, "rule": RULE,
+            "contributor": row.contributor,
+            "value": row.value,
+            "stderr": row.stderr,
+            "interval": [row.ci_low, row.ci_high],
+            "rank": int(row.rank),
+            "of": n,
+            "status": row.status,
+            "share": row.share,
+            "share_interval": [row.share_low, row.share_high],
+            "fraction": row.fraction,
+            "budget": budget,
+            "rule": RULE,
         }
         if measured:
             with_them = [(c, len(m), u, k) for c, (m, u, k) in measured.items() if row.contributor in m]
             without = [u for m, u, _ in measured.values() if row.contributor not in m]
             statement["evidence"] = {
-                "coalitions_with": [{"coalition": c, "size": size, "utility": u, "measurements": k}
-                                    for c, size, u, k in with_them],
+                "coalitions_with": [
+                    {"coalition": c, "size": size, "utility": u, "measurements": k} for c, size, u, k in with_them
+                ],
                 "mean_utility_with": float(np.mean([u for _, _, u, _ in with_them])) if with_them else None,
                 "mean_utility_without": float(np.mean(without)) if without else None,
             }
@@ -153,13 +166,17 @@ def _checked(values: pd.DataFrame) -> pd.DataFrame:
     if values.empty:
         raise ValueError("the values table has no contributors")
     if values["contributor"].duplicated().any():
-        raise ValueError(f"contributor {values['contributor'][values['contributor'].duplicated()].iloc[0]!r} "
-                         "appears twice in the values table")
+        raise ValueError(
+            f"contributor {values['contributor'][values['contributor'].duplicated()].iloc[0]!r} "
+            "appears twice in the values table"
+        )
     numbers = values.loc[:, list(VALUE_COLUMNS[1:])].apply(pd.to_numeric, errors="coerce")
     bad = ~np.isfinite(numbers[["value", "ci_low", "ci_high"]].to_numpy(float)).all(axis=1)
     if bad.any():
-        raise ValueError(f"contributor {values['contributor'].iloc[int(np.argmax(bad))]!r} has no finite value or "
-                         "interval: pay only values that were estimated")
+        raise ValueError(
+            f"contributor {values['contributor'].iloc[int(np.argmax(bad))]!r} has no finite value or "
+            "interval: pay only values that were estimated"
+        )
     if (numbers["stderr"] < 0).any():
         raise ValueError("a stderr is negative: check the values table")
     return pd.concat([values[["contributor"]].astype(str), numbers], axis=1)

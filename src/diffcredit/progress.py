@@ -35,7 +35,9 @@ class Progress:
 
     def due(self, done: int) -> bool:
         """Whether reaching ``done`` units calls for a report (so that callers compute details only then)."""
-        return self.every > 0 and done > self.done and (done == self.total or done // self.every > self.done // self.every)
+        return (
+            self.every > 0 and done > self.done and (done == self.total or done // self.every > self.done // self.every)
+        )
 
     def update(self, done: int, detail: str = "") -> None:
         """Record that ``done`` units are finished; log if a report is due."""
@@ -44,8 +46,16 @@ class Progress:
             rate = done / elapsed if elapsed > 0 else math.inf
             left = (self.total - done) / rate if rate > 0 else math.inf
             self.logger.info(
-                "%s: %d/%d %s (%.0f%%)  %.3g %s/s  ETA %s%s", self.label, done, self.total, self.unit,
-                100 * done / max(self.total, 1), rate, self.unit, _clock(left), f"  {detail}" if detail else "",
+                "%s: %d/%d %s (%.0f%%)  %.3g %s/s  ETA %s%s",
+                self.label,
+                done,
+                self.total,
+                self.unit,
+                100 * done / max(self.total, 1),
+                rate,
+                self.unit,
+                _clock(left),
+                f"  {detail}" if detail else "",
             )
         self.done = max(self.done, done)
 
@@ -54,6 +64,6 @@ def _clock(seconds: float) -> str:
     """``1:02:03`` / ``02:03`` for a duration in seconds."""
     if not math.isfinite(seconds):
         return "?"
-    minutes, secs = divmod(int(round(seconds)), 60)
+    minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"

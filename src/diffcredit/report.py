@@ -18,9 +18,11 @@ from diffcredit.io import write_text
 
 # A wildcard, `{name}` or `{name,constraint}` (the constraint may hold one level of braces, as in b\d{5}).
 _WILDCARD = re.compile(r"\{([^{},]+)(?:,((?:[^{}]|\{[^{}]*\})*))?\}")
-_STYLE = ("body{font-family:sans-serif;font-size:14px;margin:1em}table{border-collapse:collapse}"
-          "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#eee}"
-          "td:first-child,th:first-child{text-align:left}")
+_STYLE = (
+    "body{font-family:sans-serif;font-size:14px;margin:1em}table{border-collapse:collapse}"
+    "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#eee}"
+    "td:first-child,th:first-child{text-align:left}"
+)
 
 
 def stage_costs(patterns: Mapping[str, str], root: str | os.PathLike[str] = ".") -> pd.DataFrame:
@@ -40,14 +42,24 @@ def stage_costs(patterns: Mapping[str, str], root: str | os.PathLike[str] = ".")
         if not owners:
             continue
         bench = pd.read_csv(path, sep="\t").iloc[0]
-        rows.append({"stage": max(owners)[1], "s": bench["s"], "cpu_time": bench.get("cpu_time"),
-                     "max_rss": bench.get("max_rss")})
+        rows.append(
+            {
+                "stage": max(owners)[1],
+                "s": bench["s"],
+                "cpu_time": bench.get("cpu_time"),
+                "max_rss": bench.get("max_rss"),
+            }
+        )
     table = pd.DataFrame(rows, columns=["stage", "s", "cpu_time", "max_rss"])
     for column in ("s", "cpu_time", "max_rss"):
         table[column] = pd.to_numeric(table[column], errors="coerce")  # "NA" for jobs too short to sample
     costs = table.groupby("stage").agg(
-        jobs=("s", "size"), wall_s=("s", "sum"), mean_wall_s=("s", "mean"), max_wall_s=("s", "max"),
-        cpu_s=("cpu_time", "sum"), peak_rss_mb=("max_rss", "max"),
+        jobs=("s", "size"),
+        wall_s=("s", "sum"),
+        mean_wall_s=("s", "mean"),
+        max_wall_s=("s", "max"),
+        cpu_s=("cpu_time", "sum"),
+        peak_rss_mb=("max_rss", "max"),
     )
     return costs.sort_values("wall_s", ascending=False).reset_index()
 
@@ -64,21 +76,30 @@ def costs_page(patterns: Mapping[str, str], out: str | os.PathLike[str], root: s
     """:func:`stage_costs` as an HTML page, with the total."""
     costs = stage_costs(patterns, root)
     total = costs[["jobs", "wall_s", "cpu_s"]].sum()
-    summary = (f"{int(total['jobs'])} jobs, {total['wall_s']:.1f} s of wall time and {total['cpu_s']:.1f} s of CPU "
-               "time in all (each job's own benchmark; jobs that ran in parallel overlap in time).")
+    summary = (
+        f"{int(total['jobs'])} jobs, {total['wall_s']:.1f} s of wall time and {total['cpu_s']:.1f} s of CPU "
+        "time in all (each job's own benchmark; jobs that ran in parallel overlap in time)."
+    )
     _write_page(out, "Cost per stage", summary, costs.round(2))
 
 
 def values_page(
-    values: str | os.PathLike[str], rounds: str | os.PathLike[str], out: str | os.PathLike[str], *, estimator: str,
-    kind: str, confidence: float,
+    values: str | os.PathLike[str],
+    rounds: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    estimator: str,
+    kind: str,
+    confidence: float,
 ) -> None:
     """The values table (highest first) with its intervals, and each round's coalitions and stopping decision."""
     table = pd.read_csv(values).sort_values("rank", kind="stable")
     shown = [c for c in ("rank", "contributor", "value", "stderr", "ci_low", "ci_high", "n_coalitions") if c in table]
     per_round = pd.read_csv(rounds, sep="\t").drop_duplicates("round")[["round", "n_coalitions", "stop", "reason"]]
-    summary = (f"{kind} values ({estimator}) with {confidence:.0%} intervals [ci_low, ci_high], from "
-               f"{int(per_round['n_coalitions'].iloc[-1])} coalitions in {len(per_round)} round(s).")
+    summary = (
+        f"{kind} values ({estimator}) with {confidence:.0%} intervals [ci_low, ci_high], from "
+        f"{int(per_round['n_coalitions'].iloc[-1])} coalitions in {len(per_round)} round(s)."
+    )
     if kind == "Shapley":
         summary += f" They sum to v(N) − v(∅) = {table['value'].sum():.6g}."
     _write_page(out, f"{kind} values", summary, table[shown], ("Rounds", per_round))
@@ -102,5 +123,7 @@ def _write_page(out, title: str, summary: str, table: pd.DataFrame, *more: tuple
 
 
 def _page(title: str, body: str) -> str:
-    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{_STYLE}</style></head><body>\n{body}\n</body></html>\n")
+    return (
+        f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{_STYLE}</style></head><body>\n{body}\n</body></html>\n"
+    )

@@ -50,16 +50,22 @@ def check_stopping(stopping: dict, *, sampled: bool, budget: int) -> None:
     if rule == "none":
         return
     if not sampled:
-        raise ValueError(f"estimator.stopping.rule {rule!r} needs a sampled estimator: this one evaluates a fixed "
-                         "set of coalitions, so a larger budget adds none; set estimator.stopping.rule: none")
+        raise ValueError(
+            f"estimator.stopping.rule {rule!r} needs a sampled estimator: this one evaluates a fixed "
+            "set of coalitions, so a larger budget adds none; set estimator.stopping.rule: none"
+        )
     if stopping.get("target") is None:
-        raise ValueError(f"estimator.stopping.rule {rule!r} needs estimator.stopping.target "
-                         "(a half-width for halfwidth, a Spearman correlation for rank_stable)")
+        raise ValueError(
+            f"estimator.stopping.rule {rule!r} needs estimator.stopping.target "
+            "(a half-width for halfwidth, a Spearman correlation for rank_stable)"
+        )
     if rule == "rank_stable" and not 0 < stopping["target"] <= 1:
         raise ValueError(f"estimator.stopping.target {stopping['target']} is not a Spearman correlation in (0, 1]")
     if stopping["max_budget"] < budget:
-        raise ValueError(f"estimator.stopping.max_budget {stopping['max_budget']} is below estimator.budget "
-                         f"{budget}; raise max_budget or lower the budget")
+        raise ValueError(
+            f"estimator.stopping.max_budget {stopping['max_budget']} is below estimator.budget "
+            f"{budget}; raise max_budget or lower the budget"
+        )
 
 
 def round_sizes(budget: int, round_budget: int, max_budget: int, limit: int | None = None) -> list[int]:
@@ -94,8 +100,11 @@ def decide(
     scale = float(values["value"].abs().max()) if relative else 1.0
     correlation = None
     if previous is not None:
-        both = values.set_index("contributor")["value"].to_frame("now").join(
-            previous.set_index("contributor")["value"].rename("before"), how="inner")
+        both = (
+            values.set_index("contributor")["value"]
+            .to_frame("now")
+            .join(previous.set_index("contributor")["value"].rename("before"), how="inner")
+        )
         rho = both["now"].corr(both["before"], method="spearman")
         correlation = None if np.isnan(rho) else float(rho)
     if rule == "none":
@@ -107,9 +116,12 @@ def decide(
         reason = f"largest half-width {measured:.4g} {'≤' if stop else '>'} target {target:g} ({unit})"
     elif rule == "rank_stable":
         stop = correlation is not None and correlation >= target
-        reason = ("no earlier round to compare the ranking with" if previous is None else
-                  f"Spearman correlation with the previous round {correlation if correlation is not None else 'n/a'}"
-                  f" {'≥' if stop else '<'} target {target:g}")
+        reason = (
+            "no earlier round to compare the ranking with"
+            if previous is None
+            else f"Spearman correlation with the previous round {correlation if correlation is not None else 'n/a'}"
+            f" {'≥' if stop else '<'} target {target:g}"
+        )
     else:
         raise ValueError(f"unknown stopping rule {rule!r}; choose one of {', '.join(RULES)}")
     if last and not stop:

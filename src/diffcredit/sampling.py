@@ -97,8 +97,13 @@ def generate(
     shape = (model.config.in_channels, size, size)
     seeds = np.random.SeedSequence(seed).generate_state(n, dtype=np.uint64)  # entry i depends on (seed, i) only
     starts = range(0, n, batch_size)
-    progress = Progress(logger, f"generate {n} images ({sampler})", len(starts) * inference_steps,
-                        unit="model evaluations", every=log_every)
+    progress = Progress(
+        logger,
+        f"generate {n} images ({sampler})",
+        len(starts) * inference_steps,
+        unit="model evaluations",
+        every=log_every,
+    )
     batches = []
     for batch, start in enumerate(starts):
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds[start : start + batch_size]]
@@ -136,7 +141,7 @@ def save_grid(
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     left = 0
-    for label, grid in zip(panels, grids):
+    for label, grid in zip(panels, grids, strict=True):
         canvas.paste(Image.fromarray(grid), (left, header))
         draw.text((left + 2, 1), label, fill="black")
         left += grid.shape[1] + gap

@@ -69,8 +69,18 @@ from diffcredit import coalitions as plans
 from diffcredit.io import write_json, write_table
 
 MISSING_POLICIES = ("error", "exclude")
-TABLE_COLUMNS = ("contributor", "value", "stderr", "ci_low", "ci_high", "df", "rank", "n_coalitions", "estimator",
-                 "seed_noise")
+TABLE_COLUMNS = (
+    "contributor",
+    "value",
+    "stderr",
+    "ci_low",
+    "ci_high",
+    "df",
+    "rank",
+    "n_coalitions",
+    "estimator",
+    "seed_noise",
+)
 CONDITIONAL = "not measured: interval conditional on single measurements"
 _GRID_POINTS = 20
 _MAX_LEVERAGE = 0.95  # caps the HC3 inflation of one pair's residual at 20×
@@ -104,29 +114,47 @@ class ValuationResult:
     n_coalitions: int = 0
     seed_noise: str = CONDITIONAL
     excluded: tuple[str, ...] = ()
-    convergence: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(
-        columns=["n_coalitions", "contributor", "value", "stderr"]))
+    convergence: pd.DataFrame = field(
+        default_factory=lambda: pd.DataFrame(columns=["n_coalitions", "contributor", "value", "stderr"])
+    )
 
     @classmethod
     def from_estimates(
-        cls, names: Sequence[str], values: np.ndarray, stderr: np.ndarray, df: np.ndarray, *, estimator: str,
-        method: str, confidence: float = 0.95, **fields: object,
+        cls,
+        names: Sequence[str],
+        values: np.ndarray,
+        stderr: np.ndarray,
+        df: np.ndarray,
+        *,
+        estimator: str,
+        method: str,
+        confidence: float = 0.95,
+        **fields: object,
     ) -> ValuationResult:
         """Build a result, with the t-intervals of ``confidence`` from ``stderr`` and ``df``."""
         values, stderr = np.asarray(values, float), np.asarray(stderr, float)
         df = np.broadcast_to(np.asarray(df, float), values.shape).copy()
         with np.errstate(invalid="ignore"):
             half = np.where(stderr > 0, stdtrit(df, 0.5 + confidence / 2), 0.0) * stderr
-        return cls(tuple(names), values, stderr, values - half, values + half, df, estimator, method, confidence,
-                   **fields)
+        return cls(
+            tuple(names), values, stderr, values - half, values + half, df, estimator, method, confidence, **fields
+        )
 
     def __len__(self) -> int:
         return len(self.names)
 
     def to_frame(self) -> pd.DataFrame:
         """One row per contributor: the columns of :data:`TABLE_COLUMNS` (the layout of the values CSV)."""
-        frame = pd.DataFrame({"contributor": list(self.names), "value": self.values, "stderr": self.stderr,
-                              "ci_low": self.ci_low, "ci_high": self.ci_high, "df": self.df})
+        frame = pd.DataFrame(
+            {
+                "contributor": list(self.names),
+                "value": self.values,
+                "stderr": self.stderr,
+                "ci_low": self.ci_low,
+                "ci_high": self.ci_high,
+                "df": self.df,
+            }
+        )
         frame["rank"] = frame["value"].rank(ascending=False, method="min").astype("Int64")
         frame["n_coalitions"] = self.n_coalitions
         frame["estimator"] = self.estimator
@@ -141,8 +169,11 @@ class ValuationResult:
     def sorted(self, descending: bool = True) -> ValuationResult:
         """The same result with the contributors ordered by value (highest first unless ``descending=False``)."""
         order = np.argsort(-self.values if descending else self.values, kind="stable")
-        return replace(self, names=tuple(np.array(self.names, dtype=object)[order]),
-                       **{name: getattr(self, name)[order] for name in ("values", "stderr", "ci_low", "ci_high", "df")})
+        return replace(
+            self,
+            names=tuple(np.array(self.names, dtype=object)[order]),
+            **{name: getattr(self, name)[order] for name in ("values", "stderr", "ci_low", "ci_high", "df")},
+        )
 
     def merge(self, other: ValuationResult) -> ValuationResult:
         """Combine with an independent estimate of the same values (e.g. a plan of another seed).
@@ -165,8 +196,13 @@ class ValuationResult:
             df = variance**2 / (parts[0] ** 2 / self.df + parts[1] ** 2 / other.df[order])
         df = np.where(variance > 0, df, np.inf)
         return ValuationResult.from_estimates(
-            self.names, values, np.sqrt(variance), df, estimator=self.estimator,
-            method=f"merged ({self.method}) with ({other.method})", confidence=self.confidence,
+            self.names,
+            values,
+            np.sqrt(variance),
+            df,
+            estimator=self.estimator,
+            method=f"merged ({self.method}) with ({other.method})",
+            confidence=self.confidence,
             n_coalitions=self.n_coalitions + other.n_coalitions,
             seed_noise=self.seed_noise if self.seed_noise == other.seed_noise else "mixed",
             excluded=tuple(sorted(set(self.excluded) | set(other.excluded))),
@@ -175,10 +211,16 @@ class ValuationResult:
     def save(self, path: str | os.PathLike[str], convergence: str | os.PathLike[str] | None = None) -> None:
         """Write the values CSV and, beside it, ``<name>.json`` with the method and level (both atomically)."""
         write_result(self, path, convergence)
-        write_json(Path(path).with_suffix(".json"), {
-            "estimator": self.estimator, "method": self.method, "confidence": self.confidence,
-            "seed_noise": self.seed_noise, "excluded": list(self.excluded),
-        })
+        write_json(
+            Path(path).with_suffix(".json"),
+            {
+                "estimator": self.estimator,
+                "method": self.method,
+                "confidence": self.confidence,
+                "seed_noise": self.seed_noise,
+                "excluded": list(self.excluded),
+            },
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ValuationResult:
@@ -189,11 +231,15 @@ class ValuationResult:
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         first = frame.iloc[0] if len(frame) else {}
         return cls(
-            tuple(frame["contributor"]), *(frame[c].to_numpy(float) for c in ("value", "stderr", "ci_low", "ci_high")),
+            tuple(frame["contributor"]),
+            *(frame[c].to_numpy(float) for c in ("value", "stderr", "ci_low", "ci_high")),
             frame["df"].to_numpy(float) if "df" in frame else np.full(len(frame), np.inf),
-            meta.get("estimator", first.get("estimator", "")), meta.get("method", ""),
-            meta.get("confidence", 0.95), int(first.get("n_coalitions", 0)) if len(frame) else 0,
-            meta.get("seed_noise", first.get("seed_noise", CONDITIONAL)), tuple(meta.get("excluded", ())),
+            meta.get("estimator", first.get("estimator", "")),
+            meta.get("method", ""),
+            meta.get("confidence", 0.95),
+            int(first.get("n_coalitions", 0)) if len(frame) else 0,
+            meta.get("seed_noise", first.get("seed_noise", CONDITIONAL)),
+            tuple(meta.get("excluded", ())),
         )
 
 
@@ -275,27 +321,40 @@ def aggregate(
     table, names, members = plans.parse_plan(coalitions, contributors)
     estimator = table["estimator"][0]
     measured, excluded = _measure(table["coalition"], validate_utilities(utilities), missing)
-    path, method = REGISTRY[estimator].aggregation(table, members, measured, _grid(len(table)) if convergence
-                                                   else np.array([len(table)]))
+    path, method = REGISTRY[estimator].aggregation(
+        table, members, measured, _grid(len(table)) if convergence else np.array([len(table)])
+    )
     if measured.df:
         seed_noise = f"included (pooled from repeated utilities, df {measured.df})"
         method += f"; seed noise from repeated utilities (pooled, df {measured.df}) included"
     else:
         seed_noise = CONDITIONAL
-        method += "; no repeated utilities, so seed noise is not separated: the interval is conditional on single " \
-                  "measurements"
+        method += (
+            "; no repeated utilities, so seed noise is not separated: the interval is conditional on single "
+            "measurements"
+        )
     if excluded:
         method += f"; {len(excluded)} coalition(s) without a finite utility excluded"
     estimate = path[-1][1]
     convergence = pd.concat(
-        [pd.DataFrame({"n_coalitions": rows, "contributor": names, "value": e.value, "stderr": e.stderr})
-         for rows, e in path],
+        [
+            pd.DataFrame({"n_coalitions": rows, "contributor": names, "value": e.value, "stderr": e.stderr})
+            for rows, e in path
+        ],
         ignore_index=True,
     )
     return ValuationResult.from_estimates(
-        names, estimate.value, estimate.stderr, estimate.df, estimator=estimator,
-        method=f"{method}; {confidence:.0%} level", confidence=confidence, n_coalitions=estimate.used,
-        seed_noise=seed_noise, excluded=excluded, convergence=convergence,
+        names,
+        estimate.value,
+        estimate.stderr,
+        estimate.df,
+        estimator=estimator,
+        method=f"{method}; {confidence:.0%} level",
+        confidence=confidence,
+        n_coalitions=estimate.used,
+        seed_noise=seed_noise,
+        excluded=excluded,
+        convergence=convergence,
     )
 
 
@@ -352,13 +411,13 @@ def exact_path(
     weight = 1.0 / (n * comb(n - 1, np.arange(n)))  # weight of a marginal contribution to a set of size s
     weights = np.where(z, weight[np.clip(size - 1, 0, n - 1)], -weight[np.clip(size, 0, n - 1)])
     linear = _Linear(np.arange(len(table))[None, :], weights[None], np.array([len(table) - 1]))
-    return (_linear_path(linear, measured, np.array([len(table)])),
-            f"exact Shapley over all {len(table)} coalitions; t-interval from seed noise only")
+    return (
+        _linear_path(linear, measured, np.array([len(table)])),
+        f"exact Shapley over all {len(table)} coalitions; t-interval from seed noise only",
+    )
 
 
-def loo_path(
-    table: pd.DataFrame, members: sparse.csr_array, measured: _Measured, grid: np.ndarray
-) -> tuple[list, str]:
+def loo_path(table: pd.DataFrame, members: sparse.csr_array, measured: _Measured, grid: np.ndarray) -> tuple[list, str]:
     n = members.shape[1]
     size = members.sum(axis=1)
     grand = np.flatnonzero(size == n)
@@ -371,8 +430,10 @@ def loo_path(
         raise ValueError(f"the leave-one-out plan lacks N without {np.flatnonzero(left_out < 0).tolist()}")
     weights = np.vstack([np.ones(n), -np.eye(n)])
     linear = _Linear(np.concatenate([grand, left_out])[None, :], weights[None], np.array([len(table) - 1]))
-    return (_linear_path(linear, measured, np.array([len(table)])),
-            "leave-one-out v(N) - v(N without i); t-interval from seed noise only")
+    return (
+        _linear_path(linear, measured, np.array([len(table)])),
+        "leave-one-out v(N) - v(N without i); t-interval from seed noise only",
+    )
 
 
 def _samples(table: pd.DataFrame, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -409,9 +470,13 @@ def permutation_path(
     weights[chain, np.arange(1, n + 1), added] += 0.5  # the mean of the two antithetic chains
     weights[chain, np.arange(n), added] -= 0.5
     linear = _Linear(draws, weights.reshape(len(draws), 2 * (n + 1), n), done)
-    return _sampled_path(linear, measured, grid, "permutation",
-                         "mean marginal contribution over {draws} antithetic permutation pairs; "
-                         "CLT t-interval over pairs")
+    return _sampled_path(
+        linear,
+        measured,
+        grid,
+        "permutation",
+        "mean marginal contribution over {draws} antithetic permutation pairs; CLT t-interval over pairs",
+    )
 
 
 def kernelshap_unbiased_path(
@@ -430,9 +495,13 @@ def kernelshap_unbiased_path(
     m = len(pairs)
     weights = np.stack([alpha, -alpha, np.full((m, n), 1.0 / n), np.full((m, n), -1.0 / n)], axis=1)
     slots = np.column_stack([pairs, np.full(m, grand), np.full(m, empty)])
-    return _sampled_path(_Linear(slots, weights, done), measured, grid, "kernelshap_unbiased",
-                         "unbiased constrained KernelSHAP (exact A) over {draws} i.i.d. paired draws; "
-                         "CLT t-interval over pairs")
+    return _sampled_path(
+        _Linear(slots, weights, done),
+        measured,
+        grid,
+        "kernelshap_unbiased",
+        "unbiased constrained KernelSHAP (exact A) over {draws} i.i.d. paired draws; CLT t-interval over pairs",
+    )
 
 
 def _bounds_of(members: sparse.csr_array) -> tuple[int, int]:
@@ -495,8 +564,10 @@ def kernelshap_path(
             estimate = _stratified_kernelshap(pairs.head(stop), n, delta, bound_noise, measured.df)
             path.append((int(q), estimate))
     rows = path[-1][1].used
-    return path, (f"constrained KernelSHAP with the sampled matrix over {(rows - 2) // 2} stratified pairs; "
-                  "linearised t-interval with finite-population correction per stratum")
+    return path, (
+        f"constrained KernelSHAP with the sampled matrix over {(rows - 2) // 2} stratified pairs; "
+        "linearised t-interval with finite-population correction per stratum"
+    )
 
 
 @dataclass(frozen=True)
@@ -632,8 +703,9 @@ def _linear_path(linear: _Linear, measured: _Measured, grid: np.ndarray) -> list
             estimate = _Estimate(mean.copy(), stderr, np.full(n, float(measured.df)), int(seen.sum()))
         else:
             sampling = np.maximum(squares - (noise_of_draws - stop * noise_of_mean), 0.0) / ((stop - 1) * stop)
-            estimate = _Estimate(mean.copy(), np.sqrt(sampling + noise_of_mean), np.full(n, stop - 1.0),
-                                 int(seen.sum()))
+            estimate = _Estimate(
+                mean.copy(), np.sqrt(sampling + noise_of_mean), np.full(n, stop - 1.0), int(seen.sum())
+            )
         path.append((int(q), estimate))
     return path
 

@@ -20,9 +20,18 @@ from diffcredit.utility import UtilitySettings, UtilityStore, evaluate_coalition
 
 
 def prepare_data(
-    *, source: str, path: str | None, manifest: str | None, heldout_fraction: float, seed: int,
-    train_out: str, heldout_out: str, contributors_out: str, reference: dict | None = None,
-    marketplace: bool = False, log=print,
+    *,
+    source: str,
+    path: str | None,
+    manifest: str | None,
+    heldout_fraction: float,
+    seed: int,
+    train_out: str,
+    heldout_out: str,
+    contributors_out: str,
+    reference: dict | None = None,
+    marketplace: bool = False,
+    log=print,
 ) -> None:
     """Load the contributors' data and the real images the properties compare with (the yardstick), in `heldout_out`.
 
@@ -58,8 +67,7 @@ def prepare_family(*, train_data: str, out: str, model: dict, seed: int, log=pri
         prepare(model, staging, data=ContributorData.load(train_data), seed=seed, log=log)
 
 
-def model_family(data: ContributorData, family: dict | None, *, unet: dict | None = None,
-                 schedule: dict | None = None):
+def model_family(data: ContributorData, family: dict | None, *, unet: dict | None = None, schedule: dict | None = None):
     """The run's model family: the config's ``model`` section and the folder :func:`prepare_family` wrote
     (`family`: {model, directory}); without them, the pixel family of `unet` and `schedule`."""
     from diffcredit.families import family_of
@@ -68,8 +76,16 @@ def model_family(data: ContributorData, family: dict | None, *, unet: dict | Non
 
 
 def train_full(
-    *, train_data: str, out: str, stats_out: str, unet: dict, schedule: dict, seed: int, inrun: dict | None = None,
-    family: dict | None = None, **training
+    *,
+    train_data: str,
+    out: str,
+    stats_out: str,
+    unet: dict,
+    schedule: dict,
+    seed: int,
+    inrun: dict | None = None,
+    family: dict | None = None,
+    **training,
 ) -> None:
     """Train the full model (the grand coalition) from scratch; with `inrun` (heldout_data, out, first_order_out,
     order, validation_batch_size), accumulate In-Run Data Shapley during this very run."""
@@ -82,44 +98,69 @@ def train_full(
     if inrun:
         if kind.name != "pixel":
             raise ValueError(f"In-Run Data Shapley during training needs the pixel family, not {kind.name!r}")
-        observer = in_run.observer_for(data, inrun["heldout_data"], seed=seed, schedule=schedule,
-                                       order=inrun["order"], validation_batch_size=inrun["validation_batch_size"])
+        observer = in_run.observer_for(
+            data,
+            inrun["heldout_data"],
+            seed=seed,
+            schedule=schedule,
+            order=inrun["order"],
+            validation_batch_size=inrun["validation_batch_size"],
+        )
         training["observer"] = observer
-    result = kind.fit(model, data, seed=derive_seed(seed, "full-train"), log_every=_log_interval(training["steps"]),
-                      **training)
+    result = kind.fit(
+        model, data, seed=derive_seed(seed, "full-train"), log_every=_log_interval(training["steps"]), **training
+    )
     kind.save(model, out)
     if observer is not None:
-        in_run.write_values(observer, data, out=inrun["out"], first_order_out=inrun["first_order_out"],
-                            seconds=result.seconds)
+        in_run.write_values(
+            observer, data, out=inrun["out"], first_order_out=inrun["first_order_out"], seconds=result.seconds
+        )
     _write_stats(stats_out, result, stage="train_full")
 
 
 def prune_model(
-    *, full_model: str, train_data: str, out: str, stats_out: str, ratio: float, importance: str, schedule: dict,
-    seed: int, family: dict | None = None,
+    *,
+    full_model: str,
+    train_data: str,
+    out: str,
+    stats_out: str,
+    ratio: float,
+    importance: str,
+    schedule: dict,
+    seed: int,
+    family: dict | None = None,
 ) -> None:
     """Prune the full model once (torch-pruning: UNet channels, or a LoRA's rank components)."""
     data = ContributorData.load(train_data)
     kind = model_family(data, family, schedule=schedule)
     tic = time.perf_counter()
-    pruned, stats = kind.prune(kind.load(full_model), ratio, importance=importance, data=data,
-                               seed=derive_seed(seed, "prune"))
+    pruned, stats = kind.prune(
+        kind.load(full_model), ratio, importance=importance, data=data, seed=derive_seed(seed, "prune")
+    )
     seconds = time.perf_counter() - tic
     kind.save(pruned, out)
     write_json(stats_out, {"stage": "prune", "seconds": seconds, **stats})
 
 
 def recover(
-    *, pruned_model: str, train_data: str, out: str, stats_out: str, schedule: dict, seed: int,
-    family: dict | None = None, **training
+    *,
+    pruned_model: str,
+    train_data: str,
+    out: str,
+    stats_out: str,
+    schedule: dict,
+    seed: int,
+    family: dict | None = None,
+    **training,
 ) -> None:
     """Fine-tune the pruned model on all data, the starting point of every coalition's sparsified fine-tune."""
     data = ContributorData.load(train_data)
     kind = model_family(data, family, schedule=schedule)
     model = kind.load(pruned_model)
     if training["steps"] > 0:
-        result = kind.fit(model, data, seed=derive_seed(seed, "recover"), log_every=_log_interval(training["steps"]),
-                          **training)
+        result = kind.fit(
+            model, data, seed=derive_seed(seed, "recover"), log_every=_log_interval(training["steps"]), **training
+        )
     else:
         result = None
     kind.save(model, out)
@@ -127,8 +168,17 @@ def recover(
 
 
 def prepare_reference(
-    *, train_data: str | None, heldout_data: str, out: str, seed: int, extractor: str | None, classifier_steps: int,
-    feature_dim: int, reference: dict | None = None, fit_fraction: float = 0.5, log=print,
+    *,
+    train_data: str | None,
+    heldout_data: str,
+    out: str,
+    seed: int,
+    extractor: str | None,
+    classifier_steps: int,
+    feature_dim: int,
+    reference: dict | None = None,
+    fit_fraction: float = 0.5,
+    log=print,
 ) -> None:
     """Fit the feature extractor (unless a local one is given) and cache the reference statistics.
 
@@ -146,15 +196,30 @@ def prepare_reference(
     else:
         fit = {"trusted": True, "source": reference, "fit_fraction": fit_fraction}
     with atomic_dir(out) as tmp:
-        prepare(tmp, reference_images=heldout.images, reference_labels=heldout.labels,
-                seed=derive_seed(seed, "feature-extractor"), feature_dim=feature_dim,
-                classifier_steps=classifier_steps, extractor=extractor, **fit)
+        prepare(
+            tmp,
+            reference_images=heldout.images,
+            reference_labels=heldout.labels,
+            seed=derive_seed(seed, "feature-extractor"),
+            feature_dim=feature_dim,
+            classifier_steps=classifier_steps,
+            extractor=extractor,
+            **fit,
+        )
     log(reference_provenance(out)["statement"])
 
 
 def plan_table(
-    *, plan: str, contributors: list[str], seed: int, budget: int, main_estimator: str, lds_subsets: int,
-    alpha: float | list[float], agreement_coalitions: int, bound_repeats: int = 2,
+    *,
+    plan: str,
+    contributors: list[str],
+    seed: int,
+    budget: int,
+    main_estimator: str,
+    lds_subsets: int,
+    alpha: float | list[float],
+    agreement_coalitions: int,
+    bound_repeats: int = 2,
 ) -> pd.DataFrame:
     """The coalitions of a named plan: an estimator's, the LDS held-out subsets, or the retrained agreement prefix."""
     from diffcredit.coalitions import plan as plan_coalitions
@@ -162,8 +227,13 @@ def plan_table(
 
     if plan == "lds":
         subsets = heldout_subsets(contributors, lds_subsets, alpha=alpha, seed=seed)
-        return pd.DataFrame({"coalition": [f"s{i:06d}" for i in range(len(subsets))],
-                             "members": [",".join(s) for s in subsets], "estimator": "lds"})
+        return pd.DataFrame(
+            {
+                "coalition": [f"s{i:06d}" for i in range(len(subsets))],
+                "members": [",".join(s) for s in subsets],
+                "estimator": "lds",
+            }
+        )
     if plan == "agreement":
         # A prefix of the estimation plan, so its coalition ids and utilities line up with the estimation's.
         return plan_coalitions(contributors, main_estimator, budget, seed, bound_repeats=bound_repeats).head(
@@ -179,8 +249,18 @@ def write_plan(spec: dict, out: str) -> None:
 
 
 def coalition_utilities(
-    *, batch: dict[str, list], train_data: str, reference: str, start_model: str | None, store: str, out: str,
-    repeats: int, settings: dict, keep: list[str] = (), keep_dir: str | None = None, log=print,
+    *,
+    batch: dict[str, list],
+    train_data: str,
+    reference: str,
+    start_model: str | None,
+    store: str,
+    out: str,
+    repeats: int,
+    settings: dict,
+    keep: list[str] = (),
+    keep_dir: str | None = None,
+    log=print,
 ) -> None:
     """Measure v(S) for one job's plan rows; finished measurements come from the store.
 
@@ -221,9 +301,18 @@ def collect_utilities(batches: list[str], out: str) -> pd.DataFrame:
 
 
 def aggregate(
-    *, coalitions: str, utilities: str, contributors: str, confidence: float, values_out: str,
-    convergence_out: str, figure_out: str, convergence_figure_out: str, rounds_out: str,
-    round_values: list[str] = (), decisions: list[str] = (),
+    *,
+    coalitions: str,
+    utilities: str,
+    contributors: str,
+    confidence: float,
+    values_out: str,
+    convergence_out: str,
+    figure_out: str,
+    convergence_figure_out: str,
+    rounds_out: str,
+    round_values: list[str] = (),
+    decisions: list[str] = (),
 ) -> None:
     """The plan's estimator's values with intervals, their convergence, the rounds, and the two figures.
 
@@ -256,15 +345,36 @@ def aggregate(
     estimator = str(table["estimator"].iloc[0])
     name = REGISTRY[estimator].values
     efficiency = f"; sum = {table['value'].sum():.4g}" if name == "Shapley" else ""
-    plot_values(table, figure_out, confidence=confidence, name=name,
-                title=f"{estimator}: {name} values of {prop} (oriented: higher is better){efficiency}")
-    plot_convergence(convergence, rounds, convergence_figure_out, confidence=confidence, name=name,
-                     title=f"{estimator}: {name} values of {prop} against the coalitions used")
+    plot_values(
+        table,
+        figure_out,
+        confidence=confidence,
+        name=name,
+        title=f"{estimator}: {name} values of {prop} (oriented: higher is better){efficiency}",
+    )
+    plot_convergence(
+        convergence,
+        rounds,
+        convergence_figure_out,
+        confidence=confidence,
+        name=name,
+        title=f"{estimator}: {name} values of {prop} against the coalitions used",
+    )
 
 
 def round_values(
-    *, coalitions: str, utilities: str, contributors: str, confidence: float, n_coalitions: int, round: int,
-    previous: str | None, stopping: dict, last: bool, values_out: str, decision_out: str,
+    *,
+    coalitions: str,
+    utilities: str,
+    contributors: str,
+    confidence: float,
+    n_coalitions: int,
+    round: int,
+    previous: str | None,
+    stopping: dict,
+    last: bool,
+    values_out: str,
+    decision_out: str,
 ) -> None:
     """One adaptive round: the values of the plan's first `n_coalitions` rows and whether another round runs.
 
@@ -277,9 +387,16 @@ def round_values(
     plan = read_coalitions(coalitions).head(n_coalitions)
     result, _ = _estimate(plan, utilities, contributors, confidence, convergence=False)
     write_table(result.table, values_out, sep=",")
-    decision = decide(result.table, pd.read_csv(previous) if previous else None, round=round,
-                      n_coalitions=n_coalitions, rule=stopping["rule"], target=stopping["target"],
-                      relative=stopping["relative"], last=last)
+    decision = decide(
+        result.table,
+        pd.read_csv(previous) if previous else None,
+        round=round,
+        n_coalitions=n_coalitions,
+        rule=stopping["rule"],
+        target=stopping["target"],
+        relative=stopping["relative"],
+        last=last,
+    )
     write_decision(decision, decision_out)
 
 
@@ -290,14 +407,27 @@ def _estimate(plan: pd.DataFrame, utilities: str, contributors: str, confidence:
     from diffcredit.shapley import read_utilities
 
     measured = read_utilities(utilities)
-    result = estimate(plan, measured, contributors=read_contributors(contributors), confidence=confidence,
-                      convergence=convergence)
+    result = estimate(
+        plan, measured, contributors=read_contributors(contributors), confidence=confidence, convergence=convergence
+    )
     return result, (measured["property"].iloc[0] if "property" in measured else "utility")
 
 
 def sample_figure(
-    *, heldout_data: str, full_model: str, recovered_model: str, utilities: str, coalitions: str, store: str,
-    schedule: dict, inference_steps: int, sampler: str, seed: int, out: str, n: int = 32, family: dict | None = None,
+    *,
+    heldout_data: str,
+    full_model: str,
+    recovered_model: str,
+    utilities: str,
+    coalitions: str,
+    store: str,
+    schedule: dict,
+    inference_steps: int,
+    sampler: str,
+    seed: int,
+    out: str,
+    n: int = 32,
+    family: dict | None = None,
 ) -> None:
     """Real images beside samples of the full and recovered models and of the ∅, N and singleton coalitions."""
     from diffcredit.coalitions import member_sets, read_coalitions
@@ -307,18 +437,29 @@ def sample_figure(
     kind = model_family(heldout, family, schedule=schedule)
     panels = {"real (held out)": heldout.images[:n]}
     for label, directory in (("full model", full_model), ("pruned + recovered", recovered_model)):
-        panels[label] = kind.generate(kind.load(directory), n, seed=derive_seed(seed, "generation-noise"),
-                                      inference_steps=inference_steps, sampler=sampler)
+        panels[label] = kind.generate(
+            kind.load(directory),
+            n,
+            seed=derive_seed(seed, "generation-noise"),
+            inference_steps=inference_steps,
+            sampler=sampler,
+        )
     members = member_sets(read_coalitions(coalitions))
     measured = pd.read_csv(utilities, sep="\t").drop_duplicates("coalition")
     measured["size"] = measured["coalition"].map(lambda c: len(members[c]))
     largest = measured["size"].max()
-    chosen = pd.concat([measured[measured["size"] == 0], measured[measured["size"] == largest],
-                        measured[measured["size"] == 1].head(2)])
+    chosen = pd.concat(
+        [
+            measured[measured["size"] == 0],
+            measured[measured["size"] == largest],
+            measured[measured["size"] == 1].head(2),
+        ]
+    )
     empty = "empty coalition (the base)" if kind.name == "text_lora" else "empty coalition (untrained)"
-    for coalition, record, size in zip(chosen["coalition"], chosen["record"], chosen["size"]):
-        label = empty if size == 0 else ("all contributors" if size == largest
-                                                  else "only " + ",".join(members[coalition]))
+    for coalition, record, size in zip(chosen["coalition"], chosen["record"], chosen["size"], strict=True):
+        label = (
+            empty if size == 0 else ("all contributors" if size == largest else "only " + ",".join(members[coalition]))
+        )
         preview = UtilityStore(store).path(record).with_suffix(".npz")
         with np.load(preview) as samples:
             panels[f"{label}, fine-tuned" if size else label] = samples["samples"][:n]
@@ -347,7 +488,11 @@ def set_threads(threads: int) -> None:
 def _write_stats(path: str, result, *, stage: str) -> None:
     payload = {"stage": stage}
     if result is not None:
-        payload.update(seconds=result.seconds, steps=result.steps, device=result.device,
-                       peak_memory=result.peak_memory,
-                       final_loss=float(np.mean(result.losses[-50:])) if result.losses else None)
+        payload.update(
+            seconds=result.seconds,
+            steps=result.steps,
+            device=result.device,
+            peak_memory=result.peak_memory,
+            final_loss=float(np.mean(result.losses[-50:])) if result.losses else None,
+        )
     write_json(path, payload)

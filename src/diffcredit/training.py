@@ -183,7 +183,7 @@ def train(
             ema.step(model.parameters())
         losses.append(loss.detach())
         if progress.due(step):  # the mean loss since the last report (the only host sync of the loop)
-            progress.update(step, f"loss {torch.stack(losses[progress.done - step:]).mean().item():.4f}")
+            progress.update(step, f"loss {torch.stack(losses[progress.done - step :]).mean().item():.4f}")
     if ema is not None:
         ema.copy_to(model.parameters())
     seconds = time.perf_counter() - start

@@ -126,8 +126,11 @@ def coalition_model(
     if not members:
         # Each repeat of v(∅) is another initialisation, so its repeats measure the seed noise; repeat 0 keeps the
         # seed of single measurements, so stored records stay valid.
-        init = (derive_seed(settings.seed, "untrained-model") if repeat == 0 else
-                derive_seed(settings.seed, "untrained-model", repeat))
+        init = (
+            derive_seed(settings.seed, "untrained-model")
+            if repeat == 0
+            else derive_seed(settings.seed, "untrained-model", repeat)
+        )
         model = family.null_model(seed=init)
     elif settings.mode == "retrain":
         model = family.build(seed=derive_seed(settings.seed, "retrain-init", repeat))
@@ -249,7 +252,7 @@ def evaluate_coalitions(
     planned = coalitions["repeats"].to_numpy(int) if "repeats" in coalitions else np.ones(len(coalitions), int)
     counts = np.maximum(planned, repeats)
     rows = []
-    for coalition, members_cell, count in zip(coalitions["coalition"], coalitions["members"], counts):
+    for coalition, members_cell, count in zip(coalitions["coalition"], coalitions["members"], counts, strict=True):
         members = [m for m in str(members_cell).split(",") if m] if isinstance(members_cell, str) else []
         for repeat in range(int(count)):
             key = record_key(fingerprint, members, repeat)
@@ -274,8 +277,10 @@ def evaluate_coalitions(
                 preview_path = store.path(key).with_suffix(".npz")
                 save_npz(preview_path, samples=samples[:preview])
                 store.put(key, record)
-                log(f"{coalition} repeat {repeat}: {record['property']} = {record['value']:.4g} "
-                    f"({sum(record['seconds'].values()):.1f} s on {record['device']})")
+                log(
+                    f"{coalition} repeat {repeat}: {record['property']} = {record['value']:.4g} "
+                    f"({sum(record['seconds'].values()):.1f} s on {record['device']})"
+                )
             else:
                 log(f"{coalition} repeat {repeat}: stored ({record['property']} = {record['value']:.4g})")
             rows.append(

@@ -19,12 +19,6 @@ rule trak_features:
         heldout=rules.prepare_data.output.heldout,
     output:
         f"{RUN}/baselines/trak_features/{{trak_output}}.npz",
-    params:
-        settings=trak_feature_settings(),
-        inference_steps=config["utility"]["inference_steps"],
-        sampler=config["utility"]["sampler"],
-        schedule=config["model"]["schedule"],
-        seed=config["seed"],
     log:
         f"{RUN}/logs/baselines/trak_features/{{trak_output}}.log",
     benchmark:
@@ -36,6 +30,12 @@ rule trak_features:
         runtime=minutes(120),
         mem_mb=memory(16000),
         gpu=1,
+    params:
+        settings=trak_feature_settings(),
+        inference_steps=config["utility"]["inference_steps"],
+        sampler=config["utility"]["sampler"],
+        schedule=config["model"]["schedule"],
+        seed=config["seed"],
     script:
         "../scripts/baseline_trak_features.py"
 
@@ -46,9 +46,6 @@ rule baseline_trak:
         train=rules.prepare_data.output.train,
     output:
         f"{RUN}/baselines/{{trak_method}}/values.csv",
-    params:
-        lam=baseline_settings("trak")["lam"],
-        aggregate=baseline_settings("trak")["aggregate"],
     log:
         f"{RUN}/logs/baselines/{{trak_method}}.log",
     benchmark:
@@ -58,6 +55,9 @@ rule baseline_trak:
     resources:
         runtime=minutes(10),
         mem_mb=memory(4000),
+    params:
+        lam=baseline_settings("trak")["lam"],
+        aggregate=baseline_settings("trak")["aggregate"],
     script:
         "../scripts/baseline_trak.py"
 
@@ -74,12 +74,6 @@ if not INRUN_IN_TRAIN_FULL:
             heldout=rules.prepare_data.output.heldout,
         output:
             **INRUN_VALUES,
-        params:
-            training=training_settings("train"),
-            settings=inrun_settings(),
-            unet=config["model"]["unet"],
-            schedule=config["model"]["schedule"],
-            seed=config["seed"],
         log:
             f"{RUN}/logs/baselines/inrun.log",
         benchmark:
@@ -91,6 +85,12 @@ if not INRUN_IN_TRAIN_FULL:
             runtime=minutes(240),
             mem_mb=memory(8000),
             gpu=1,
+        params:
+            training=training_settings("train"),
+            settings=inrun_settings(),
+            unet=config["model"]["unet"],
+            schedule=config["model"]["schedule"],
+            seed=config["seed"],
         script:
             "../scripts/baseline_inrun.py"
 
@@ -103,12 +103,6 @@ rule baseline_similarity:
         reference=rules.reference.output[0],
     output:
         f"{RUN}/baselines/{{similarity}}/values.csv",
-    params:
-        settings=baseline_settings("similarity"),
-        inference_steps=config["utility"]["inference_steps"],
-        sampler=config["utility"]["sampler"],
-        schedule=config["model"]["schedule"],
-        seed=config["seed"],
     log:
         f"{RUN}/logs/baselines/{{similarity}}.log",
     benchmark:
@@ -120,6 +114,12 @@ rule baseline_similarity:
         runtime=minutes(30),
         mem_mb=memory(8000),
         gpu=1,
+    params:
+        settings=baseline_settings("similarity"),
+        inference_steps=config["utility"]["inference_steps"],
+        sampler=config["utility"]["sampler"],
+        schedule=config["model"]["schedule"],
+        seed=config["seed"],
     script:
         "../scripts/baseline_similarity.py"
 
@@ -130,8 +130,6 @@ rule baseline_heuristic:
         reference=rules.reference.output[0],
     output:
         f"{RUN}/baselines/{{heuristic}}/values.csv",
-    params:
-        predictor=heuristic_predictor(),
     log:
         f"{RUN}/logs/baselines/{{heuristic}}.log",
     benchmark:
@@ -143,6 +141,8 @@ rule baseline_heuristic:
         runtime=minutes(30),
         mem_mb=memory(8000),
         gpu=1,
+    params:
+        predictor=heuristic_predictor(),
     script:
         "../scripts/baseline_heuristic.py"
 
@@ -157,11 +157,6 @@ rule baseline_add_one_in:
         family=FAMILY_INPUT,
     output:
         f"{RUN}/baselines/add_one_in/values.csv",
-    params:
-        settings=settings_of(config["utility"]["mode"]),
-        repeats=baseline_settings("add_one_in")["repeats"],
-        store=f"{RUN}/{config['utility']['mode']}/store",
-        confidence=config["estimator"]["confidence"],
     log:
         f"{RUN}/logs/baselines/add_one_in.log",
     benchmark:
@@ -173,6 +168,11 @@ rule baseline_add_one_in:
         runtime=minutes(480),
         mem_mb=memory(8000),
         gpu=1,
+    params:
+        settings=settings_of(config["utility"]["mode"]),
+        repeats=baseline_settings("add_one_in")["repeats"],
+        store=f"{RUN}/{config['utility']['mode']}/store",
+        confidence=config["estimator"]["confidence"],
     script:
         "../scripts/baseline_add_one_in.py"
 
@@ -182,9 +182,6 @@ rule ensemble_codes:
         contributors=rules.prepare_data.output.contributors,
     output:
         f"{RUN}/baselines/ensembles/codes.tsv",
-    params:
-        members=baseline_settings("ensembles")["members"],
-        seed=config["seed"],
     log:
         f"{RUN}/logs/baselines/ensemble_codes.log",
     benchmark:
@@ -194,6 +191,9 @@ rule ensemble_codes:
     resources:
         runtime=minutes(10),
         mem_mb=memory(2000),
+    params:
+        members=baseline_settings("ensembles")["members"],
+        seed=config["seed"],
     script:
         "../scripts/baseline_ensemble_codes.py"
 
@@ -205,11 +205,6 @@ rule ensemble_member:
         train=rules.prepare_data.output.train,
     output:
         directory(f"{RUN}/baselines/ensembles/members/m{{member}}"),
-    params:
-        training=ensemble_training(),
-        unet=config["model"]["unet"],
-        schedule=config["model"]["schedule"],
-        seed=config["seed"],
     log:
         f"{RUN}/logs/baselines/ensembles/m{{member}}.log",
     benchmark:
@@ -221,6 +216,11 @@ rule ensemble_member:
         runtime=minutes(120),
         mem_mb=memory(8000),
         gpu=1,
+    params:
+        training=ensemble_training(),
+        unet=config["model"]["unet"],
+        schedule=config["model"]["schedule"],
+        seed=config["seed"],
     script:
         "../scripts/baseline_ensemble_member.py"
 
@@ -234,12 +234,6 @@ rule baseline_ensembles:
     output:
         ensembles=f"{RUN}/baselines/ensembles/values.csv",
         contrast=f"{RUN}/baselines/ensembles_contrast/values.csv",
-    params:
-        generation=generation_settings(),
-        property=config["utility"]["property"],
-        property_options=config["utility"]["property_options"],
-        schedule=config["model"]["schedule"],
-        seed=config["seed"],
     log:
         f"{RUN}/logs/baselines/ensembles.log",
     benchmark:
@@ -251,5 +245,11 @@ rule baseline_ensembles:
         runtime=minutes(60),
         mem_mb=memory(8000),
         gpu=1,
+    params:
+        generation=generation_settings(),
+        property=config["utility"]["property"],
+        property_options=config["utility"]["property_options"],
+        schedule=config["model"]["schedule"],
+        seed=config["seed"],
     script:
         "../scripts/baseline_ensembles.py"

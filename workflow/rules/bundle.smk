@@ -4,8 +4,6 @@ rule bundle:
     output:
         archive=f"{RUN}/bundle/results.tar.gz",
         checksums=f"{RUN}/bundle/SHA256SUMS",
-    params:
-        config=config,
     log:
         f"{RUN}/logs/bundle.log",
     benchmark:
@@ -15,5 +13,7 @@ rule bundle:
     resources:
         runtime=minutes(10),
         mem_mb=memory(2000),
+    params:
+        config=config,
     script:
         "../scripts/bundle.py"

@@ -9,6 +9,7 @@ from diffcredit.estimators import REGISTRY
 RUN = f"results/{config['name']}"
 ENV = "../../envs/diffcredit.yaml"
 from diffcredit.estimators import NAMES as ESTIMATORS  # the estimator registry
+
 # Plans that are not estimators: held-out subsets for the LDS, and the estimation prefix that is also retrained.
 EVALUATION_PLANS = ("lds", "agreement")
 START_MODEL = {"sft": f"{RUN}/models/recovered", "finetune": f"{RUN}/models/full", "retrain": []}
@@ -34,7 +35,9 @@ def contributors():
 def plan_spec(plan):
     """What determines the coalitions of `plan` (see diffcredit.stages.plan_table)."""
     main = config["estimator"]
-    budget = config["evaluation"]["banzhaf_budget"] if plan == "banzhaf" and main["name"] != "banzhaf" else main["budget"]
+    budget = (
+        config["evaluation"]["banzhaf_budget"] if plan == "banzhaf" and main["name"] != "banzhaf" else main["budget"]
+    )
     if plan == MAIN and ADAPTIVE:
         budget = round_sizes(plan)[-1]  # the plan of the last possible round; earlier rounds evaluate its prefixes
     evaluation = config["evaluation"]
@@ -309,10 +312,15 @@ def ranking_values(wildcards):
 
 # Attribution baselines (baselines.smk); their settings are config["baselines"] (defaults: the schema).
 # The TRAK family: method -> the output function of its training features (diffcredit.attribution.trak.METHODS).
-TRAK_FAMILY = {"trak": "loss", "dtrak": "squared_norm", "journey_trak": "loss", "relative_influence": "loss",
-               "renormalized_influence": "loss", "gradient_similarity": "loss"}
-SIMILARITY = ("pixel_similarity_mean", "pixel_similarity_max", "embedding_similarity_mean",
-              "embedding_similarity_max")
+TRAK_FAMILY = {
+    "trak": "loss",
+    "dtrak": "squared_norm",
+    "journey_trak": "loss",
+    "relative_influence": "loss",
+    "renormalized_influence": "loss",
+    "gradient_similarity": "loss",
+}
+SIMILARITY = ("pixel_similarity_mean", "pixel_similarity_max", "embedding_similarity_mean", "embedding_similarity_max")
 HEURISTICS = ("aesthetic_mean", "aesthetic_max", "embedding_distance")
 INRUN_METHODS = ("inrun", "inrun_first_order")
 ENSEMBLE_METHODS = ("ensembles", "ensembles_contrast")
@@ -349,8 +357,12 @@ def inrun_during_training():
     """What train_full needs to accumulate In-Run Data Shapley (None: it does not)."""
     if not INRUN_IN_TRAIN_FULL:
         return None
-    return {"heldout_data": f"{RUN}/data/heldout.npz", "out": INRUN_VALUES["inrun"],
-            "first_order_out": INRUN_VALUES["inrun_first_order"], **inrun_settings()}
+    return {
+        "heldout_data": f"{RUN}/data/heldout.npz",
+        "out": INRUN_VALUES["inrun"],
+        "first_order_out": INRUN_VALUES["inrun_first_order"],
+        **inrun_settings(),
+    }
 
 
 def heuristic_predictor():

@@ -7,9 +7,6 @@ rule prepare_family:
         train=rules.prepare_data.output.train,
     output:
         directory(f"{RUN}/family"),
-    params:
-        model=config["model"],
-        seed=config["seed"],
     log:
         f"{RUN}/logs/prepare_family.log",
     benchmark:
@@ -21,26 +18,22 @@ rule prepare_family:
         runtime=minutes(60),
         mem_mb=memory(8000),
         gpu=1,
+    params:
+        model=config["model"],
+        seed=config["seed"],
     script:
         "../scripts/prepare_family.py"
 
 
 rule train_full:
     input:
+        **({"heldout": rules.prepare_data.output.heldout} if INRUN_IN_TRAIN_FULL else {}),
         train=rules.prepare_data.output.train,
         family=FAMILY_INPUT,
-        **({"heldout": rules.prepare_data.output.heldout} if INRUN_IN_TRAIN_FULL else {}),
     output:
+        **(INRUN_VALUES if INRUN_IN_TRAIN_FULL else {}),
         model=directory(f"{RUN}/models/full"),
         stats=f"{RUN}/models/full.json",
-        **(INRUN_VALUES if INRUN_IN_TRAIN_FULL else {}),
-    params:
-        training=training_settings("train"),
-        inrun=inrun_during_training(),
-        unet=config["model"]["unet"],
-        schedule=config["model"]["schedule"],
-        family=FAMILY,
-        seed=config["seed"],
     log:
         f"{RUN}/logs/train_full.log",
     benchmark:
@@ -52,6 +45,13 @@ rule train_full:
         runtime=minutes(120),
         mem_mb=memory(8000),
         gpu=1,
+    params:
+        training=training_settings("train"),
+        inrun=inrun_during_training(),
+        unet=config["model"]["unet"],
+        schedule=config["model"]["schedule"],
+        family=FAMILY,
+        seed=config["seed"],
     script:
         "../scripts/train_full.py"
 
@@ -64,11 +64,6 @@ rule prune:
     output:
         model=directory(f"{RUN}/models/pruned"),
         stats=f"{RUN}/models/pruned.json",
-    params:
-        prune=config["prune"],
-        schedule=config["model"]["schedule"],
-        family=FAMILY,
-        seed=config["seed"],
     log:
         f"{RUN}/logs/prune.log",
     benchmark:
@@ -80,6 +75,11 @@ rule prune:
         runtime=minutes(20),
         mem_mb=memory(8000),
         gpu=1,
+    params:
+        prune=config["prune"],
+        schedule=config["model"]["schedule"],
+        family=FAMILY,
+        seed=config["seed"],
     script:
         "../scripts/prune.py"
 
@@ -92,11 +92,6 @@ rule recover:
     output:
         model=directory(f"{RUN}/models/recovered"),
         stats=f"{RUN}/models/recovered.json",
-    params:
-        training=training_settings("recover"),
-        schedule=config["model"]["schedule"],
-        family=FAMILY,
-        seed=config["seed"],
     log:
         f"{RUN}/logs/recover.log",
     benchmark:
@@ -108,5 +103,10 @@ rule recover:
         runtime=minutes(60),
         mem_mb=memory(8000),
         gpu=1,
+    params:
+        training=training_settings("recover"),
+        schedule=config["model"]["schedule"],
+        family=FAMILY,
+        seed=config["seed"],
     script:
         "../scripts/recover.py"

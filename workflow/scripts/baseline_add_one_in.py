@@ -1,7 +1,8 @@
 """Add-one-in values v({i}) - v(∅) with intervals over training seeds."""
+
 import sys
 
-sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (snakemake is injected)
+sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)
 
 from diffcredit.progress import log_to_stderr
 

@@ -1,7 +1,8 @@
 """In-Run Data Shapley over a replay of the full model's training run."""
+
 import sys
 
-sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (snakemake is injected)
+sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)
 
 from diffcredit.progress import log_to_stderr
 

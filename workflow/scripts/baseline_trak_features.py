@@ -1,7 +1,8 @@
 """Projected gradients (TRAK features) of the training items and the targets for one output function."""
+
 import sys
 
-sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (snakemake is injected)
+sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)
 
 from diffcredit.progress import log_to_stderr
 

@@ -1,8 +1,9 @@
 """LDS of every ranking per alpha, the budget-matched comparison, every method's cost, utility agreement with
 retraining, counterfactuals and overhead, in one report with its tables and figures."""
+
 import sys
 
-sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (snakemake is injected)
+sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)
 
 from diffcredit.progress import log_to_stderr
 

@@ -1,7 +1,8 @@
 """Prepare the model family once: a latent family's autoencoder and cached latents, a text family's captions and base."""
+
 import sys
 
-sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (snakemake is injected)
+sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)
 
 from diffcredit.progress import log_to_stderr
 

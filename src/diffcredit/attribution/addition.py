@@ -44,22 +44,44 @@ def values_from(utilities: pd.DataFrame, contributors: Sequence[str], confidence
     value = gains.mean()
     stderr = gains.std(ddof=1) / np.sqrt(repeats) if len(gains) > 1 else value * np.nan
     half = norm.ppf(0.5 + confidence / 2) * stderr
-    return pd.DataFrame({"value": value, "stderr": stderr, "ci_low": value - half, "ci_high": value + half,
-                         "repeats": repeats}).rename_axis("contributor")
+    return pd.DataFrame(
+        {"value": value, "stderr": stderr, "ci_low": value - half, "ci_high": value + half, "repeats": repeats}
+    ).rename_axis("contributor")
 
 
 def write_values(
-    *, train_data: str, reference: str, start_model: str | None, store: str, settings: UtilitySettings,
-    repeats: int, out: str, confidence: float = 0.95, log: Callable[[str], None] = print,
+    *,
+    train_data: str,
+    reference: str,
+    start_model: str | None,
+    store: str,
+    settings: UtilitySettings,
+    repeats: int,
+    out: str,
+    confidence: float = 0.95,
+    log: Callable[[str], None] = print,
 ) -> pd.DataFrame:
     """The workflow's add-one-in stage: measure (or reuse) v(∅) and v({i}) over `repeats` seeds, write values.csv."""
     tic = time.perf_counter()
     data = ContributorData.load(train_data)
     plan = singleton_plan(data.contributor_ids)
-    utilities = evaluate_coalitions(plan, repeats=repeats, data=data, settings=settings, start_model=start_model,
-                                    store=UtilityStore(store), reference_dir=reference, log=log)
+    utilities = evaluate_coalitions(
+        plan,
+        repeats=repeats,
+        data=data,
+        settings=settings,
+        start_model=start_model,
+        store=UtilityStore(store),
+        reference_dir=reference,
+        log=log,
+    )
     table = values_from(utilities, data.contributor_ids, confidence)
     seconds = time.perf_counter() - tic
-    save_values(table["value"], Path(out), **table.drop(columns="value"),
-                seconds=float(utilities["seconds"].sum()), wall_seconds=seconds)
+    save_values(
+        table["value"],
+        Path(out),
+        **table.drop(columns="value"),
+        seconds=float(utilities["seconds"].sum()),
+        wall_seconds=seconds,
+    )
     return table

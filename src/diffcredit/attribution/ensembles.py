@@ -53,17 +53,18 @@ def encode(contributors: Sequence[str], n_members: int, seed: int) -> pd.DataFra
         raise ValueError(f"n_members={n_members}: use an even number >= 2 (each code has n_members/2 ones)")
     n_codes = math.comb(n_members, n_members // 2)
     if n < 2 or n > n_codes:
-        raise ValueError(f"{n} contributors cannot get distinct codes of {n_members} members with {n_members // 2} "
-                         f"ones: need 2 <= contributors <= C({n_members}, {n_members // 2}) = {n_codes}; "
-                         "use more members")
+        raise ValueError(
+            f"{n} contributors cannot get distinct codes of {n_members} members with {n_members // 2} "
+            f"ones: need 2 <= contributors <= C({n_members}, {n_members // 2}) = {n_codes}; "
+            "use more members"
+        )
     rng = np.random.default_rng(derive_seed(seed, "ensemble-codes"))
     for _ in range(MAX_DRAWS):
         ranks = rng.choice(n_codes, size=n, replace=False)
         codes = np.array([_unrank(int(r), n_members) for r in ranks])
         if codes.any(axis=0).all():
             return pd.DataFrame(codes, index=pd.Index(contributors, name="contributor"))
-    raise ValueError(f"no draw of {n} codes over {n_members} members left every member with data; "
-                     "use fewer members")
+    raise ValueError(f"no draw of {n} codes over {n_members} members left every member with data; use fewer members")
 
 
 def member_contributors(codes: pd.DataFrame, member: int) -> list[str]:
@@ -130,8 +131,15 @@ def ablation_table(
         raise ValueError(f"{len(members)} members given but the codes have {codes.shape[1]} columns")
 
     def utility(chosen: Sequence[int]) -> float:
-        images = generate(AveragedEnsemble([members[m] for m in chosen]), n_samples, seed=seed,
-                          inference_steps=inference_steps, sampler=sampler, schedule=schedule, device=device)
+        images = generate(
+            AveragedEnsemble([members[m] for m in chosen]),
+            n_samples,
+            seed=seed,
+            inference_steps=inference_steps,
+            sampler=sampler,
+            schedule=schedule,
+            device=device,
+        )
         return oriented(prop(images), prop.higher_is_better)
 
     full = utility(range(len(members)))
@@ -139,8 +147,14 @@ def ablation_table(
     for contributor in codes.index:
         kept = members_without(codes, contributor)
         ablated, seen = utility(kept), utility(members_with(codes, contributor))
-        rows[contributor] = {"value": full - ablated, "contrast": seen - ablated, "utility_full": full,
-                             "utility_ablated": ablated, "utility_with": seen, "members_left": len(kept)}
+        rows[contributor] = {
+            "value": full - ablated,
+            "contrast": seen - ablated,
+            "utility_full": full,
+            "utility_ablated": ablated,
+            "utility_with": seen,
+            "members_left": len(kept),
+        }
         log(f"ensemble without {contributor}: utility {ablated:.4g} (full {full:.4g})")
     return pd.DataFrame.from_dict(rows, orient="index").rename_axis("contributor")
 
@@ -161,9 +175,7 @@ def read_codes(path: str | Path) -> pd.DataFrame:
     return codes.astype(bool)
 
 
-def train_member(
-    *, codes: str, member: int, train_data: str, unet: dict, out: str, seed: int, **training
-) -> None:
+def train_member(*, codes: str, member: int, train_data: str, unet: dict, out: str, seed: int, **training) -> None:
     """Train ensemble member `member` from scratch on its contributors' items and save it.
 
     `unet` overrides the default architecture as for the full model; `training` goes to
@@ -179,8 +191,17 @@ def train_member(
 
 
 def write_values(
-    *, codes: str, members: Sequence[str], reference: str, property: str, property_options: dict, out: str,
-    contrast_out: str | None = None, seed: int, log: Callable[[str], None] = print, **generation,
+    *,
+    codes: str,
+    members: Sequence[str],
+    reference: str,
+    property: str,
+    property_options: dict,
+    out: str,
+    contrast_out: str | None = None,
+    seed: int,
+    log: Callable[[str], None] = print,
+    **generation,
 ) -> pd.DataFrame:
     """The workflow's ensemble stage: load the members, ablate each contributor, write values.csv (and the
     size-matched contrast's to `contrast_out`).
@@ -192,15 +213,19 @@ def write_values(
     from diffcredit.properties import load_property
 
     tic = time.perf_counter()
-    table = ablation_table([load_model(path) for path in members], read_codes(codes),
-                               load_property(property, reference, **property_options),
-                               seed=derive_seed(seed, "generation-noise"), log=log, **generation)
+    table = ablation_table(
+        [load_model(path) for path in members],
+        read_codes(codes),
+        load_property(property, reference, **property_options),
+        seed=derive_seed(seed, "generation-noise"),
+        log=log,
+        **generation,
+    )
     seconds = time.perf_counter() - tic
     log(f"ensemble ablations: {seconds:.1f} s")
     save_values(table["value"], Path(out), **table.drop(columns="value"), seconds=seconds)
     if contrast_out is not None:
-        save_values(table["contrast"], Path(contrast_out), **table.drop(columns=["contrast", "value"]),
-                    seconds=seconds)
+        save_values(table["contrast"], Path(contrast_out), **table.drop(columns=["contrast", "value"]), seconds=seconds)
     return table
 
 

@@ -43,7 +43,11 @@ def aesthetic_scores(embeddings: np.ndarray, predictor: torch.nn.Module) -> np.n
 
 
 def write_values(
-    *, train_data: str, reference: str, outs: dict[str, str], predictor: str | None = None,
+    *,
+    train_data: str,
+    reference: str,
+    outs: dict[str, str],
+    predictor: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, pd.Series]:
     """The workflow's heuristics stage: `outs` maps methods of :data:`METHODS` to their values files."""
@@ -55,8 +59,10 @@ def write_values(
     if unknown:
         raise ValueError(f"unknown heuristics {sorted(unknown)}; use {', '.join(METHODS)}")
     if predictor is None and any(m.startswith("aesthetic") for m in outs):
-        raise ValueError("the aesthetic heuristics need an aesthetic predictor: set baselines.heuristics.predictor "
-                         "(or utility.property_options.predictor) to a local TorchScript or safetensors head")
+        raise ValueError(
+            "the aesthetic heuristics need an aesthetic predictor: set baselines.heuristics.predictor "
+            "(or utility.property_options.predictor) to a local TorchScript or safetensors head"
+        )
     tic = time.perf_counter()
     data = ContributorData.load(train_data)
     embeddings = extract_features(Reference.load(reference).extractor, data.images)

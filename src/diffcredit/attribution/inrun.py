@@ -69,8 +69,14 @@ class InRunShapley:
     """
 
     def __init__(
-        self, n_items: int, validation_images: np.ndarray, *, seed: int, order: int = 2,
-        validation_batch_size: int | None = None, schedule: dict[str, Any] | None = None,
+        self,
+        n_items: int,
+        validation_images: np.ndarray,
+        *,
+        seed: int,
+        order: int = 2,
+        validation_batch_size: int | None = None,
+        schedule: dict[str, Any] | None = None,
     ) -> None:
         if order not in ORDERS:
             raise ValueError(f"order={order}: In-Run Data Shapley is implemented to order 1 or 2")
@@ -90,28 +96,45 @@ class InRunShapley:
         self.first, self.second = np.zeros(n_items), np.zeros(n_items)
         self.steps = 0
 
-    def validation_loss(self, model: nn.Module, params: Params | None = None, chosen: Any = slice(None)) -> torch.Tensor:
+    def validation_loss(
+        self, model: nn.Module, params: Params | None = None, chosen: Any = slice(None)
+    ) -> torch.Tensor:
         """L_val at `params` (default: the model's own), in eval mode."""
         device = next(model.parameters()).device
         was_training = model.training
         model.eval()
         try:
-            return _mean_loss(params if params is not None else detached_params(model), model,
-                              self.val[chosen].to(device), self.val_timesteps[chosen].to(device),
-                              self.val_noise[chosen].to(device), self.scheduler)
+            return _mean_loss(
+                params if params is not None else detached_params(model),
+                model,
+                self.val[chosen].to(device),
+                self.val_timesteps[chosen].to(device),
+                self.val_noise[chosen].to(device),
+                self.scheduler,
+            )
         finally:
             model.train(was_training)
 
-    def __call__(self, model: nn.Module, index: torch.Tensor, clean: torch.Tensor, timesteps: torch.Tensor,
-                 noise: torch.Tensor) -> Callable[[float], None]:
+    def __call__(
+        self, model: nn.Module, index: torch.Tensor, clean: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor
+    ) -> Callable[[float], None]:
         if len(clean) != len(index) or index.max() >= len(self.first):
-            raise ValueError(f"batch of {len(clean)} items with indices up to {int(index.max())} does not fit the "
-                             f"{len(self.first)} items this observer was made for")
+            raise ValueError(
+                f"batch of {len(clean)} items with indices up to {int(index.max())} does not fit the "
+                f"{len(self.first)} items this observer was made for"
+            )
         device = clean.device
-        chosen = (torch.randperm(len(self.val), generator=self.subsets)[: self.validation_batch_size]
-                  if self.validation_batch_size is not None else slice(None))
-        val_args = (self.val[chosen].to(device), self.val_timesteps[chosen].to(device),
-                    self.val_noise[chosen].to(device), self.scheduler)
+        chosen = (
+            torch.randperm(len(self.val), generator=self.subsets)[: self.validation_batch_size]
+            if self.validation_batch_size is not None
+            else slice(None)
+        )
+        val_args = (
+            self.val[chosen].to(device),
+            self.val_timesteps[chosen].to(device),
+            self.val_noise[chosen].to(device),
+            self.scheduler,
+        )
         replay = _RandomState(device)
         model.eval()
         validation = ValidationGradient(model, *val_args, curvature=self.order == 2)
@@ -160,7 +183,11 @@ class _RandomState:
 
 
 def denoising_losses(
-    model: nn.Module, params: Params, clean: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor,
+    model: nn.Module,
+    params: Params,
+    clean: torch.Tensor,
+    timesteps: torch.Tensor,
+    noise: torch.Tensor,
     scheduler: DDPMScheduler,
 ) -> torch.Tensor:
     """Per-item denoising loss ℓ(w, z) [B] at the given (t, ε): the training loss before the batch mean."""
@@ -171,8 +198,16 @@ def denoising_losses(
 class ValidationGradient:
     """∇L_val at the model's weights, and with `curvature` the Hessian-vector products H_val v (double backward)."""
 
-    def __init__(self, model: nn.Module, clean: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor,
-                 scheduler: DDPMScheduler, *, curvature: bool) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        clean: torch.Tensor,
+        timesteps: torch.Tensor,
+        noise: torch.Tensor,
+        scheduler: DDPMScheduler,
+        *,
+        curvature: bool,
+    ) -> None:
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         self.names, self.weights = [name for name, _ in named], [p for _, p in named]
         with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
@@ -182,8 +217,9 @@ class ValidationGradient:
 
     def hvp(self, vector: Params) -> Params:
         with sdpa_kernel(SDPBackend.MATH):
-            products = torch.autograd.grad(self.grads, self.weights, grad_outputs=[vector[n] for n in self.names],
-                                           retain_graph=True)
+            products = torch.autograd.grad(
+                self.grads, self.weights, grad_outputs=[vector[n] for n in self.names], retain_graph=True
+            )
         return {name: h.detach() for name, h in zip(self.names, products, strict=True)}
 
 
@@ -195,16 +231,23 @@ class BatchGradients:
     it draws the step's dropout masks exactly as the step does (same ops, same random state).
     """
 
-    def __init__(self, model: nn.Module, clean: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor,
-                 scheduler: DDPMScheduler) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        clean: torch.Tensor,
+        timesteps: torch.Tensor,
+        noise: torch.Tensor,
+        scheduler: DDPMScheduler,
+    ) -> None:
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         self.names = [name for name, _ in named]
         self.coefficients = torch.ones(len(clean), device=clean.device, requires_grad=True)
         with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
             prediction = model(scheduler.add_noise(clean, noise, timesteps), timesteps).sample
             losses = (prediction - _target(scheduler, clean, noise, timesteps)).pow(2).flatten(1).mean(1)
-            self.grads = torch.autograd.grad((self.coefficients * losses).sum(), [p for _, p in named],
-                                             create_graph=True)
+            self.grads = torch.autograd.grad(
+                (self.coefficients * losses).sum(), [p for _, p in named], create_graph=True
+            )
         self.total = {name: g.detach() for name, g in zip(self.names, self.grads, strict=True)}
 
     def dots(self, direction: Params) -> torch.Tensor:
@@ -214,47 +257,96 @@ class BatchGradients:
             return torch.autograd.grad(inner, self.coefficients, retain_graph=True)[0].detach()
 
 
-def _mean_loss(params: Params, model: nn.Module, clean: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor,
-               scheduler: DDPMScheduler) -> torch.Tensor:
+def _mean_loss(
+    params: Params,
+    model: nn.Module,
+    clean: torch.Tensor,
+    timesteps: torch.Tensor,
+    noise: torch.Tensor,
+    scheduler: DDPMScheduler,
+) -> torch.Tensor:
     return denoising_losses(model, params, clean, timesteps, noise, scheduler).mean()
 
 
 def item_scores(
-    model: nn.Module, images: np.ndarray, validation_images: np.ndarray, *, seed: int, order: int = 2,
-    validation_batch_size: int | None = None, schedule: dict[str, Any] | None = None, **training,
+    model: nn.Module,
+    images: np.ndarray,
+    validation_images: np.ndarray,
+    *,
+    seed: int,
+    order: int = 2,
+    validation_batch_size: int | None = None,
+    schedule: dict[str, Any] | None = None,
+    **training,
 ) -> InRunShapley:
     """Train `model` in place on `images` (``training`` as for :func:`diffcredit.training.train`, e.g. steps,
     batch_size, lr, optimizer, grad_clip) while accumulating In-Run Data Shapley; returns the observer."""
     from diffcredit.training import train
 
-    observer = InRunShapley(len(images), validation_images, seed=derive_seed(seed, "inrun"), order=order,
-                            validation_batch_size=validation_batch_size, schedule=schedule)
+    observer = InRunShapley(
+        len(images),
+        validation_images,
+        seed=derive_seed(seed, "inrun"),
+        order=order,
+        validation_batch_size=validation_batch_size,
+        schedule=schedule,
+    )
     train(model, images, seed=seed, schedule=schedule, observer=observer, **training)
     return observer
 
 
-def observer_for(train_data: ContributorData, validation_data: str, *, seed: int, schedule: dict | None = None,
-                 order: int = 2, validation_batch_size: int | None = None) -> InRunShapley:
+def observer_for(
+    train_data: ContributorData,
+    validation_data: str,
+    *,
+    seed: int,
+    schedule: dict | None = None,
+    order: int = 2,
+    validation_batch_size: int | None = None,
+) -> InRunShapley:
     """The observer the workflow's training of the full model carries (validated on `validation_data`)."""
-    return InRunShapley(len(train_data), ContributorData.load(validation_data).images, seed=derive_seed(seed, "inrun"),
-                        order=order, validation_batch_size=validation_batch_size, schedule=schedule)
+    return InRunShapley(
+        len(train_data),
+        ContributorData.load(validation_data).images,
+        seed=derive_seed(seed, "inrun"),
+        order=order,
+        validation_batch_size=validation_batch_size,
+        schedule=schedule,
+    )
 
 
-def write_values(observer: InRunShapley, data: ContributorData, *, out: str, first_order_out: str | None = None,
-                 seconds: float) -> pd.DataFrame:
+def write_values(
+    observer: InRunShapley, data: ContributorData, *, out: str, first_order_out: str | None = None, seconds: float
+) -> pd.DataFrame:
     """``values.csv`` of In-Run Data Shapley (value = first + second order) and, optionally, of the first order."""
     table = observer.table(data)
-    save_values(table["value"], Path(out), first_order=table["first_order"], second_order=table["second_order"],
-                steps=observer.steps, seconds=seconds)
+    save_values(
+        table["value"],
+        Path(out),
+        first_order=table["first_order"],
+        second_order=table["second_order"],
+        steps=observer.steps,
+        seconds=seconds,
+    )
     if first_order_out is not None:
         save_values(table["first_order"], Path(first_order_out), steps=observer.steps, seconds=seconds)
     return table
 
 
 def replay_values(
-    *, train_data: str, heldout_data: str, full_model: str, out: str, first_order_out: str | None = None,
-    unet: dict, schedule: dict, seed: int, order: int = 2, validation_batch_size: int | None = None,
-    log: Callable[[str], None] = print, **training,
+    *,
+    train_data: str,
+    heldout_data: str,
+    full_model: str,
+    out: str,
+    first_order_out: str | None = None,
+    unet: dict,
+    schedule: dict,
+    seed: int,
+    order: int = 2,
+    validation_batch_size: int | None = None,
+    log: Callable[[str], None] = print,
+    **training,
 ) -> pd.DataFrame:
     """In-Run Data Shapley of the full model's training run, replayed: the same initial weights, seed and recipe as
     :func:`diffcredit.stages.train_full`, so the run is the one that produced `full_model` (checked and logged)."""
@@ -264,8 +356,9 @@ def replay_values(
     tic = time.perf_counter()
     data = ContributorData.load(train_data)
     model = build_model(unet_config_for(data.images.shape, unet), seed=derive_seed(seed, "full-init"))
-    observer = observer_for(data, heldout_data, seed=seed, schedule=schedule, order=order,
-                            validation_batch_size=validation_batch_size)
+    observer = observer_for(
+        data, heldout_data, seed=seed, schedule=schedule, order=order, validation_batch_size=validation_batch_size
+    )
     train(model, data.images, schedule=schedule, seed=derive_seed(seed, "full-train"), observer=observer, **training)
     saved = load_model(full_model).state_dict()
     gap = max(float((tensor.cpu() - saved[name]).abs().max()) for name, tensor in model.state_dict().items())

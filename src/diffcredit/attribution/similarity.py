@@ -44,7 +44,11 @@ def contributor_scores(similarities: np.ndarray, data: ContributorData) -> pd.Da
 
 
 def write_values(
-    *, train_data: str, targets: np.ndarray, reference: str, outs: dict[str, str],
+    *,
+    train_data: str,
+    targets: np.ndarray,
+    reference: str,
+    outs: dict[str, str],
     log: Callable[[str], None] = print,
 ) -> dict[str, pd.Series]:
     """The workflow's similarity stage: `outs` maps methods of :data:`METHODS` to their values files."""
@@ -76,7 +80,14 @@ def write_values(
 
 
 def targets_for(
-    *, target: str, model: str, heldout_data: str, n_targets: int, seed: int, inference_steps: int, sampler: str,
+    *,
+    target: str,
+    model: str,
+    heldout_data: str,
+    n_targets: int,
+    seed: int,
+    inference_steps: int,
+    sampler: str,
     schedule: dict[str, Any] | None,
 ) -> np.ndarray:
     """The images the similarity baselines compare with: the full model's generations (the run's generation noise)
@@ -86,8 +97,14 @@ def targets_for(
     from diffcredit.seeds import derive_seed
 
     if target == "generated":
-        return generate(load_model(model), n_targets, seed=derive_seed(seed, "generation-noise"),
-                        inference_steps=inference_steps, sampler=sampler, schedule=schedule)
+        return generate(
+            load_model(model),
+            n_targets,
+            seed=derive_seed(seed, "generation-noise"),
+            inference_steps=inference_steps,
+            sampler=sampler,
+            schedule=schedule,
+        )
     if target == "heldout":
         return ContributorData.load(heldout_data).images[:n_targets]
     raise ValueError(f"unknown similarity target {target!r}: choose generated or heldout")

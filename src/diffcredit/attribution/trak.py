@@ -82,9 +82,19 @@ class FeatureSpace:
     batch_size: int
 
     @classmethod
-    def build(cls, model: nn.Module, image_shape: tuple[int, ...], *, projection_dim: int, timesteps: int, seed: int,
-              schedule: dict | None = None, batch_size: int = 32, projection: str = "gaussian",
-              device: str | None = None) -> FeatureSpace:
+    def build(
+        cls,
+        model: nn.Module,
+        image_shape: tuple[int, ...],
+        *,
+        projection_dim: int,
+        timesteps: int,
+        seed: int,
+        schedule: dict | None = None,
+        batch_size: int = 32,
+        projection: str = "gaussian",
+        device: str | None = None,
+    ) -> FeatureSpace:
         if timesteps < 1 or batch_size < 1:
             raise ValueError(f"need timesteps, batch_size >= 1; got {timesteps}, {batch_size}")
         scheduler = make_scheduler("ddpm", schedule)
@@ -98,9 +108,16 @@ class FeatureSpace:
         noise = torch.randn((timesteps, *image_shape), generator=generator).to(target_device)
         params = detached_params(model)  # for a LoRA model: the adapter's parameters only
         sizes = {name: p.numel() for name, p in params.items()}
-        return cls(model, params, steps, noise, StreamedProjection(sizes, projection_dim,
-                                                                   derive_seed(seed, "trak-projection"), projection),
-                   scheduler, schedule, batch_size)
+        return cls(
+            model,
+            params,
+            steps,
+            noise,
+            StreamedProjection(sizes, projection_dim, derive_seed(seed, "trak-projection"), projection),
+            scheduler,
+            schedule,
+            batch_size,
+        )
 
     def image_features(self, images: np.ndarray, output: str) -> torch.Tensor:
         """φ of every image (float32 [N, C, H, W]) for output function `output`: float32 [N, k]."""
@@ -121,8 +138,10 @@ class FeatureSpace:
         """Journey-TRAK φ of trajectories: `states` [M, S, C, H, W] are the sampler's states at timesteps `times`
         [S]; float32 [M, k]."""
         if self.scheduler.config.prediction_type != "epsilon":
-            raise ValueError("Journey-TRAK scores trajectory states against the shared noise: it needs an epsilon-"
-                             f"prediction schedule, not {self.scheduler.config.prediction_type!r}")
+            raise ValueError(
+                "Journey-TRAK scores trajectory states against the shared noise: it needs an epsilon-"
+                f"prediction schedule, not {self.scheduler.config.prediction_type!r}"
+            )
         if states.shape[1] != len(self.noise):
             raise ValueError(f"{states.shape[1]} states per trajectory but {len(self.noise)} feature timesteps")
         noise = self.noise
@@ -140,16 +159,18 @@ class FeatureSpace:
                 rows.append(self.projection.project(per_item_grad(self.params, batch.to(self.noise.device))))
         return torch.cat(rows) if rows else torch.zeros((0, self.projection.dim))
 
-    def trajectories(self, n: int, *, seed: int, sampler: str = "ddim",
-                     inference_steps: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    def trajectories(
+        self, n: int, *, seed: int, sampler: str = "ddim", inference_steps: int = 50
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample `n` images with `sampler`, keeping the state at S evenly spaced sampling steps: states
         [n, S, C, H, W] and their timesteps [S]. The starting noise of item i comes from ``(seed, i)``."""
         from diffcredit.sampling import SAMPLERS, make_sampler
 
         steps = len(self.noise)
         if inference_steps < steps:
-            raise ValueError(f"inference_steps={inference_steps} gives fewer sampling steps than the {steps} "
-                             "feature timesteps")
+            raise ValueError(
+                f"inference_steps={inference_steps} gives fewer sampling steps than the {steps} feature timesteps"
+            )
         scheduler = make_sampler(sampler, self.schedule)
         scheduler.set_timesteps(inference_steps)
         kept = torch.linspace(0, inference_steps - 1, steps).round().long().tolist()
@@ -169,8 +190,9 @@ class FeatureSpace:
         return torch.stack(states, dim=1), scheduler.timesteps[kept].to(device)
 
 
-def item_scores(train: torch.Tensor, targets: torch.Tensor, *, normalise: str | None = None,
-                lam: float = 1e-2) -> np.ndarray:
+def item_scores(
+    train: torch.Tensor, targets: torch.Tensor, *, normalise: str | None = None, lam: float = 1e-2
+) -> np.ndarray:
     """Mean score over the targets [M, k] of every training item [N, k] (see the module docstring)."""
     if not lam > 0:
         raise ValueError(f"lam={lam}: the relative ridge must be > 0 (e.g. 1e-2)")
@@ -183,8 +205,9 @@ def item_scores(train: torch.Tensor, targets: torch.Tensor, *, normalise: str | 
     kernel = train.T @ train
     dim = kernel.shape[0]
     ridge = lam * kernel.trace() / dim
-    weighted = torch.linalg.solve(kernel + ridge * torch.eye(dim, dtype=kernel.dtype, device=kernel.device),
-                                  train.T)  # (FᵀF + λI)⁻¹ φ_i, one column per item
+    weighted = torch.linalg.solve(
+        kernel + ridge * torch.eye(dim, dtype=kernel.dtype, device=kernel.device), train.T
+    )  # (FᵀF + λI)⁻¹ φ_i, one column per item
     scores = targets.mean(0) @ weighted  # τ is linear in φ_T: the mean target's scores are the mean scores
     if normalise == "relative":
         scores = scores / weighted.norm(dim=0)
@@ -196,45 +219,87 @@ def item_scores(train: torch.Tensor, targets: torch.Tensor, *, normalise: str | 
 
 
 def contributor_scores(
-    method: str, model: nn.Module, data: ContributorData, targets: np.ndarray | None = None, *,
-    projection_dim: int = 256, timesteps: int = 10, seed: int, lam: float = 1e-2, aggregate_by: str = "sum",
-    n_trajectories: int = 64, sampler: str = "ddim", inference_steps: int = 50, **space,
+    method: str,
+    model: nn.Module,
+    data: ContributorData,
+    targets: np.ndarray | None = None,
+    *,
+    projection_dim: int = 256,
+    timesteps: int = 10,
+    seed: int,
+    lam: float = 1e-2,
+    aggregate_by: str = "sum",
+    n_trajectories: int = 64,
+    sampler: str = "ddim",
+    inference_steps: int = 50,
+    **space,
 ) -> pd.Series:
     """Score of each contributor by `method` (a key of :data:`METHODS`) for `targets` (float32 [M, C, H, W]).
 
     Journey-TRAK ignores `targets`: it samples `n_trajectories` trajectories of `model` itself.
     """
-    features = compute_features(model, data.images, targets, output=_method(method).output,
-                                journey=_method(method).journey, projection_dim=projection_dim, timesteps=timesteps,
-                                seed=seed, n_trajectories=n_trajectories, sampler=sampler,
-                                inference_steps=inference_steps, **space)
+    features = compute_features(
+        model,
+        data.images,
+        targets,
+        output=_method(method).output,
+        journey=_method(method).journey,
+        projection_dim=projection_dim,
+        timesteps=timesteps,
+        seed=seed,
+        n_trajectories=n_trajectories,
+        sampler=sampler,
+        inference_steps=inference_steps,
+        **space,
+    )
     return score_features(method, features, data, lam=lam, aggregate_by=aggregate_by)
 
 
 def compute_features(
-    model: nn.Module, images: np.ndarray, targets: np.ndarray | None, *, output: str, journey: bool = False,
-    projection_dim: int, timesteps: int, seed: int, n_trajectories: int = 64, sampler: str = "ddim",
-    inference_steps: int = 50, **space,
+    model: nn.Module,
+    images: np.ndarray,
+    targets: np.ndarray | None,
+    *,
+    output: str,
+    journey: bool = False,
+    projection_dim: int,
+    timesteps: int,
+    seed: int,
+    n_trajectories: int = 64,
+    sampler: str = "ddim",
+    inference_steps: int = 50,
+    **space,
 ) -> dict[str, torch.Tensor]:
     """``train`` [N, k], ``targets`` [M, k] (when targets are given) and ``journey`` [M', k] (when asked)."""
     if targets is not None:
         targets = np.asarray(targets, dtype=np.float32)
         if len(targets) == 0 or targets.shape[1:] != images.shape[1:]:
             raise ValueError(f"targets of shape {targets.shape} do not match the training images {images.shape[1:]}")
-    fs = FeatureSpace.build(model, images.shape[1:], projection_dim=projection_dim, timesteps=timesteps, seed=seed,
-                            **space)
+    fs = FeatureSpace.build(
+        model, images.shape[1:], projection_dim=projection_dim, timesteps=timesteps, seed=seed, **space
+    )
     features = {"train": fs.image_features(images, output)}
     if targets is not None:
         features["targets"] = fs.image_features(targets, output)
     if journey:
-        states, times = fs.trajectories(n_trajectories, seed=derive_seed(seed, "journey-trajectories"),
-                                        sampler=sampler, inference_steps=inference_steps)
+        states, times = fs.trajectories(
+            n_trajectories,
+            seed=derive_seed(seed, "journey-trajectories"),
+            sampler=sampler,
+            inference_steps=inference_steps,
+        )
         features["journey"] = fs.trajectory_features(states, times)
     return features
 
 
-def score_features(method: str, features: dict[str, torch.Tensor], data: ContributorData, *, lam: float = 1e-2,
-                   aggregate_by: str = "sum") -> pd.Series:
+def score_features(
+    method: str,
+    features: dict[str, torch.Tensor],
+    data: ContributorData,
+    *,
+    lam: float = 1e-2,
+    aggregate_by: str = "sum",
+) -> pd.Series:
     """Contributor scores of `method` from computed features (see :func:`compute_features`)."""
     spec = _method(method)
     targets = features["journey" if spec.journey else "targets"]
@@ -249,10 +314,23 @@ def _method(name: str) -> Method:
 
 
 def write_features(
-    *, output: str, model: str, train_data: str, out: str, target: str = "generated",
-    heldout_data: str | None = None, n_targets: int = 256, n_trajectories: int = 64,
-    inference_steps: int = 50, sampler: str = "ddim", schedule: dict[str, Any] | None = None, seed: int,
-    projection_dim: int = 256, timesteps: int = 10, batch_size: int = 32, projection: str = "gaussian",
+    *,
+    output: str,
+    model: str,
+    train_data: str,
+    out: str,
+    target: str = "generated",
+    heldout_data: str | None = None,
+    n_targets: int = 256,
+    n_trajectories: int = 64,
+    inference_steps: int = 50,
+    sampler: str = "ddim",
+    schedule: dict[str, Any] | None = None,
+    seed: int,
+    projection_dim: int = 256,
+    timesteps: int = 10,
+    batch_size: int = 32,
+    projection: str = "gaussian",
     log: Callable[[str], None] = print,
 ) -> None:
     """The workflow's feature stage: projected gradients of the training items and the targets, as an npz.
@@ -270,8 +348,14 @@ def write_features(
     tic = time.perf_counter()
     full = load_model(model)
     if target == "generated":
-        targets = generate(full, n_targets, seed=derive_seed(seed, "generation-noise"),
-                           inference_steps=inference_steps, sampler=sampler, schedule=schedule)
+        targets = generate(
+            full,
+            n_targets,
+            seed=derive_seed(seed, "generation-noise"),
+            inference_steps=inference_steps,
+            sampler=sampler,
+            schedule=schedule,
+        )
     else:
         if heldout_data is None:
             raise ValueError("TRAK target 'heldout' needs heldout_data (the held-out real images)")
@@ -279,20 +363,44 @@ def write_features(
     device = select_device("auto")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    features = compute_features(full, ContributorData.load(train_data).images, targets, output=output,
-                                journey=output == "loss", projection_dim=projection_dim, timesteps=timesteps, seed=seed,
-                                n_trajectories=n_trajectories, sampler=sampler, inference_steps=inference_steps,
-                                schedule=schedule, batch_size=batch_size, projection=projection)
+    features = compute_features(
+        full,
+        ContributorData.load(train_data).images,
+        targets,
+        output=output,
+        journey=output == "loss",
+        projection_dim=projection_dim,
+        timesteps=timesteps,
+        seed=seed,
+        n_trajectories=n_trajectories,
+        sampler=sampler,
+        inference_steps=inference_steps,
+        schedule=schedule,
+        batch_size=batch_size,
+        projection=projection,
+    )
     seconds = time.perf_counter() - tic
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else -1
-    log(f"TRAK features ({output}, k={projection_dim}) of {len(features['train'])} items and {len(targets)} "
-        f"{target} targets: {seconds:.1f} s" + (f", peak GPU memory {peak / 2**20:.0f} MiB" if peak >= 0 else ""))
-    save_npz(out, seconds=np.float64(seconds), peak_gpu_bytes=np.int64(peak),
-             **{name: value.cpu().numpy() for name, value in features.items()})
+    log(
+        f"TRAK features ({output}, k={projection_dim}) of {len(features['train'])} items and {len(targets)} "
+        f"{target} targets: {seconds:.1f} s" + (f", peak GPU memory {peak / 2**20:.0f} MiB" if peak >= 0 else "")
+    )
+    save_npz(
+        out,
+        seconds=np.float64(seconds),
+        peak_gpu_bytes=np.int64(peak),
+        **{name: value.cpu().numpy() for name, value in features.items()},
+    )
 
 
 def write_values(
-    *, method: str, features: str, train_data: str, out: str, lam: float = 1e-2, aggregate: str = "sum",
+    *,
+    method: str,
+    features: str,
+    train_data: str,
+    out: str,
+    lam: float = 1e-2,
+    aggregate: str = "sum",
     log: Callable[[str], None] = print,
 ) -> pd.Series:
     """The workflow's scoring stage: one method's contributor scores from the features npz."""

@@ -66,8 +66,15 @@ class Family:
         return _write_summary(directory, {"family": cls.name})
 
     @classmethod
-    def open(cls, directory: str | Path, *, image_shape: tuple[int, ...], unet: dict | None = None,
-             schedule: dict | None = None, **options) -> Family:
+    def open(
+        cls,
+        directory: str | Path,
+        *,
+        image_shape: tuple[int, ...],
+        unet: dict | None = None,
+        schedule: dict | None = None,
+        **options,
+    ) -> Family:
         """The family of a prepared ``directory`` for images of ``image_shape`` (``[N, C, H, W]``)."""
         from diffcredit.models import unet_config_for
 
@@ -91,18 +98,31 @@ class Family:
         """Train ``model`` in place on ``data``'s items (``training``: the rest of :func:`diffcredit.training.train`)."""
         from diffcredit.training import train
 
-        return train(model, self.inputs(data), steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                     schedule=self.schedule, **training)
+        return train(
+            model,
+            self.inputs(data),
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            schedule=self.schedule,
+            **training,
+        )
 
-    def prune(self, model, ratio: float, *, importance: str = "magnitude", data: ContributorData | None = None,
-              seed: int = 0):
+    def prune(
+        self, model, ratio: float, *, importance: str = "magnitude", data: ContributorData | None = None, seed: int = 0
+    ):
         """A pruned copy of ``model`` and what pruning did (parameters before and after)."""
         from diffcredit.pruning import prune
 
         images = self.inputs(data) if importance != "magnitude" else None
         pruned = prune(model, ratio, importance=importance, images=images, seed=seed, schedule=self.schedule)
-        return pruned, {"parameters_before": self.count_parameters(model),
-                        "parameters_after": self.count_parameters(pruned), "ratio": ratio, "importance": importance}
+        return pruned, {
+            "parameters_before": self.count_parameters(model),
+            "parameters_after": self.count_parameters(pruned),
+            "ratio": ratio,
+            "importance": importance,
+        }
 
     def generate(self, model, n: int, *, seed: int, **sampling) -> np.ndarray:
         """``n`` images in ``[-1, 1]`` with the common noise of ``seed`` (``sampling``: see
@@ -140,8 +160,15 @@ class LatentFamily(Family):
     prepare_options = ("autoencoder", "latent_channels", "steps", "batch_size", "lr", "scaling_factor")
     takes_unet = True  # prepare checks the UNet config against the latents before training anything
 
-    def __init__(self, unet_config: dict[str, Any], schedule: dict[str, Any] | None = None, *, autoencoder,
-                 latents: str | Path, image_shape: tuple[int, int, int]) -> None:
+    def __init__(
+        self,
+        unet_config: dict[str, Any],
+        schedule: dict[str, Any] | None = None,
+        *,
+        autoencoder,
+        latents: str | Path,
+        image_shape: tuple[int, int, int],
+    ) -> None:
         from diffcredit.families.autoencoder import check_fits
 
         check_fits(dict(autoencoder.config), tuple(image_shape), unet_config)
@@ -152,10 +179,22 @@ class LatentFamily(Family):
             self.scaling_factor = float(cache["scaling_factor"])
 
     @classmethod
-    def prepare(cls, directory: str | Path, *, data: ContributorData, seed: int, log=print,
-                autoencoder: str | None = None, latent_channels: int = 3, steps: int = 400, batch_size: int = 64,
-                lr: float = 1e-3, scaling_factor: float | None = None, device: str | None = None,
-                unet: dict | None = None) -> dict:
+    def prepare(
+        cls,
+        directory: str | Path,
+        *,
+        data: ContributorData,
+        seed: int,
+        log=print,
+        autoencoder: str | None = None,
+        latent_channels: int = 3,
+        steps: int = 400,
+        batch_size: int = 64,
+        lr: float = 1e-3,
+        scaling_factor: float | None = None,
+        device: str | None = None,
+        unet: dict | None = None,
+    ) -> dict:
         """Load the staged ``autoencoder`` folder (or train a tiny VQModel on ``data`` for the stand-in) and cache
         every item's latents with the measured scaling factor (or ``scaling_factor``). A ``unet`` config (overrides
         of the default, see :meth:`open`) that does not fit the latents is refused before anything trains."""
@@ -166,32 +205,65 @@ class LatentFamily(Family):
         directory = Path(directory)
         summary: dict[str, Any] = {"family": cls.name}
         if autoencoder is None:
-            model = ae.build_autoencoder(ae.tiny_autoencoder_config(data.images.shape[1], latent_channels),
-                                         seed=derive_seed(seed, "autoencoder-init"))
+            model = ae.build_autoencoder(
+                ae.tiny_autoencoder_config(data.images.shape[1], latent_channels),
+                seed=derive_seed(seed, "autoencoder-init"),
+            )
             cls._check_unet(dict(model.config), data.images.shape, unet)
-            losses = ae.train_autoencoder(model, data.images, steps=steps, batch_size=batch_size, lr=lr,
-                                          seed=derive_seed(seed, "autoencoder-train"), device=device)
+            losses = ae.train_autoencoder(
+                model,
+                data.images,
+                steps=steps,
+                batch_size=batch_size,
+                lr=lr,
+                seed=derive_seed(seed, "autoencoder-train"),
+                device=device,
+            )
             ae.save_autoencoder(model, directory / TRAINED_AUTOENCODER)
             summary["autoencoder_final_loss"] = float(np.mean(losses[-20:]))
-            log(f"trained a tiny VQModel for {steps} steps: loss {losses[0]:.4f} -> {summary['autoencoder_final_loss']:.4f}")
+            log(
+                f"trained a tiny VQModel for {steps} steps: loss {losses[0]:.4f} -> {summary['autoencoder_final_loss']:.4f}"
+            )
         else:
             model = ae.load_autoencoder(autoencoder)
             cls._check_unet(dict(model.config), data.images.shape, unet)
         digest = file_digest(_weights_file(autoencoder or directory / TRAINED_AUTOENCODER))
         shape = ae.latent_shape(dict(model.config), data.images.shape)
-        factor = ae.cache_latents(model, data.images, data.item_ids, directory / "latents.npz",
-                                  autoencoder_digest=digest, factor=scaling_factor, device=device)
+        factor = ae.cache_latents(
+            model,
+            data.images,
+            data.item_ids,
+            directory / "latents.npz",
+            autoencoder_digest=digest,
+            factor=scaling_factor,
+            device=device,
+        )
         recon = ae.decode(model, ae.encode(model, data.images[:256], device=device), device=device)
-        summary.update(autoencoder=autoencoder, autoencoder_digest=digest, latent_shape=list(shape),
-                       scaling_factor=factor, scaling="given" if scaling_factor is not None else "measured (1/std)",
-                       reconstruction_mse=float(np.mean((recon - data.images[:256]) ** 2)))
-        log(f"latents {shape}, scaling factor {factor:.4g} ({summary['scaling']}), "
-            f"reconstruction MSE {summary['reconstruction_mse']:.4f}")
+        summary.update(
+            autoencoder=autoencoder,
+            autoencoder_digest=digest,
+            latent_shape=list(shape),
+            scaling_factor=factor,
+            scaling="given" if scaling_factor is not None else "measured (1/std)",
+            reconstruction_mse=float(np.mean((recon - data.images[:256]) ** 2)),
+        )
+        log(
+            f"latents {shape}, scaling factor {factor:.4g} ({summary['scaling']}), "
+            f"reconstruction MSE {summary['reconstruction_mse']:.4f}"
+        )
         return _write_summary(directory, summary)
 
     @classmethod
-    def open(cls, directory: str | Path, *, image_shape: tuple[int, ...], unet: dict | None = None,
-             schedule: dict | None = None, device: str | None = None, **options) -> LatentFamily:
+    def open(
+        cls,
+        directory: str | Path,
+        *,
+        image_shape: tuple[int, ...],
+        unet: dict | None = None,
+        schedule: dict | None = None,
+        device: str | None = None,
+        **options,
+    ) -> LatentFamily:
         """The latent family of a prepared ``directory``; the UNet's default config is the digits one at the
         latents' size and channels, under the user's ``unet`` overrides."""
         from diffcredit.families.autoencoder import load_autoencoder
@@ -199,8 +271,13 @@ class LatentFamily(Family):
         summary = _read_summary(directory, cls.name)
         config = cls._unet_config(summary["latent_shape"], unet)
         folder = summary["autoencoder"] or Path(directory) / TRAINED_AUTOENCODER
-        return cls(config, schedule, autoencoder=load_autoencoder(folder, device or "cpu"),
-                   latents=Path(directory) / "latents.npz", image_shape=tuple(image_shape)[-3:])
+        return cls(
+            config,
+            schedule,
+            autoencoder=load_autoencoder(folder, device or "cpu"),
+            latents=Path(directory) / "latents.npz",
+            image_shape=tuple(image_shape)[-3:],
+        )
 
     @staticmethod
     def _unet_config(latent_shape: Sequence[int], unet: dict | None) -> dict:
@@ -214,7 +291,9 @@ class LatentFamily(Family):
     def _check_unet(cls, autoencoder_config: dict, image_shape: tuple[int, ...], unet: dict | None) -> None:
         from diffcredit.families.autoencoder import check_fits, latent_shape
 
-        check_fits(autoencoder_config, image_shape, cls._unet_config(latent_shape(autoencoder_config, image_shape), unet))
+        check_fits(
+            autoencoder_config, image_shape, cls._unet_config(latent_shape(autoencoder_config, image_shape), unet)
+        )
 
     def inputs(self, data: ContributorData) -> np.ndarray:
         from diffcredit.families.autoencoder import load_latents
@@ -246,8 +325,16 @@ class TextLoraFamily(Family):
     prepare_options = ("base", "captions", "prompt", "steps", "batch_size", "lr")
     open_options = ("rank", "prompts", "guidance_scale")
 
-    def __init__(self, base, captions: dict[str, str], *, rank: int, prompts: Sequence[str] | None = None,
-                 guidance_scale: float = 1.0, latents: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        base,
+        captions: dict[str, str],
+        *,
+        rank: int,
+        prompts: Sequence[str] | None = None,
+        guidance_scale: float = 1.0,
+        latents: str | Path | None = None,
+    ) -> None:
         if base.autoencoder is not None and latents is None:
             raise ValueError("the base model has a vae: pass the cache of the items' latents (latents=...)")
         super().__init__(dict(base.unet.config), base.schedule)
@@ -259,9 +346,21 @@ class TextLoraFamily(Family):
         self.latents = Path(latents) if latents is not None else None
 
     @classmethod
-    def prepare(cls, directory: str | Path, *, data: ContributorData, seed: int, log=print, base: str | None = None,
-                captions: str | None = None, prompt: str | None = None, steps: int = 800, batch_size: int = 32,
-                lr: float = 1e-3, device: str | None = None) -> dict:
+    def prepare(
+        cls,
+        directory: str | Path,
+        *,
+        data: ContributorData,
+        seed: int,
+        log=print,
+        base: str | None = None,
+        captions: str | None = None,
+        prompt: str | None = None,
+        steps: int = 800,
+        batch_size: int = 32,
+        lr: float = 1e-3,
+        device: str | None = None,
+    ) -> dict:
         """Check the captions (``captions``: a TSV ``item``, ``caption``; ``glyphs``: read from glyph item ids; or
         one shared ``prompt``) and write them to ``captions.tsv``; load the staged ``base`` folder (validating its
         components) or pre-train the stand-in base on glyphs of fonts no contributor owns; cache the items' latents
@@ -282,17 +381,25 @@ class TextLoraFamily(Family):
             _, channels, size, _ = data.images.shape
             pretraining, pre_captions = load_glyphs(BASE_FONTS, size=size, seed=derive_seed(seed, "base-glyphs"))
             if channels != 1:
-                raise ValueError(f"the stand-in base is pre-trained on grayscale glyphs, but the data has {channels} "
-                                 "channels: stage a base model (model.text_lora.base)")
-            pipeline = tc.tiny_base([*texts, *pre_captions], sample_size=size,
-                                    seed=derive_seed(seed, "base-init"))
-            result = tc.pretrain(pipeline, pretraining.images, pre_captions, steps=steps, batch_size=batch_size,
-                                 lr=lr, seed=derive_seed(seed, "base-train"), device=device,
-                                 log_every=max(1, steps // 10))
+                raise ValueError(
+                    f"the stand-in base is pre-trained on grayscale glyphs, but the data has {channels} "
+                    "channels: stage a base model (model.text_lora.base)"
+                )
+            pipeline = tc.tiny_base([*texts, *pre_captions], sample_size=size, seed=derive_seed(seed, "base-init"))
+            result = tc.pretrain(
+                pipeline,
+                pretraining.images,
+                pre_captions,
+                steps=steps,
+                batch_size=batch_size,
+                lr=lr,
+                seed=derive_seed(seed, "base-train"),
+                device=device,
+                log_every=max(1, steps // 10),
+            )
             tc.save_base(pipeline, directory / STANDIN_BASE)
             summary.update(base_pretraining_items=len(pretraining), base_final_loss=float(np.mean(result.losses[-50:])))
-            log(f"pre-trained the stand-in base on {len(pretraining)} glyphs of {len(BASE_FONTS)} fonts, "
-                f"{steps} steps")
+            log(f"pre-trained the stand-in base on {len(pretraining)} glyphs of {len(BASE_FONTS)} fonts, {steps} steps")
         pipeline = tc.load_base(base or directory / STANDIN_BASE)
         summary["base"] = base
         if pipeline.autoencoder is not None:
@@ -300,15 +407,32 @@ class TextLoraFamily(Family):
             from diffcredit.io import file_digest
 
             digest = file_digest(_weights_file(Path(base or directory / STANDIN_BASE) / "vae"))
-            cache_latents(pipeline.autoencoder, data.images, data.item_ids, directory / "latents.npz",
-                          autoencoder_digest=digest, factor=pipeline.scaling_factor, device=device)
+            cache_latents(
+                pipeline.autoencoder,
+                data.images,
+                data.item_ids,
+                directory / "latents.npz",
+                autoencoder_digest=digest,
+                factor=pipeline.scaling_factor,
+                device=device,
+            )
             summary.update(scaling_factor=pipeline.scaling_factor, autoencoder_digest=digest)
         return _write_summary(directory, summary)
 
     @classmethod
-    def open(cls, directory: str | Path, *, image_shape: tuple[int, ...] | None = None, unet: dict | None = None,
-             schedule: dict | None = None, rank: int = 4, prompts: Sequence[str] | None = None,
-             guidance_scale: float = 1.0, device: str | None = None, **options) -> TextLoraFamily:
+    def open(
+        cls,
+        directory: str | Path,
+        *,
+        image_shape: tuple[int, ...] | None = None,
+        unet: dict | None = None,
+        schedule: dict | None = None,
+        rank: int = 4,
+        prompts: Sequence[str] | None = None,
+        guidance_scale: float = 1.0,
+        device: str | None = None,
+        **options,
+    ) -> TextLoraFamily:
         """The text-LoRA family of a prepared ``directory``. The UNet and the noise schedule are the base's
         (``unet/config.json``, ``scheduler/scheduler_config.json``): ``schedule`` is not used and ``unet`` must be
         empty."""
@@ -322,8 +446,14 @@ class TextLoraFamily(Family):
         table = pd.read_csv(Path(directory) / "captions.tsv", sep="\t", dtype=str, keep_default_na=False)
         latents = Path(directory) / "latents.npz" if "autoencoder_digest" in summary else None
         base = summary["base"] or Path(directory) / STANDIN_BASE
-        return cls(load_base(base, device or "cpu"), dict(zip(table["item"], table["caption"], strict=True)),
-                   rank=rank, prompts=prompts, guidance_scale=guidance_scale, latents=latents)
+        return cls(
+            load_base(base, device or "cpu"),
+            dict(zip(table["item"], table["caption"], strict=True)),
+            rank=rank,
+            prompts=prompts,
+            guidance_scale=guidance_scale,
+            latents=latents,
+        )
 
     def build(self, seed: int):
         from diffcredit.families.lora import add_lora
@@ -349,11 +479,21 @@ class TextLoraFamily(Family):
 
         captions = check_captions(data.item_ids, self.captions, None)
         conditioned = ConditionedUNet(model, PromptTable.build(self.base, captions))
-        return train(conditioned, self.inputs(data), steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                     schedule=self.schedule, observer=conditioned.observe, **training)
+        return train(
+            conditioned,
+            self.inputs(data),
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            schedule=self.schedule,
+            observer=conditioned.observe,
+            **training,
+        )
 
-    def prune(self, model, ratio: float, *, importance: str = "magnitude", data: ContributorData | None = None,
-              seed: int = 0):
+    def prune(
+        self, model, ratio: float, *, importance: str = "magnitude", data: ContributorData | None = None, seed: int = 0
+    ):
         """A copy of ``model`` with its LoRA pruned by rank until at most a share ``ratio`` of its parameters stays.
 
         As in the paper's prune_lora, a LoRA's ratio is the share *kept* (a UNet's is torch-pruning's channel ratio).
@@ -361,20 +501,25 @@ class TextLoraFamily(Family):
         from diffcredit.families.lora import prune_lora
 
         if importance != "magnitude":
-            raise ValueError(f"a LoRA is pruned by magnitude (the paper's prune_lora), not {importance!r}; "
-                             "set prune.importance: magnitude")
+            raise ValueError(
+                f"a LoRA is pruned by magnitude (the paper's prune_lora), not {importance!r}; "
+                "set prune.importance: magnitude"
+            )
         pruned = copy.deepcopy(model)
         stats = prune_lora(pruned, ratio)
-        return pruned, {"parameters_before": stats["lora_parameters_before"],
-                        "parameters_after": stats["lora_parameters_after"], "ratio": ratio,
-                        "importance": importance, "ranks": stats["ranks"]}
+        return pruned, {
+            "parameters_before": stats["lora_parameters_before"],
+            "parameters_after": stats["lora_parameters_after"],
+            "ratio": ratio,
+            "importance": importance,
+            "ranks": stats["ranks"],
+        }
 
     def generate(self, model, n: int, *, seed: int, **sampling) -> np.ndarray:
         from diffcredit.families.text_conditioning import generate
 
         sampling.pop("precision", None)  # fp32: the conditional sampler has no autocast
-        return generate(self.base, model, self.prompts, n, seed=seed, guidance_scale=self.guidance_scale,
-                        **sampling)
+        return generate(self.base, model, self.prompts, n, seed=seed, guidance_scale=self.guidance_scale, **sampling)
 
     def save(self, model, directory: str | Path) -> None:
         from diffcredit.families.lora import save_lora
@@ -398,8 +543,9 @@ class TextLoraFamily(Family):
 FAMILIES: dict[str, type[Family]] = {"pixel": Family, "latent": LatentFamily, "text_lora": TextLoraFamily}
 
 
-def prepare_family(model: dict, directory: str | Path, *, data: ContributorData, seed: int,
-                   device: str | None = None, log=print) -> dict:
+def prepare_family(
+    model: dict, directory: str | Path, *, data: ContributorData, seed: int, device: str | None = None, log=print
+) -> dict:
     """Prepare the family of the config's ``model`` section (``family`` and its ``model.<family>`` options)."""
     cls = family_class(model.get("family", "pixel"))
     options = _options(model, cls, cls.prepare_options)
@@ -410,19 +556,22 @@ def prepare_family(model: dict, directory: str | Path, *, data: ContributorData,
     return cls.prepare(directory, data=data, seed=seed, log=log, **options)
 
 
-def open_family(model: dict, directory: str | Path, *, image_shape: tuple[int, ...],
-                device: str | None = None) -> Family:
+def open_family(
+    model: dict, directory: str | Path, *, image_shape: tuple[int, ...], device: str | None = None
+) -> Family:
     """The family of the config's ``model`` section, from the folder :func:`prepare_family` wrote."""
     cls = family_class(model.get("family", "pixel"))
     options = _options(model, cls, cls.open_options)
     if cls.name != "pixel":
         options["device"] = device
-    return cls.open(directory, image_shape=image_shape, unet=model.get("unet"), schedule=model.get("schedule"),
-                    **options)
+    return cls.open(
+        directory, image_shape=image_shape, unet=model.get("unet"), schedule=model.get("schedule"), **options
+    )
 
 
-def family_of(spec: dict | None, item_shape: tuple[int, ...], *, unet: dict | None = None,
-              schedule: dict | None = None) -> Family:
+def family_of(
+    spec: dict | None, item_shape: tuple[int, ...], *, unet: dict | None = None, schedule: dict | None = None
+) -> Family:
     """The family a workflow spec names (``{model: the config's model section, directory: its prepared folder}``),
     opened once per process for items of ``item_shape`` (``(C, H, W)``); without a spec, the pixel family of
     ``unet`` (overrides of the digits config) and ``schedule``."""
@@ -481,7 +630,9 @@ def _read_captions(captions: str | None, item_ids: np.ndarray) -> dict[str, str]
     table = pd.read_csv(captions, sep="\t", dtype=str, keep_default_na=False)
     missing = {"item", "caption"} - set(table.columns)
     if missing:
-        raise ValueError(f"{captions}: a captions TSV needs columns item and caption; missing {', '.join(sorted(missing))}")
+        raise ValueError(
+            f"{captions}: a captions TSV needs columns item and caption; missing {', '.join(sorted(missing))}"
+        )
     return dict(zip(table["item"], table["caption"], strict=True))
 
 

@@ -99,8 +99,10 @@ def check_fits(autoencoder_config: dict[str, Any], image_shape: tuple[int, ...],
     channels, height, _ = latent_shape(autoencoder_config, image_shape)
     problems = []
     if unet_config.get("in_channels") != channels or unet_config.get("out_channels") != channels:
-        problems.append(f"in/out_channels {unet_config.get('in_channels')}/{unet_config.get('out_channels')} "
-                        f"but the latents have {channels} channels")
+        problems.append(
+            f"in/out_channels {unet_config.get('in_channels')}/{unet_config.get('out_channels')} "
+            f"but the latents have {channels} channels"
+        )
     if unet_config.get("sample_size") != height:
         problems.append(f"sample_size {unet_config.get('sample_size')} but the latents are {height}x{height}")
     levels = len(unet_config.get("block_out_channels", ())) - 1
@@ -114,7 +116,14 @@ def check_fits(autoencoder_config: dict[str, Any], image_shape: tuple[int, ...],
 
 
 def train_autoencoder(
-    model, images: np.ndarray, *, steps: int, batch_size: int, lr: float, seed: int, device: str | None = None,
+    model,
+    images: np.ndarray,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    device: str | None = None,
     kl_weight: float = 1e-6,
 ) -> list[float]:
     """Train ``model`` in place to reconstruct ``images`` (float32 ``[N, C, H, W]`` in ``[-1, 1]``); returns the losses.
@@ -176,15 +185,19 @@ def encode(model, images: np.ndarray, *, batch_size: int = 256, device: str | No
 
 
 @torch.inference_mode()
-def decode(model, latents: np.ndarray | torch.Tensor, *, batch_size: int = 256, device: str | None = None) -> np.ndarray:
+def decode(
+    model, latents: np.ndarray | torch.Tensor, *, batch_size: int = 256, device: str | None = None
+) -> np.ndarray:
     """Images in ``[-1, 1]`` from unscaled latents (a VQModel quantises them first, as its decoder was trained)."""
     from diffcredit.training import select_device
 
     target = select_device(device or "auto")
     model.to(target).eval()
     latents = torch.as_tensor(np.asarray(latents, dtype=np.float32))
-    out = [model.decode(latents[start : start + batch_size].to(target)).sample.clamp(-1, 1).float().cpu().numpy()
-           for start in range(0, len(latents), batch_size)]
+    out = [
+        model.decode(latents[start : start + batch_size].to(target)).sample.clamp(-1, 1).float().cpu().numpy()
+        for start in range(0, len(latents), batch_size)
+    ]
     return np.concatenate(out)
 
 
@@ -197,21 +210,36 @@ def scaling_factor(latents: np.ndarray) -> float:
 
 
 def cache_latents(
-    model, images: np.ndarray, item_ids: np.ndarray, path: str | Path, *, autoencoder_digest: str,
-    factor: float | None = None, batch_size: int = 256, device: str | None = None,
+    model,
+    images: np.ndarray,
+    item_ids: np.ndarray,
+    path: str | Path,
+    *,
+    autoencoder_digest: str,
+    factor: float | None = None,
+    batch_size: int = 256,
+    device: str | None = None,
 ) -> float:
     """Encode every item once and write ``latents``, ``item_ids``, ``scaling_factor`` and the autoencoder's digest
     to ``path`` (npz); returns the scaling factor (measured unless ``factor`` is given)."""
     latents = encode(model, images, batch_size=batch_size, device=device)
     factor = scaling_factor(latents) if factor is None else float(factor)
-    logger.info("cached %d latents %s, std %.4g, scaling factor %.4g", len(latents), latents.shape[1:],
-                latents.std(), factor)
-    save_npz(path, latents=latents, item_ids=np.asarray(item_ids, dtype=str), scaling_factor=np.float64(factor),
-             autoencoder=np.asarray(autoencoder_digest))
+    logger.info(
+        "cached %d latents %s, std %.4g, scaling factor %.4g", len(latents), latents.shape[1:], latents.std(), factor
+    )
+    save_npz(
+        path,
+        latents=latents,
+        item_ids=np.asarray(item_ids, dtype=str),
+        scaling_factor=np.float64(factor),
+        autoencoder=np.asarray(autoencoder_digest),
+    )
     return factor
 
 
-def load_latents(path: str | Path, item_ids: np.ndarray, autoencoder_digest: str | None = None) -> tuple[np.ndarray, float]:
+def load_latents(
+    path: str | Path, item_ids: np.ndarray, autoencoder_digest: str | None = None
+) -> tuple[np.ndarray, float]:
     """The cached latents of ``item_ids`` (in that order), already multiplied by the scaling factor, and the factor.
 
     Raises ValueError if the cache lacks an item or was made by another autoencoder.
@@ -220,13 +248,17 @@ def load_latents(path: str | Path, item_ids: np.ndarray, autoencoder_digest: str
         latents, cached_ids = cache["latents"], cache["item_ids"]
         factor, digest = float(cache["scaling_factor"]), str(cache["autoencoder"])
     if autoencoder_digest is not None and digest != autoencoder_digest:
-        raise ValueError(f"{path} was made by another autoencoder ({digest[:12]}, not {autoencoder_digest[:12]}); "
-                         "delete it so that the latents are computed again")
+        raise ValueError(
+            f"{path} was made by another autoencoder ({digest[:12]}, not {autoencoder_digest[:12]}); "
+            "delete it so that the latents are computed again"
+        )
     position = {item: i for i, item in enumerate(cached_ids)}
     missing = [str(item) for item in item_ids if item not in position]
     if missing:
-        raise ValueError(f"{path} has no latents for {len(missing)} item(s), e.g. {missing[0]!r}; "
-                         "it was cached for other data: delete it so that the latents are computed again")
+        raise ValueError(
+            f"{path} has no latents for {len(missing)} item(s), e.g. {missing[0]!r}; "
+            "it was cached for other data: delete it so that the latents are computed again"
+        )
     return latents[[position[item] for item in item_ids]] * np.float32(factor), factor
 
 

@@ -35,8 +35,10 @@ def add_lora(unet, rank: int, *, seed: int) -> None:
     unet.requires_grad_(False)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                    target_modules=list(TARGET_MODULES)), adapter_name=ADAPTER)
+        unet.add_adapter(
+            LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(TARGET_MODULES)),
+            adapter_name=ADAPTER,
+        )
     for parameter in lora_parameters(unet):
         parameter.requires_grad_(True)
 
@@ -45,13 +47,19 @@ def lora_layers(unet) -> dict:
     """The peft LoRA layers of ``unet`` by module name."""
     from peft.tuners.lora.layer import LoraLayer
 
-    return {name: module for name, module in unet.named_modules()
-            if isinstance(module, LoraLayer) and ADAPTER in module.lora_A}
+    return {
+        name: module
+        for name, module in unet.named_modules()
+        if isinstance(module, LoraLayer) and ADAPTER in module.lora_A
+    }
 
 
 def lora_parameters(unet) -> list[torch.nn.Parameter]:
-    return [p for layer in lora_layers(unet).values()
-            for p in (*layer.lora_A[ADAPTER].parameters(), *layer.lora_B[ADAPTER].parameters())]
+    return [
+        p
+        for layer in lora_layers(unet).values()
+        for p in (*layer.lora_A[ADAPTER].parameters(), *layer.lora_B[ADAPTER].parameters())
+    ]
 
 
 def count_lora_parameters(unet) -> int:
@@ -72,8 +80,11 @@ def save_lora(unet, directory: str | Path) -> None:
     state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER))
     with atomic_dir(directory) as staging:
         StableDiffusionLoraLoaderMixin.save_lora_weights(
-            staging, unet_lora_layers=state, weight_name=WEIGHTS,
-            unet_lora_adapter_metadata=unet.peft_config[ADAPTER].to_dict())
+            staging,
+            unet_lora_layers=state,
+            weight_name=WEIGHTS,
+            unet_lora_adapter_metadata=unet.peft_config[ADAPTER].to_dict(),
+        )
 
 
 def load_lora(unet, directory: str | Path) -> None:
@@ -87,11 +98,13 @@ def load_lora(unet, directory: str | Path) -> None:
     if not (directory / WEIGHTS).is_file():
         raise FileNotFoundError(f"{directory / WEIGHTS} not found; {directory} is not a LoRA saved by save_lora")
     state, alphas, metadata = StableDiffusionLoraLoaderMixin.lora_state_dict(
-        directory, weight_name=WEIGHTS, return_lora_metadata=True)
+        directory, weight_name=WEIGHTS, return_lora_metadata=True
+    )
     if metadata:
         _check_ranks(state, metadata, directory)
-    StableDiffusionLoraLoaderMixin.load_lora_into_unet(state, alphas, unet=unet, adapter_name=ADAPTER,
-                                                       metadata=metadata)
+    StableDiffusionLoraLoaderMixin.load_lora_into_unet(
+        state, alphas, unet=unet, adapter_name=ADAPTER, metadata=metadata
+    )
     unet.requires_grad_(False)
     for parameter in lora_parameters(unet):
         parameter.requires_grad_(True)
@@ -100,19 +113,27 @@ def load_lora(unet, directory: str | Path) -> None:
 def _check_ranks(state: dict, metadata: dict, directory: Path) -> None:
     config = _unprefixed(metadata)
     pattern = config.get("rank_pattern") or {}
-    wrong = [f"{module}: rank {rank}, config {pattern.get(module, config['r'])}"
-             for module, rank in _ranks_of(state).items() if rank != pattern.get(module, config["r"])]
+    wrong = [
+        f"{module}: rank {rank}, config {pattern.get(module, config['r'])}"
+        for module, rank in _ranks_of(state).items()
+        if rank != pattern.get(module, config["r"])
+    ]
     if wrong:
-        raise ValueError(f"{directory / WEIGHTS}: {len(wrong)} module(s) have weights whose rank disagrees with the "
-                         f"recorded LoRA config (r, rank_pattern), e.g. {wrong[0]}; the file was edited or pruned "
-                         "without updating its config: save it again with save_lora")
+        raise ValueError(
+            f"{directory / WEIGHTS}: {len(wrong)} module(s) have weights whose rank disagrees with the "
+            f"recorded LoRA config (r, rank_pattern), e.g. {wrong[0]}; the file was edited or pruned "
+            "without updating its config: save it again with save_lora"
+        )
 
 
 def _ranks_of(state: dict) -> dict[str, int]:
     """Module name -> rank, from a diffusers-format state dict (``unet.<module>.lora.down.weight``)."""
     suffix = ".lora.down.weight"
-    return {key.removeprefix("unet.").removesuffix(suffix): tensor.shape[0]
-            for key, tensor in state.items() if key.endswith(suffix)}
+    return {
+        key.removeprefix("unet.").removesuffix(suffix): tensor.shape[0]
+        for key, tensor in state.items()
+        if key.endswith(suffix)
+    }
 
 
 def _unprefixed(metadata: dict) -> dict:
@@ -131,7 +152,8 @@ def importance(layer) -> torch.Tensor:
     down, up = layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]
     with torch.enable_grad():
         graph = tp.DependencyGraph().build_dependency(
-            layer, example_inputs=torch.zeros(1, down.in_features, device=down.weight.device))
+            layer, example_inputs=torch.zeros(1, down.in_features, device=down.weight.device)
+        )
         group = graph.get_pruning_group(down, tp.prune_linear_out_channels, idxs=list(range(down.out_features)))
         scores = tp.importance.MagnitudeImportance(p=2)(group)
     del up  # named for the reader: the group holds B's input channels
@@ -177,8 +199,12 @@ def prune_lora(unet, keep: float) -> dict:
         layer.r[ADAPTER], layer.lora_alpha[ADAPTER] = rank, scale * rank  # the scale alpha/r stays as it was
         config.rank_pattern = {**config.rank_pattern, name: rank}
         config.alpha_pattern = {**config.alpha_pattern, name: scale * rank}
-    return {"lora_parameters_before": before, "lora_parameters_after": count_lora_parameters(unet),
-            "keep": keep, "ranks": ranks(unet)}
+    return {
+        "lora_parameters_before": before,
+        "lora_parameters_after": count_lora_parameters(unet),
+        "keep": keep,
+        "ranks": ranks(unet),
+    }
 
 
 def read_ranks(directory: str | Path) -> dict[str, int]:

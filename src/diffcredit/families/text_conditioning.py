@@ -58,8 +58,10 @@ def check_captions(item_ids: Sequence[str], captions: dict[str, str] | None, pro
         return [prompt] * len(item_ids)
     missing = [str(item) for item in item_ids if not str(captions.get(str(item), "")).strip()]
     if missing:
-        raise ValueError(f"{len(missing)} of {len(item_ids)} items have no caption, e.g. {missing[:3]}; add them to "
-                         "the captions file or set one shared prompt")
+        raise ValueError(
+            f"{len(missing)} of {len(item_ids)} items have no caption, e.g. {missing[:3]}; add them to "
+            "the captions file or set one shared prompt"
+        )
     return [str(captions[str(item)]) for item in item_ids]
 
 
@@ -113,15 +115,25 @@ def tiny_unet_config(sample_size: int = 16, channels: int = 1, cross_attention_d
 def tiny_text_encoder_config(tokenizer, hidden_size: int = 32) -> dict[str, Any]:
     """A small CLIP text encoder for ``tokenizer``; its ids and positions match the tokenizer's."""
     return {
-        "vocab_size": len(tokenizer), "hidden_size": hidden_size, "intermediate_size": 2 * hidden_size,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": tokenizer.model_max_length,
-        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "vocab_size": len(tokenizer),
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": tokenizer.model_max_length,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
     }
 
 
 def tiny_base(
-    texts: Sequence[str], *, sample_size: int = 16, channels: int = 1, seed: int = 0, schedule: dict | None = None,
+    texts: Sequence[str],
+    *,
+    sample_size: int = 16,
+    channels: int = 1,
+    seed: int = 0,
+    schedule: dict | None = None,
     unet: dict | None = None,
 ) -> TextPipeline:
     """A freshly initialised pixel-space base for the stand-in, with a tokenizer built from ``texts``."""
@@ -165,8 +177,12 @@ def load_base(directory: str | Path, device: str | torch.device = "cpu") -> Text
     from diffcredit.families.autoencoder import load_autoencoder
 
     directory = Path(directory)
-    wanted = {"unet": "config.json", "text_encoder": "config.json", "tokenizer": "tokenizer_config.json",
-              "scheduler": "scheduler_config.json"}
+    wanted = {
+        "unet": "config.json",
+        "text_encoder": "config.json",
+        "tokenizer": "tokenizer_config.json",
+        "scheduler": "scheduler_config.json",
+    }
     missing = [f"{part}/{name}" for part, name in wanted.items() if not (directory / part / name).is_file()]
     if missing:
         raise FileNotFoundError(
@@ -180,14 +196,22 @@ def load_base(directory: str | Path, device: str | torch.device = "cpu") -> Text
         text_encoder.config.eos_token_id = tokenizer.eos_token_id  # pooled outputs are read at the eos token
     unet = UNet2DConditionModel.from_pretrained(directory / "unet", use_safetensors=True)
     if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
-        raise ValueError(f"{directory}: the UNet attends to {unet.config.cross_attention_dim}-dimensional text but "
-                         f"the text encoder gives {text_encoder.config.hidden_size}; the components do not match")
+        raise ValueError(
+            f"{directory}: the UNet attends to {unet.config.cross_attention_dim}-dimensional text but "
+            f"the text encoder gives {text_encoder.config.hidden_size}; the components do not match"
+        )
     autoencoder = factor = None
     if (directory / "vae" / "config.json").is_file():
         autoencoder = load_autoencoder(directory / "vae", device)
         factor = float(autoencoder.config.scaling_factor)  # the base UNet was trained with this factor
-    return TextPipeline(_frozen(unet.to(device)), _frozen(text_encoder.to(device)), tokenizer,
-                        {k: scheduler[k] for k in SCHEDULE_KEYS if k in scheduler}, autoencoder, factor)
+    return TextPipeline(
+        _frozen(unet.to(device)),
+        _frozen(text_encoder.to(device)),
+        tokenizer,
+        {k: scheduler[k] for k in SCHEDULE_KEYS if k in scheduler},
+        autoencoder,
+        factor,
+    )
 
 
 @torch.inference_mode()
@@ -196,9 +220,13 @@ def encode_prompts(pipeline: TextPipeline, prompts: Sequence[str], batch_size: i
     device = next(pipeline.text_encoder.parameters()).device
     out = []
     for start in range(0, len(prompts), batch_size):
-        tokens = pipeline.tokenizer(list(prompts[start : start + batch_size]), padding="max_length",
-                                    max_length=pipeline.tokenizer.model_max_length, truncation=True,
-                                    return_tensors="pt")
+        tokens = pipeline.tokenizer(
+            list(prompts[start : start + batch_size]),
+            padding="max_length",
+            max_length=pipeline.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
         out.append(pipeline.text_encoder(tokens.input_ids.to(device))[0].float().cpu())
     return torch.cat(out)
 
@@ -240,21 +268,48 @@ class ConditionedUNet(nn.Module):
         return self.unet(sample, timestep, encoder_hidden_states=self.embeddings[self.codes[self._batch]])
 
 
-def pretrain(pipeline: TextPipeline, images: np.ndarray, captions: Sequence[str], *, steps: int, batch_size: int,
-             lr: float, seed: int, **training):
+def pretrain(
+    pipeline: TextPipeline,
+    images: np.ndarray,
+    captions: Sequence[str],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    **training,
+):
     """Train the whole base UNet (not the text encoder) on captioned ``images``: the stand-in's pre-training."""
     from diffcredit.training import train
 
     conditioned = ConditionedUNet(pipeline.unet.requires_grad_(True), PromptTable.build(pipeline, captions))
-    result = train(conditioned, images, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                   schedule=pipeline.schedule, observer=conditioned.observe, **training)
+    result = train(
+        conditioned,
+        images,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        schedule=pipeline.schedule,
+        observer=conditioned.observe,
+        **training,
+    )
     _frozen(pipeline.unet)
     return result
 
 
 def generate(
-    pipeline: TextPipeline, unet, prompts: Sequence[str], n: int, *, seed: int, guidance_scale: float = 1.0,
-    inference_steps: int = DEFAULT_INFERENCE_STEPS, sampler: str = DEFAULT_SAMPLER, batch_size: int = 64, device: str | None = None,
+    pipeline: TextPipeline,
+    unet,
+    prompts: Sequence[str],
+    n: int,
+    *,
+    seed: int,
+    guidance_scale: float = 1.0,
+    inference_steps: int = DEFAULT_INFERENCE_STEPS,
+    sampler: str = DEFAULT_SAMPLER,
+    batch_size: int = 64,
+    device: str | None = None,
 ) -> np.ndarray:
     """``n`` images (float32 ``[n, C, H, W]`` in ``[-1, 1]``) of ``unet``; image ``i`` is prompted with
     ``prompts[i % len(prompts)]`` and starts from the noise of item ``i`` of :func:`diffcredit.sampling.generate`.
@@ -267,8 +322,10 @@ def generate(
     from diffcredit.training import prepare_device, select_device
 
     if n < 0 or not prompts or batch_size < 1 or inference_steps < 1:
-        raise ValueError(f"need n >= 0, prompts, batch_size >= 1, inference_steps >= 1; got {n}, {len(prompts)}, "
-                         f"{batch_size}, {inference_steps}")
+        raise ValueError(
+            f"need n >= 0, prompts, batch_size >= 1, inference_steps >= 1; got {n}, {len(prompts)}, "
+            f"{batch_size}, {inference_steps}"
+        )
     target = select_device(device or "auto")
     prepare_device(target)
     scheduler = make_sampler(sampler, pipeline.schedule)

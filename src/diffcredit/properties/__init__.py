@@ -119,8 +119,11 @@ def prepare_reference(
     if len(reference_images) == 0:
         raise ValueError("the reference has no images: name at least a few hundred images of the wanted distribution")
     info: dict = {
-        "seed": int(seed), "n_reference": len(reference_images), "yardstick": TRUSTED if trusted else HELDOUT,
-        "reference_digest": _digest(reference_images), "source": source,
+        "seed": int(seed),
+        "n_reference": len(reference_images),
+        "yardstick": TRUSTED if trusted else HELDOUT,
+        "reference_digest": _digest(reference_images),
+        "source": source,
     }
     model: nn.Module
     if extractor is not None:
@@ -148,7 +151,10 @@ def prepare_reference(
         else:
             fit_images, fit_labels, fit = train_images, train_labels, "contributors' training items and labels"
         model = train_classifier(
-            fit_images, fit_labels, seed=derive_seed(seed, "classifier"), steps=classifier_steps,
+            fit_images,
+            fit_labels,
+            seed=derive_seed(seed, "classifier"),
+            steps=classifier_steps,
             feature_dim=feature_dim,
         )
         save_classifier(model, out / CLASSIFIER_FILE)
@@ -180,7 +186,8 @@ def reference_provenance(reference_dir: str | Path) -> dict:
     statement = (
         f"Properties are measured against a trusted reference of {info['n_reference']} images that no contributor "
         f"supplied; the feature extractor was fitted on {info['extractor_fit']}."
-        if trusted else f"Warning: {UNTRUSTED_NOTE}."
+        if trusted
+        else f"Warning: {UNTRUSTED_NOTE}."
     )
     keys = ("yardstick", "extractor_fit", "n_reference", "reference_digest", "source")
     return {**{key: info[key] for key in keys}, "trusted": trusted, "statement": statement}
@@ -262,7 +269,10 @@ def _fid(reference: Reference) -> FID:
 
 
 def _kid(
-    reference: Reference, *, seed: int = 0, num_subsets: int = 100,
+    reference: Reference,
+    *,
+    seed: int = 0,
+    num_subsets: int = 100,
     max_subset_size: int = 1000,
 ) -> KID:
     return KID(
@@ -286,9 +296,7 @@ def _diversity(reference: Reference, *, bins: str = "auto") -> Diversity:
     return Diversity(reference.extractor, None if use_classes else reference.centres)
 
 
-def _aesthetic(
-    reference: Reference, *, predictor: str | Path | None = None, quantile: float = 0.9
-) -> AestheticScore:
+def _aesthetic(reference: Reference, *, predictor: str | Path | None = None, quantile: float = 0.9) -> AestheticScore:
     if predictor is None:
         raise ValueError("the aesthetic property needs predictor=<local TorchScript or safetensors file>")
     return AestheticScore(reference.extractor, load_predictor(predictor, module_device(reference.extractor)), quantile)

@@ -78,11 +78,15 @@ def check_images(images: np.ndarray, *, channels: int | None = None, size: int |
     if not isinstance(images, np.ndarray):
         raise TypeError(f"images must be a numpy array [N, C, H, W], got {type(images).__name__}")
     if images.ndim != 4:
-        raise ValueError(f"images have shape {images.shape}: expected [N, C, H, W] (add a channel axis for gray images)")
+        raise ValueError(
+            f"images have shape {images.shape}: expected [N, C, H, W] (add a channel axis for gray images)"
+        )
     if images.shape[0] == 0:
         raise ValueError("images is empty: generate at least one image")
     if channels is not None and images.shape[1] != channels:
-        raise ValueError(f"images have {images.shape[1]} channels (shape {images.shape}); the extractor expects {channels}")
+        raise ValueError(
+            f"images have {images.shape[1]} channels (shape {images.shape}); the extractor expects {channels}"
+        )
     if size is not None and images.shape[2:] != (size, size):
         raise ValueError(f"images are {images.shape[2]}x{images.shape[3]}; the extractor expects {size}x{size}")
     finite = np.isfinite(images).reshape(len(images), -1).all(axis=1)
@@ -118,7 +122,9 @@ def train_classifier(
     if images.shape[2] != images.shape[3]:
         raise ValueError(f"images are {images.shape[2]}x{images.shape[3]}: the classifier needs square images")
     config = ClassifierConfig(
-        in_channels=images.shape[1], image_size=images.shape[2], num_classes=int(labels.max()) + 1,
+        in_channels=images.shape[1],
+        image_size=images.shape[2],
+        num_classes=int(labels.max()) + 1,
         feature_dim=feature_dim,
     )
     x, y = torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))

@@ -27,7 +27,9 @@ from diffcredit.properties.features import extract_features
 def feature_stats(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance of features [N, d], as clean-fid computes them."""
     if feats.shape[0] < 2:
-        raise ValueError(f"{feats.shape[0]} image(s): FID and KID need at least 2 (use a few hundred for stable values)")
+        raise ValueError(
+            f"{feats.shape[0]} image(s): FID and KID need at least 2 (use a few hundred for stable values)"
+        )
     return np.mean(feats, axis=0), np.cov(feats, rowvar=False)
 
 
@@ -66,7 +68,12 @@ class KID:
     higher_is_better = False
 
     def __init__(
-        self, extractor: nn.Module, reference_features: np.ndarray, *, seed: int = 0, num_subsets: int = 100,
+        self,
+        extractor: nn.Module,
+        reference_features: np.ndarray,
+        *,
+        seed: int = 0,
+        num_subsets: int = 100,
         max_subset_size: int = 1000,
     ) -> None:
         self.extractor, self.reference_features = extractor, reference_features
