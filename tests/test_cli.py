@@ -54,7 +54,7 @@ def plan_and_measure(tmp_path: Path, contributors: Path, estimator: str, budget:
 
 def test_plan_then_aggregate_exact(tmp_path: Path, contributors: Path):
     plan, measured = plan_and_measure(tmp_path, contributors, "exact")
-    out = tmp_path / "shapley.csv"
+    out = tmp_path / "values.csv"
     assert (
         main(
             [
@@ -83,7 +83,7 @@ def test_plan_then_aggregate_exact(tmp_path: Path, contributors: Path):
 @pytest.mark.parametrize("estimator", ["permutation", "kernelshap", "banzhaf", "loo"])
 def test_aggregate_uses_the_estimator_recorded_in_the_plan(tmp_path: Path, contributors: Path, estimator):
     plan, measured = plan_and_measure(tmp_path, contributors, estimator)
-    out = tmp_path / "shapley.csv"
+    out = tmp_path / "values.csv"
     assert (
         main(
             [
@@ -116,7 +116,7 @@ def test_missing_utilities_exit_2_unless_excluded(tmp_path: Path, contributors: 
         "--utilities",
         str(measured),
         "--out",
-        str(tmp_path / "shapley.csv"),
+        str(tmp_path / "values.csv"),
     ]
     with pytest.raises(SystemExit) as stop:
         main(arguments)

@@ -103,12 +103,12 @@ def test_statements_show_value_rank_share_and_the_evidence_coalitions():
 def test_cli_writes_shares_and_one_statement_per_contributor(tmp_path):
     from diffcredit.cli import main
 
-    HAND.to_csv(tmp_path / "shapley.csv", index=False)
+    HAND.to_csv(tmp_path / "values.csv", index=False)
     status = main(
         [
             "payout",
             "--values",
-            str(tmp_path / "shapley.csv"),
+            str(tmp_path / "values.csv"),
             "--budget",
             "1000",
             "--out",
@@ -133,7 +133,7 @@ def test_cli_writes_shares_and_one_statement_per_contributor(tmp_path):
 def test_cli_statements_carry_the_evidence_of_a_plan_and_its_utilities(tmp_path):
     from diffcredit.cli import main
 
-    HAND.to_csv(tmp_path / "shapley.csv", index=False)
+    HAND.to_csv(tmp_path / "values.csv", index=False)
     pd.DataFrame({"coalition": ["c0", "c1", "c2"], "members": ["", "a", "a,b"]}).to_csv(
         tmp_path / "plan.tsv", sep="\t", index=False
     )
@@ -143,7 +143,7 @@ def test_cli_statements_carry_the_evidence_of_a_plan_and_its_utilities(tmp_path)
     args = [
         "payout",
         "--values",
-        str(tmp_path / "shapley.csv"),
+        str(tmp_path / "values.csv"),
         "--budget",
         "10",
         "--out",

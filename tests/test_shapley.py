@@ -408,8 +408,8 @@ def test_result_files_and_method(tmp_path: Path):
     result = aggregate(table, utilities(table, game, seeds=2, noise=0.1))
     assert tuple(result.table.columns) == TABLE_COLUMNS
     assert "Welch t-interval" in result.method and "95% level" in result.method
-    write_result(result, tmp_path / "shapley.csv", convergence=tmp_path / "convergence.tsv")
-    back = pd.read_csv(tmp_path / "shapley.csv")
+    write_result(result, tmp_path / "values.csv", convergence=tmp_path / "convergence.tsv")
+    back = pd.read_csv(tmp_path / "values.csv")
     pd.testing.assert_frame_equal(back, result.table, check_dtype=False)
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "convergence.tsv", sep="\t"), result.convergence)
 

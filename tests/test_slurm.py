@@ -36,7 +36,7 @@ TEST_PROFILE = ROOT / "tests" / "slurm" / "config.yaml"
 PROFILES = ("--profile", "slurm", "--profile", "tests/slurm")
 GPU_RULES = {"train_full", "prune", "recover", "coalition_utilities"}
 RUN = Path("results/tiny")
-SHAPLEY = RUN / "sft" / "kernelshap" / "shapley.csv"
+SHAPLEY = RUN / "sft" / "kernelshap" / "values.csv"
 UTILITIES = RUN / "sft" / "kernelshap" / "utilities.tsv"
 RUN_TIMEOUT = 900  # seconds for one Snakemake run (the tiny config takes 3-5 minutes on the cluster)
 T = TypeVar("T")
@@ -291,7 +291,8 @@ def test_scancelled_job_is_detected_and_rerun(cluster_run, tmp_path):
         ("CANCELLED", 1),
         ("COMPLETED", 2),
     ]
-    assert len(pd.read_csv(workdir / UTILITIES, sep="\t")) == 12
+    measured = pd.read_csv(workdir / UTILITIES, sep="\t")
+    assert measured["coalition"].nunique() == 12 and len(measured) == 12 + 2  # ∅ and N are measured twice
 
 
 def test_interrupted_run_restarts_without_recomputing(cluster_run, tmp_path):
@@ -308,4 +309,5 @@ def test_interrupted_run_restarts_without_recomputing(cluster_run, tmp_path):
     after = stored_records(workdir)
     assert {path: after[path] for path in finished} == finished, "a finished coalition was recomputed"
     assert len(after) == len(before) + 8
-    assert len(pd.read_csv(workdir / UTILITIES, sep="\t")) == 16
+    measured = pd.read_csv(workdir / UTILITIES, sep="\t")
+    assert measured["coalition"].nunique() == 16 and len(measured) == 16 + 2  # ∅ and N are measured twice

@@ -131,7 +131,7 @@ def test_config_rejects_unknown_key_naming_it(tmp_path):
 
 def test_tiny_run_produces_values_with_intervals(tiny_run):
     run = tiny_run / "results" / "tiny"
-    values = pd.read_csv(run / "sft" / "kernelshap" / "shapley.csv")
+    values = pd.read_csv(run / "sft" / "kernelshap" / "values.csv")
     assert list(values.columns[:5]) == ["contributor", "value", "stderr", "ci_low", "ci_high"]
     assert len(values) == 10
     assert (values["ci_low"] <= values["value"]).all() and (values["value"] <= values["ci_high"]).all()
@@ -144,7 +144,7 @@ def test_tiny_run_produces_values_with_intervals(tiny_run):
     assert rounds[["round", "n_coalitions"]].drop_duplicates().values.tolist() == [[0, 8]]
     planned = plan["repeats"] if "repeats" in plan else pd.Series(1, index=plan.index)
     assert utilities.groupby("coalition").size().sort_index().tolist() == planned.clip(lower=1).tolist()
-    for figure in ("sft/kernelshap/shapley.png", "sft/kernelshap/convergence.png", "figures/samples.png"):
+    for figure in ("sft/kernelshap/values.png", "sft/kernelshap/convergence.png", "figures/samples.png"):
         assert (run / figure).stat().st_size > 1000
 
 
@@ -164,12 +164,12 @@ def test_report_holds_description_values_costs_captions_and_config(tiny_run, tmp
         names = report.namelist()
         page = report.read(next(name for name in names if name.endswith("report.html"))).decode()
         tables = {Path(name).name: report.read(name).decode() for name in names if name.endswith(".html")}
-    for figure in ("shapley.png", "convergence.png", "samples.png"):
+    for figure in ("values.png", "convergence.png", "samples.png"):
         assert any(name.endswith(figure) for name in names), figure
     assert "DiffCredit credits the data contributors" in page  # workflow/report/workflow.rst
     assert r"they sum to v(N) \u2212 v(\u2205)" in page  # the kernelshap caption (JSON in the page) says so
     assert "block_out_channels:\n    - 16\n    - 32" in tables["config.html"]  # the tiny config, as run
-    values = pd.read_csv(tiny_run / "results" / "tiny" / "sft" / "kernelshap" / "shapley.csv")
+    values = pd.read_csv(tiny_run / "results" / "tiny" / "sft" / "kernelshap" / "values.csv")
     shown = html_table(tables["values.html"])
     assert {"value", "ci_low", "ci_high"} <= set(shown.columns)
     assert shown["contributor"].tolist() == values.sort_values("rank", kind="stable")["contributor"].tolist()
@@ -236,7 +236,7 @@ def test_raising_the_budget_runs_only_new_coalitions(tiny_run, tmp_path):
 def test_adaptive_rounds_extend_the_plan_and_measure_only_new_coalitions(tiny_run, tmp_path):
     workdir = continued(tiny_run, tmp_path / "run")
     run = workdir / "results" / "tiny"
-    first = pd.read_csv(run / "sft" / "kernelshap" / "shapley.csv")
+    first = pd.read_csv(run / "sft" / "kernelshap" / "values.csv")
     before = stored_records(run)
     # A target no interval meets: round 0 (the tiny run's 8 coalitions) goes on, round 1 (12) spends the budget.
     adaptive = workdir / "adaptive.yaml"
@@ -256,7 +256,7 @@ def test_adaptive_rounds_extend_the_plan_and_measure_only_new_coalitions(tiny_ru
     # Round 0 evaluated the tiny run's coalitions: the same values; the final values are round 1's.
     round0 = pd.read_csv(run / "sft" / "kernelshap" / "rounds" / "r00" / "values.csv")
     assert round0["value"].tolist() == pytest.approx(first["value"].tolist(), rel=1e-9)
-    values = pd.read_csv(run / "sft" / "kernelshap" / "shapley.csv")
+    values = pd.read_csv(run / "sft" / "kernelshap" / "values.csv")
     assert (values["round"] == 1).all() and (values["n_coalitions"] <= 12).all()
     plan = pd.read_csv(run / "plans" / "kernelshap.tsv", sep="\t", keep_default_na=False)
     utilities = pd.read_csv(run / "sft" / "kernelshap" / "utilities.tsv", sep="\t")
@@ -299,5 +299,5 @@ def test_failed_and_killed_run_resumes_without_recomputing(tmp_path):
     assert {p: after[p] for p in finished} == finished, "a finished coalition was recomputed"
     plan = pd.read_csv(workdir / "results" / "tiny" / "plans" / "kernelshap.tsv", sep="\t")
     assert len(after) == measurements(plan)
-    values = pd.read_csv(workdir / "results" / "tiny" / "sft" / "kernelshap" / "shapley.csv")
+    values = pd.read_csv(workdir / "results" / "tiny" / "sft" / "kernelshap" / "values.csv")
     assert values["value"].notna().all()

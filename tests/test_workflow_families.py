@@ -87,7 +87,7 @@ def test_each_family_stand_in_runs_end_to_end_with_efficient_values(tmp_path, fa
     stage_glyphs(workdir, "glyphs8.npz", "--size", "8", "--variants", "1")
     snakemake(workdir, "--cores", "2", "--configfile", str(CONFIGS / f"tiny-{family}.yaml"))
     run = workdir / "results" / f"tiny-{family}"
-    values = pd.read_csv(run / "sft" / "kernelshap" / "shapley.csv")
+    values = pd.read_csv(run / "sft" / "kernelshap" / "values.csv")
     utilities = pd.read_csv(run / "sft" / "kernelshap" / "utilities.tsv", sep="\t")
     plan = pd.read_csv(run / "plans" / "kernelshap.tsv", sep="\t", keep_default_na=False)
     assert (

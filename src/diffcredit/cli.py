@@ -156,7 +156,7 @@ def _parser() -> argparse.ArgumentParser:
 
     payout = commands.add_parser("payout", help="shares of a budget from values with intervals, and statements")
     payout.add_argument(
-        "--values", type=Path, required=True, help="CSV with contributor, value, stderr, ci_low, ci_high (shapley.csv)"
+        "--values", type=Path, required=True, help="CSV with contributor, value, stderr, ci_low, ci_high (values.csv)"
     )
     payout.add_argument("--budget", type=float, required=True, help="the amount to share out")
     payout.add_argument("--out", type=Path, required=True, help="shares CSV to write")

@@ -74,7 +74,7 @@ def multifidelity(
     values_out: str,
     summary_out: str,
 ) -> None:
-    """Multi-fidelity values of the retraining game (:mod:`diffcredit.multifidelity`) as a ``shapley.csv`` table."""
+    """Multi-fidelity values of the retraining game (:mod:`diffcredit.multifidelity`) as a ``values.csv`` table."""
     from diffcredit.coalitions import read_coalitions, read_contributors
     from diffcredit.multifidelity import multifidelity_values
     from diffcredit.shapley import read_utilities

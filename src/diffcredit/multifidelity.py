@@ -55,7 +55,7 @@ __all__ = ["MultiFidelityResult", "multifidelity_values"]
 class MultiFidelityResult:
     """Values of the retraining game with intervals (``table``) and the control variate behind them.
 
-    ``table`` has the columns of ``shapley.csv`` (``contributor``, ``value``, ``stderr``, ``ci_low``, ``ci_high``,
+    ``table`` has the columns of ``values.csv`` (``contributor``, ``value``, ``stderr``, ``ci_low``, ``ci_high``,
     ``rank``) plus ``sft_value`` (plain SFT-Shapley from all M coalitions), ``retrain_value`` (retrain-only from
     the K retrained ones) and ``correction`` (value − sft_value).
     """

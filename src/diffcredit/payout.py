@@ -161,7 +161,7 @@ def _checked(values: pd.DataFrame) -> pd.DataFrame:
     missing = [column for column in VALUE_COLUMNS if column not in values.columns]
     if missing:
         raise ValueError(
-            f"the values table lacks column(s) {missing}: give {', '.join(VALUE_COLUMNS)} (shapley.csv has them)"
+            f"the values table lacks column(s) {missing}: give {', '.join(VALUE_COLUMNS)} (values.csv has them)"
         )
     if values.empty:
         raise ValueError("the values table has no contributors")

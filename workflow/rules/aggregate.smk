@@ -5,10 +5,10 @@ rule aggregate:
         utilities=f"{RUN}/{{mode}}/{{plan}}/utilities.tsv",
         contributors=rules.prepare_data.output.contributors,
     output:
-        values=f"{RUN}/{{mode}}/{{plan}}/shapley.csv",
+        values=f"{RUN}/{{mode}}/{{plan}}/values.csv",
         convergence=f"{RUN}/{{mode}}/{{plan}}/convergence.tsv",
         rounds=f"{RUN}/{{mode}}/{{plan}}/rounds.tsv",
-        figure=report(f"{RUN}/{{mode}}/{{plan}}/shapley.png", caption="../report/values.rst", category="Values"),
+        figure=report(f"{RUN}/{{mode}}/{{plan}}/values.png", caption="../report/values.rst", category="Values"),
         convergence_figure=report(
             f"{RUN}/{{mode}}/{{plan}}/convergence.png", caption="../report/convergence.rst", category="Values"
         ),
@@ -63,7 +63,7 @@ rule sample_figure:
 # benchmark files, and the configuration. It runs last: its inputs are the default target's other products.
 rule report_pages:
     input:
-        values=f"{RUN}/{config['utility']['mode']}/{MAIN}/shapley.csv",
+        values=f"{RUN}/{config['utility']['mode']}/{MAIN}/values.csv",
         rounds=f"{RUN}/{config['utility']['mode']}/{MAIN}/rounds.tsv",
         samples=rules.sample_figure.output[0],
         bundle=f"{RUN}/bundle/SHA256SUMS",

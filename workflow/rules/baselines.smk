@@ -1,5 +1,5 @@
 # Non-Shapley attribution baselines, each written as {RUN}/baselines/<method>/values.csv (contributor, value, ...,
-# the layout of shapley.csv) for the LDS and counterfactual evaluations. One rule per method family: the TRAK family
+# the layout of values.csv) for the LDS and counterfactual evaluations. One rule per method family: the TRAK family
 # (one feature job per output function, one scoring job per method), In-Run Data Shapley, similarity, the paper's
 # heuristics, add-one-in and encoded ensembles. Settings: config["baselines"] (defaults and documentation: the
 # schema and config/README.md); method lists: common.smk.

@@ -228,7 +228,7 @@ def memory(base_mb):
     return mem_mb
 
 
-VALUE_FILES = ("shapley.csv", "convergence.tsv", "rounds.tsv", "shapley.png", "convergence.png")
+VALUE_FILES = ("values.csv", "convergence.tsv", "rounds.tsv", "values.png", "convergence.png")
 
 
 def values_of(mode, plan):
@@ -273,16 +273,16 @@ def bundle_files(wildcards):
 # Rankings compared by the LDS and counterfactuals (evaluate.smk): name -> values table. The main estimator's values
 # are called "shapley" whatever the estimator, so the report's keys stay stable (lds_sft_shapley, lds_loo, ...).
 RANKINGS = {
-    "sft_shapley": f"{RUN}/sft/{MAIN}/shapley.csv",
-    "finetune_shapley": f"{RUN}/finetune/{MAIN}/shapley.csv",
-    "loo": f"{RUN}/sft/loo/shapley.csv",
-    "banzhaf": f"{RUN}/sft/banzhaf/shapley.csv",
+    "sft_shapley": f"{RUN}/sft/{MAIN}/values.csv",
+    "finetune_shapley": f"{RUN}/finetune/{MAIN}/values.csv",
+    "loo": f"{RUN}/sft/loo/values.csv",
+    "banzhaf": f"{RUN}/sft/banzhaf/values.csv",
     **{method: f"{RUN}/baselines/{method}/values.csv" for method in config["evaluation"]["baselines"]},
 }
 # Multi-fidelity values need values from a prefix of the estimation plan, which only sampled estimators give.
 MULTIFIDELITY = MAIN not in ("exact", "loo")
 if MULTIFIDELITY:
-    RANKINGS["multifidelity_shapley"] = f"{RUN}/evaluation/multifidelity/shapley.csv"
+    RANKINGS["multifidelity_shapley"] = f"{RUN}/evaluation/multifidelity/values.csv"
 
 
 def ranking_jobs():

@@ -40,7 +40,7 @@ rule multifidelity:
         retrained_plan=f"{RUN}/plans/agreement.tsv",
         retrained=f"{RUN}/retrain/agreement/utilities.tsv",
     output:
-        values=f"{RUN}/evaluation/multifidelity/shapley.csv",
+        values=f"{RUN}/evaluation/multifidelity/values.csv",
         summary=f"{RUN}/evaluation/multifidelity/summary.json",
     log:
         f"{RUN}/logs/evaluation/multifidelity.log",

@@ -61,7 +61,7 @@ def contributor_totals(item_scores: np.ndarray, data: ContributorData, how: str 
 
 
 def save_values(scores: pd.Series, out: str | Path, **columns: pd.Series | object) -> None:
-    """Write ``contributor, value[, extra columns...]`` as CSV (the layout of shapley.csv), atomically.
+    """Write ``contributor, value[, extra columns...]`` as CSV (the layout of values.csv), atomically.
 
     Extra columns are Series aligned on the contributor index or scalars repeated on every row (e.g. ``seconds``).
     """
