@@ -345,9 +345,9 @@ def _job_seconds(bench: Path) -> float | None:
 
 def plot_methods(methods: pd.DataFrame, path: str, *, confidence: float) -> None:
     """Every method's LDS with both intervals (left) beside its wall time and peak memory (right)."""
-    from diffcredit.figures import _pyplot
+    from diffcredit.figures import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     table = methods.sort_values("value", na_position="first").reset_index(drop=True)
     y = np.arange(len(table))
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, max(2.5, 0.4 * len(table) + 1.2)), sharey=True)
@@ -384,9 +384,9 @@ def plot_methods(methods: pd.DataFrame, path: str, *, confidence: float) -> None
 def plot_budget(curve: pd.DataFrame, path: str, *, confidence: float) -> None:
     """LDS against compute for retrain-, finetune- and sft-Shapley (one panel per alpha), and the multi-fidelity
     point: the paper's budget-matched comparison."""
-    from diffcredit.figures import _pyplot
+    from diffcredit.figures import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     shares = sorted(curve["alpha"].unique())
     fig, axes = plt.subplots(1, len(shares), figsize=(5.5 * len(shares), 4), squeeze=False)
     for ax, share in zip(axes[0], shares, strict=True):

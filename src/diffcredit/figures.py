@@ -12,7 +12,7 @@ from scipy.stats import norm
 _PANELS = 8  # contributors shown in the convergence figure: the top and bottom few when there are more
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on clusters or CI
@@ -24,7 +24,7 @@ def _pyplot():
 def plot_values(table: pd.DataFrame, path: str | Path, *, title: str, confidence: float, name: str) -> None:
     """Horizontal bars of `value` per `contributor`, highest on top, with [ci_low, ci_high] whiskers; `name` says what
     the values are (Shapley, Banzhaf, leave-one-out)."""
-    plt = _pyplot()
+    plt = pyplot()
     table = table.sort_values("value")
     height = max(2.5, 0.28 * len(table) + 1.2)
     fig, ax = plt.subplots(figsize=(6.4, min(height, 40)))
@@ -49,7 +49,7 @@ def plot_convergence(
 
     With more than eight contributors only the four highest and the four lowest final values are shown.
     """
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     final = rounds[rounds["round"] == rounds["round"].max()].sort_values("value", ascending=False)

@@ -170,7 +170,7 @@ def train(
         pending = observer(model, index, clean, timesteps, noise) if observer is not None else None
         with forward_precision:
             prediction = model(scheduler.add_noise(clean, noise, timesteps), timesteps).sample
-        loss = F.mse_loss(prediction.float(), _target(scheduler, clean, noise, timesteps))
+        loss = F.mse_loss(prediction.float(), denoising_target(scheduler, clean, noise, timesteps))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip is not None:
@@ -208,7 +208,7 @@ def _batch_indices(n: int, batch_size: int, generator: torch.Generator):
         pending = pending[batch_size:]
 
 
-def _target(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+def denoising_target(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """What the model learns to predict, as the scheduler's ``prediction_type`` says."""
     kind = scheduler.config.prediction_type
     if kind == "epsilon":

@@ -57,7 +57,7 @@ from diffcredit.attribution import Params, contributor_totals, detached_params, 
 from diffcredit.contributors import ContributorData
 from diffcredit.models import make_scheduler
 from diffcredit.seeds import derive_seed
-from diffcredit.training import _target
+from diffcredit.training import denoising_target
 
 ORDERS = (1, 2)
 
@@ -192,7 +192,7 @@ def denoising_losses(
 ) -> torch.Tensor:
     """Per-item denoising loss ℓ(w, z) [B] at the given (t, ε): the training loss before the batch mean."""
     prediction = model_output(model, params, scheduler.add_noise(clean, noise, timesteps), timesteps)
-    return (prediction - _target(scheduler, clean, noise, timesteps)).pow(2).flatten(1).mean(1)
+    return (prediction - denoising_target(scheduler, clean, noise, timesteps)).pow(2).flatten(1).mean(1)
 
 
 class ValidationGradient:
@@ -244,7 +244,7 @@ class BatchGradients:
         self.coefficients = torch.ones(len(clean), device=clean.device, requires_grad=True)
         with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
             prediction = model(scheduler.add_noise(clean, noise, timesteps), timesteps).sample
-            losses = (prediction - _target(scheduler, clean, noise, timesteps)).pow(2).flatten(1).mean(1)
+            losses = (prediction - denoising_target(scheduler, clean, noise, timesteps)).pow(2).flatten(1).mean(1)
             self.grads = torch.autograd.grad(
                 (self.coefficients * losses).sum(), [p for _, p in named], create_graph=True
             )

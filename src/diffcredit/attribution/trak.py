@@ -45,7 +45,7 @@ from diffcredit.attribution.projection import StreamedProjection
 from diffcredit.contributors import ContributorData
 from diffcredit.models import make_scheduler
 from diffcredit.seeds import derive_seed
-from diffcredit.training import _target, select_device
+from diffcredit.training import denoising_target, select_device
 
 OUTPUTS = ("loss", "squared_norm")
 TARGETS = ("generated", "heldout")
@@ -130,7 +130,7 @@ class FeatureSpace:
             prediction = model_output(self.model, p, scheduler.add_noise(clean, noise, steps), steps)
             if output == "squared_norm":
                 return prediction.pow(2).mean()
-            return (prediction - _target(scheduler, clean, noise, steps)).pow(2).mean()
+            return (prediction - denoising_target(scheduler, clean, noise, steps)).pow(2).mean()
 
         return self._features(f, torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)))
 
