@@ -8,39 +8,14 @@ contributors), so the dry-runs stage fake manifests and nothing else. The glyph 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from workflow_files import workflow_copy
+from workflow_files import planned_jobs, snakemake, workflow_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "tests" / "configs"
-
-
-def snakemake(workdir: Path, *args: str, timeout: int = 900) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "snakemake", *args], cwd=workdir, capture_output=True, text=True, timeout=timeout
-    )
-    if result.returncode != 0:
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
-    return result.stdout
-
-
-def planned(output: str) -> dict[str, int]:
-    """Job counts per rule from a dry-run's summary table."""
-    counts, in_table = {}, False
-    for line in output.splitlines():
-        parts = line.split()
-        if parts[:2] == ["job", "count"]:
-            in_table = True
-        elif in_table and len(parts) == 2 and parts[1].isdigit():
-            counts[parts[0]] = int(parts[1])
-        elif in_table and counts and not parts:
-            break
-    return counts
 
 
 def stage_manifest(workdir: Path, folder: str, contributors: int, prefix: str) -> None:
@@ -70,13 +45,15 @@ def test_family_presets_plan_every_job_with_only_their_contributors_staged(tmp_p
         stage_manifest(workdir, "artbench", contributors, "artist")
     else:
         stage_glyphs(workdir, "resources/glyphs.npz", "--size", "8", "--variants", "1")
-    jobs = planned(snakemake(workdir, "-n", "--configfile", "config/config.yaml", f"config/presets/{preset}.yaml"))
+    jobs = planned_jobs(
+        snakemake(workdir, "-n", "--configfile", "config/config.yaml", f"config/presets/{preset}.yaml").stdout
+    )
     assert jobs["prepare_family"] == 1 and jobs["train_full"] == jobs["prune"] == jobs["recover"] == 1
     assert jobs["coalition_utilities"] >= 2
 
 
 def test_the_pixel_family_has_no_preparation_job(tmp_path):
-    jobs = planned(snakemake(workflow_copy(tmp_path), "-n", "--configfile", str(CONFIGS / "tiny.yaml")))
+    jobs = planned_jobs(snakemake(workflow_copy(tmp_path), "-n", "--configfile", str(CONFIGS / "tiny.yaml")).stdout)
     assert "prepare_family" not in jobs and jobs["train_full"] == 1
 
 
@@ -85,7 +62,7 @@ def test_the_pixel_family_has_no_preparation_job(tmp_path):
 def test_each_family_stand_in_runs_end_to_end_with_efficient_values(tmp_path, family):
     workdir = workflow_copy(tmp_path)
     stage_glyphs(workdir, "glyphs8.npz", "--size", "8", "--variants", "1")
-    snakemake(workdir, "--cores", "2", "--configfile", str(CONFIGS / f"tiny-{family}.yaml"))
+    snakemake(workdir, "--cores", "2", "--configfile", str(CONFIGS / f"tiny-{family}.yaml"), timeout=900)
     run = workdir / "results" / f"tiny-{family}"
     values = pd.read_csv(run / "sft" / "kernelshap" / "values.csv")
     utilities = pd.read_csv(run / "sft" / "kernelshap" / "utilities.tsv", sep="\t")
