@@ -1,18 +1,22 @@
 """Which sampler, with how few steps, keeps the coalition utilities of the reference sampler (DDIM, 100 steps)?
 
 On the embedded default (digits, CPU): the workflow's own stages build the full, pruned and recovered models and the
-FID reference (classifier features) from config/config.yaml, into a cache folder that later runs reuse. Then ~12
-coalitions of varied size are fine-tuned once each (sft mode, k steps, as `utility.coalition_model` does) and every
-fine-tuned model generates with each sampler at each step count, from the workflow's common generation noise. Written:
+FID reference (classifier features) from config/config.yaml, into a cache folder keyed by the stages' settings that
+later runs reuse. Then ``--coalitions`` distinct coalitions (28; the grand coalition and sizes spread evenly over
+1..n−1) are fine-tuned once each (sft mode, k steps, as `utility.coalition_model` does), and every fine-tuned model
+generates the config's ``utility.n_samples`` images with each sampler at each step count, from the workflow's common
+generation noise. Each coalition's FIDs are stored in the cache as they are measured, so a run that is stopped
+resumes where it was. Written:
 
 - the FID (mean over the coalitions) and the CPU seconds of generation against steps, per sampler;
-- the Spearman of the coalition utilities (−FID) against the reference sampler's;
-- per sampler, the fewest steps with Spearman ≥ 0.99, and the cheapest of those choices;
+- the Spearman of the coalition utilities (−FID) against the reference sampler's, with a bootstrap interval over
+  coalitions and the share of bootstrap resamples in which the setting reaches the bar;
+- the noise floor (the reference under another generation noise), the bar min(0.99, floor) and, per sampler, the
+  fewest steps from which on every tested step count reaches it (DDIM 100, the reference, always does);
 
 into the section "## Samplers: property and agreement against steps" of benchmarks/RESULTS.md, with a figure
-benchmarks/samplers.png. Run: ``.venv/bin/python benchmarks/bench_samplers.py`` (about 15 minutes on 2 idle cores, of
-which ~8 build the models once). Each coalition generates ``--n-samples`` images per setting (256 by default, half the
-config's 512, to keep the run short; with common noise the comparison of samplers stays paired).
+benchmarks/samplers.png. Run: ``nice .venv/bin/python benchmarks/bench_samplers.py`` (about 35 CPU minutes on one
+thread once the models are built; building them takes about 40 more).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import datetime
 import hashlib
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -29,31 +34,35 @@ import numpy as np
 import torch
 import yaml
 from machine import machine_description, package_versions, replace_section
-from scipy.stats import spearmanr
+from scipy.stats import rankdata
 
 from diffcredit import stages
 from diffcredit.contributors import ContributorData
+from diffcredit.io import write_json
 from diffcredit.models import unet_config_for
 from diffcredit.properties import load_property
 from diffcredit.sampling import generate
 from diffcredit.seeds import derive_seed
-from diffcredit.utility import UtilitySettings, coalition_model
+from diffcredit.utility import UtilitySettings, coalition_model, record_key
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).with_name("RESULTS.md")
 FIGURE = Path(__file__).with_name("samplers.png")
 SECTION = "Samplers: property and agreement against steps"
-REFERENCE = ("ddim", 100)
-GRID = {  # steps tried per sampler
-    "ddim": (25,),
-    "dpmsolver++": (5, 10, 15),
-    "unipc": (5, 10, 15),
+# A setting: (sampler, steps, generation noise). "common" is the workflow's noise, shared by every setting.
+REFERENCE = ("ddim", 100, "common")
+# The noise floor: the reference sampler again under another generation noise. No sampler can be told apart from
+# the reference by less than the reference differs from itself across noise draws.
+NOISE_FLOOR = ("ddim", 100, "other")
+GRID = {  # steps tried per sampler (UniPC and DPM-Solver++ agreed to the third digit in a first run: fewer points)
+    "ddim": (25, 50),
+    "dpmsolver++": (10, 15, 20, 25, 35, 50),
+    "unipc": (10, 20, 35),
 }
-# The noise floor: the reference sampler again under another generation noise. No sampler can agree with the
-# reference better than the reference agrees with itself across noise draws.
-NOISE_FLOOR = ("ddim", 100, "other noise")
-N_SAMPLES = 256  # images per coalition: half the default's 512, to keep the run near 15 CPU minutes
 AGREEMENT = 0.99
+COALITIONS = 28  # with ~88 CPU seconds each, about 35 minutes on one thread
+RESAMPLES = 2000  # bootstrap resamples of the coalitions
+CONFIDENCE = 0.95
 
 
 def config() -> dict:
@@ -61,113 +70,214 @@ def config() -> dict:
     return yaml.safe_load((ROOT / "config/config.yaml").read_text())
 
 
-def build_inputs(cfg: dict, cache: Path) -> tuple[Path, Path, Path, dict]:
-    """The workflow's train split, recovered model and FID reference for `cfg`, built once into `cache`."""
-    keys = ("seed", "data", "model", "train", "prune", "recover", "features")
-    cache = cache / hashlib.sha256(json.dumps({k: cfg[k] for k in keys}, sort_keys=True).encode()).hexdigest()[:12]
-    cache.mkdir(parents=True, exist_ok=True)
-    seconds_file = cache / "stage_seconds.json"
-    seconds = json.loads(seconds_file.read_text()) if seconds_file.exists() else {}
-    seed, data, model = cfg["seed"], cfg["data"], cfg["model"]
+def stage_plan(cfg: dict) -> list[tuple[str, dict[str, str], dict]]:
+    """The workflow's stages before the coalitions: (function of `diffcredit.stages`, its files in the cache, the
+    settings it computes from)."""
+    seed, model = cfg["seed"], cfg["model"]
 
     def recipe(section: str) -> dict:  # as common.smk's training_settings: each section is complete in the schema
         return {k: cfg[section][k] for k in ("steps", "batch_size", "lr", "optimizer", "ema_decay", "grad_clip")}
 
-    stages_run = {
-        "prepare_data": (
-            cache / "train.npz",
-            lambda: stages.prepare_data(
-                source=data["source"],
-                path=data["path"],
-                manifest=data["manifest"],
-                heldout_fraction=data["heldout_fraction"],
-                seed=seed,
-                train_out=str(cache / "train.npz"),
-                heldout_out=str(cache / "heldout.npz"),
-                contributors_out=str(cache / "contributors.tsv"),
-            ),
+    data = {k: cfg["data"][k] for k in ("source", "path", "manifest", "heldout_fraction")}
+    train = {"train_data": "train.npz"}
+    return [
+        (
+            "prepare_data",
+            {"train_out": "train.npz", "heldout_out": "heldout.npz", "contributors_out": "contributors.tsv"},
+            {**data, "seed": seed},
         ),
-        "train_full": (
-            cache / "full",
-            lambda: stages.train_full(
-                train_data=str(cache / "train.npz"),
-                out=str(cache / "full"),
-                stats_out=str(cache / "full.json"),
-                unet=model["unet"],
-                schedule=model["schedule"],
-                seed=seed,
-                **recipe("train"),
-            ),
+        (
+            "train_full",
+            {**train, "out": "full", "stats_out": "full.json"},
+            {"unet": model["unet"], "schedule": model["schedule"], "seed": seed, **recipe("train")},
         ),
-        "prune": (
-            cache / "pruned",
-            lambda: stages.prune_model(
-                full_model=str(cache / "full"),
-                train_data=str(cache / "train.npz"),
-                out=str(cache / "pruned"),
-                stats_out=str(cache / "pruned.json"),
-                schedule=model["schedule"],
-                seed=seed,
-                **cfg["prune"],
-            ),
+        (
+            "prune_model",
+            {**train, "full_model": "full", "out": "pruned", "stats_out": "pruned.json"},
+            {"schedule": model["schedule"], "seed": seed, **cfg["prune"]},
         ),
-        "recover": (
-            cache / "recovered",
-            lambda: stages.recover(
-                pruned_model=str(cache / "pruned"),
-                train_data=str(cache / "train.npz"),
-                out=str(cache / "recovered"),
-                stats_out=str(cache / "recovered.json"),
-                schedule=model["schedule"],
-                seed=seed,
-                **recipe("recover"),
-            ),
+        (
+            "recover",
+            {**train, "pruned_model": "pruned", "out": "recovered", "stats_out": "recovered.json"},
+            {"schedule": model["schedule"], "seed": seed, **recipe("recover")},
         ),
-        "reference": (
-            cache / "reference",
-            lambda: stages.prepare_reference(
-                train_data=str(cache / "train.npz"),
-                heldout_data=str(cache / "heldout.npz"),
-                out=str(cache / "reference"),
-                seed=seed,
-                **cfg["features"],
-            ),
+        (
+            "prepare_reference",
+            {**train, "heldout_data": "heldout.npz", "out": "reference"},
+            {"seed": seed, **cfg["features"]},
         ),
-    }
-    for stage, (output, run) in stages_run.items():
+    ]
+
+
+def build_inputs(cfg: dict, cache: Path) -> tuple[Path, dict]:
+    """The cache folder holding the train split, recovered model and FID reference for `cfg` (built once), and the
+    seconds each stage took when it was built."""
+    plan = stage_plan(cfg)
+    # Keyed by what the stages compute from, not by the config's text: a config that changes none of their settings
+    # reuses the models.
+    key = json.dumps([[stage, settings] for stage, _, settings in plan], sort_keys=True)
+    cache = cache / hashlib.sha256(key.encode()).hexdigest()[:12]
+    cache.mkdir(parents=True, exist_ok=True)
+    seconds_file = cache / "stage_seconds.json"
+    seconds = json.loads(seconds_file.read_text()) if seconds_file.exists() else {}
+    for stage, files, settings in plan:
+        output = next(cache / name for argument, name in files.items() if argument.endswith("out"))
         if not output.exists():
             tic = time.perf_counter()
-            run()
+            getattr(stages, stage)(**{argument: str(cache / name) for argument, name in files.items()}, **settings)
             seconds[stage] = time.perf_counter() - tic
-            seconds_file.write_text(json.dumps(seconds, indent=1))
+            write_json(seconds_file, seconds)
             print(f"{stage}: {seconds[stage]:.1f} s", flush=True)
-    return cache / "train.npz", cache / "recovered", cache / "reference", seconds
+    return cache, seconds
 
 
 def choose_coalitions(contributors: list[str], count: int, seed: int) -> list[list[str]]:
-    """`count` coalitions with sizes spread evenly over 1..n (the grand coalition included), members seeded."""
+    """`count` distinct coalitions: the grand coalition and `count` − 1 with sizes spread evenly over 1..n−1, members
+    seeded; in a seeded order, so that the coalitions of a stopped run are spread over the sizes too."""
     rng = np.random.default_rng(derive_seed(seed, "bench-samplers-coalitions"))
-    sizes = np.round(np.linspace(1, len(contributors), count)).astype(int)
-    return [sorted(rng.choice(contributors, size=int(k), replace=False).tolist()) for k in sizes]
+    n = len(contributors)
+    sizes = np.round(np.linspace(1, n - 1, count - 1)).astype(int)
+    for size, wanted in zip(*np.unique(sizes, return_counts=True), strict=True):
+        if wanted > math.comb(n, int(size)):
+            raise ValueError(f"{count} coalitions need {wanted} of size {size}, but {n} contributors have fewer")
+    chosen = [tuple(contributors)]
+    for size in sizes:
+        while (draw := tuple(sorted(rng.choice(contributors, size=int(size), replace=False).tolist()))) in chosen:
+            pass
+        chosen.append(draw)
+    return [list(chosen[i]) for i in rng.permutation(len(chosen))]
+
+
+def label(setting: tuple[str, int, str]) -> str:
+    return f"{setting[0]} {setting[1]} {setting[2]} noise"
+
+
+def measure(
+    members: list[str], settings: list[tuple], *, store: Path, fingerprint: str, stored_only: bool = False, **context
+) -> dict | None:
+    """FID and CPU seconds of coalition `members` under each of `settings`; what `store` holds is not measured again
+    (with `stored_only`, nothing is: None unless every setting is stored).
+
+    `context`: data, utility (UtilitySettings), start_model, fid (the property), noise ({"common": seed, "other":
+    seed}).
+    """
+    path = store / f"{record_key(fingerprint, members, 0)}.json"
+    record = json.loads(path.read_text()) if path.exists() else {"members": members, "settings": {}}
+    missing = [s for s in settings if label(s) not in record["settings"]]
+    if not missing or stored_only:
+        return None if missing else record
+    utility = context["utility"]
+    tic = time.process_time()  # CPU seconds of this one-thread process: what an idle core would take
+    model, _ = coalition_model(
+        members, 0, data=context["data"], settings=utility, start_model=context["start_model"], device="cpu"
+    )
+    record["finetune_seconds"] = time.process_time() - tic  # deterministic: a resumed coalition gets the same model
+    for sampler, steps, noise in missing:
+        tic = time.process_time()
+        images = generate(
+            model,
+            utility.n_samples,
+            seed=context["noise"][noise],
+            inference_steps=steps,
+            sampler=sampler,
+            schedule=utility.schedule,
+            batch_size=utility.sample_batch_size,
+            device="cpu",
+        )
+        sample_seconds = time.process_time() - tic
+        tic = time.process_time()
+        value = float(context["fid"](images))
+        record["settings"][label((sampler, steps, noise))] = {
+            "fid": value,
+            "sample_seconds": sample_seconds,
+            "score_seconds": time.process_time() - tic,
+        }
+        write_json(path, record)  # after every setting: a stopped run loses at most one generation
+    return record
+
+
+def spearman_with_first(utilities: np.ndarray) -> np.ndarray:
+    """Spearman of every setting with the first, over the coalitions: `utilities` [..., settings, coalitions] ->
+    [..., settings]. Pearson of the average ranks, as scipy's spearmanr (ties included)."""
+    ranks = rankdata(utilities, axis=-1)
+    centred = ranks - ranks.mean(axis=-1, keepdims=True)
+    first = centred[..., :1, :]
+    with np.errstate(invalid="ignore", divide="ignore"):  # a resample of one coalition repeated has no ranking
+        return (centred * first).sum(-1) / np.sqrt((centred**2).sum(-1) * (first**2).sum(-1))
+
+
+def analyse(records: list[dict], settings: list[tuple], seed: int) -> dict:
+    """The table of the section: per setting, FID, Spearman with its bootstrap interval and reach share, seconds;
+    the noise floor, the bar, and the fewest steps per sampler from which on every step count reaches the bar."""
+    utilities = -np.array([[r["settings"][label(s)]["fid"] for r in records] for s in settings])
+    point = spearman_with_first(utilities)
+    floor_index = settings.index(NOISE_FLOOR)
+    rng = np.random.default_rng(derive_seed(seed, "bench-samplers-bootstrap"))
+    resamples = rng.integers(0, len(records), size=(RESAMPLES, len(records)))
+    boot = spearman_with_first(np.moveaxis(utilities[:, resamples], 1, 0))  # [resamples, settings]
+    bar_boot = np.minimum(AGREEMENT, boot[:, floor_index])
+    tail = 100 * (1 - CONFIDENCE) / 2
+    low, high = np.nanpercentile(boot, [tail, 100 - tail], axis=0)
+    floor = float(point[floor_index])
+    bar = min(AGREEMENT, floor)
+    finetune = float(np.median([r["finetune_seconds"] for r in records]))
+    rows = []
+    for i, setting in enumerate(settings):
+        measured = [r["settings"][label(setting)] for r in records]
+        sample = float(np.median([m["sample_seconds"] for m in measured]))
+        score = float(np.median([m["score_seconds"] for m in measured]))
+        rows.append(
+            {
+                "sampler": setting[0],
+                "steps": setting[1],
+                "noise": setting[2],
+                "fid": float(np.mean([m["fid"] for m in measured])),
+                "spearman": float(point[i]),
+                "interval": [float(low[i]), float(high[i])],
+                # the bar is drawn from the same resample: the floor is uncertain too
+                "reach_share": float(np.mean(boot[:, i] >= bar_boot)),
+                "seconds": sample,
+                "coalition_seconds": finetune + sample + score,
+            }
+        )
+    chosen = {}
+    for sampler in GRID:
+        candidates = sorted(
+            (r for r in rows if r["sampler"] == sampler and r["noise"] == "common"), key=lambda r: r["steps"]
+        )
+        # the fewest steps from which on every tested step count reaches the bar: one lucky count is not kept
+        reaching = [r for k, r in enumerate(candidates) if all(c["spearman"] >= bar for c in candidates[k:])]
+        if reaching:
+            chosen[sampler] = reaching[0]
+    return {
+        "rows": rows,
+        "noise_floor": floor,
+        "threshold": bar,
+        "chosen": chosen,
+        "best": min(chosen.values(), key=lambda r: r["coalition_seconds"]) if chosen else None,
+        "finetune_seconds_median": finetune,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=ROOT / "results/bench_samplers")
-    parser.add_argument("--n-samples", type=int, default=N_SAMPLES, help="images per coalition")
-    parser.add_argument("--coalitions", type=int, default=12)
+    parser.add_argument("--n-samples", type=int, default=None, help="images per coalition (default: the config's)")
+    parser.add_argument("--coalitions", type=int, default=COALITIONS)
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    parser.add_argument(
+        "--stored", action="store_true", help="measure nothing: the planned coalitions the cache holds (a run going on)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # the machine's cores are shared; one thread is also what a coalition job gets
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     started = time.perf_counter()
 
     cfg = config()
-    train_file, recovered, reference, stage_seconds = build_inputs(cfg, args.cache)
-    data = ContributorData.load(train_file)
+    cache, stage_seconds = build_inputs(cfg, args.cache)
+    data = ContributorData.load(cache / "train.npz")
     u = cfg["utility"]
-    n_samples = args.n_samples
-    settings = UtilitySettings(
+    utility = UtilitySettings(
         mode="sft",
         steps=u["finetune_steps"],
         batch_size=u["batch_size"],
@@ -178,154 +288,147 @@ def main(argv: list[str] | None = None) -> None:
         seed=cfg["seed"],
         optimizer=cfg["train"]["optimizer"],
         grad_clip=cfg["train"]["grad_clip"],
-        n_samples=n_samples,
+        n_samples=args.n_samples or u["n_samples"],
+        sample_batch_size=u["sample_batch_size"],
     )
-    fid = load_property("fid", reference)
-    noise_seed = derive_seed(cfg["seed"], "generation-noise")
+    settings = [REFERENCE, NOISE_FLOOR] + [(s, k, "common") for s, steps in GRID.items() for k in steps]
+    context = {
+        "data": data,
+        "utility": utility,
+        "start_model": cache / "recovered",
+        "fid": load_property("fid", cache / "reference"),
+        "noise": {
+            "common": derive_seed(cfg["seed"], "generation-noise"),
+            "other": derive_seed(cfg["seed"], "bench-samplers-other-noise"),
+        },
+    }
+    store = cache / "coalitions"
+    store.mkdir(exist_ok=True)
+    fingerprint = utility.fingerprint(context["start_model"])
     coalitions = choose_coalitions(sorted(set(data.contributors)), args.coalitions, cfg["seed"])
-    configs = [REFERENCE, NOISE_FLOOR] + [(s, k) for s, steps in GRID.items() for k in steps if (s, k) != REFERENCE]
-    other_noise_seed = derive_seed(cfg["seed"], "bench-samplers-other-noise")
-    values = {c: [] for c in configs}
-    sample_seconds = {c: [] for c in configs}
-    finetune_seconds, score_seconds = [], []
+    records = []
     for number, members in enumerate(coalitions, 1):
-        model, seconds = coalition_model(members, 0, data=data, settings=settings, start_model=recovered, device="cpu")
-        finetune_seconds.append(seconds["train"])
-        for setting in configs:
-            sampler, steps = setting[:2]
-            tic = time.process_time()  # CPU seconds of this one-thread process: what an idle core would take
-            images = generate(
-                model,
-                n_samples,
-                seed=other_noise_seed if setting is NOISE_FLOOR else noise_seed,
-                inference_steps=steps,
-                sampler=sampler,
-                schedule=settings.schedule,
-                device="cpu",
-            )
-            sample_seconds[setting].append(time.process_time() - tic)
-            tic = time.process_time()
-            values[setting].append(fid(images))
-            score_seconds.append(time.process_time() - tic)
+        record = measure(members, settings, store=store, fingerprint=fingerprint, stored_only=args.stored, **context)
+        if record is None:
+            continue
+        records.append(record)
         print(
-            f"coalition {number}/{len(coalitions)} ({len(members)} members): FID {values[REFERENCE][-1]:.2f} "
-            f"with {REFERENCE[0]} {REFERENCE[1]}; {time.perf_counter() - started:.0f} s so far",
+            f"coalition {number}/{len(coalitions)} ({len(members)} members): FID "
+            f"{record['settings'][label(REFERENCE)]['fid']:.2f} with DDIM 100; "
+            f"{time.perf_counter() - started:.0f} s so far",
             flush=True,
         )
+    if len(records) < 3:
+        raise SystemExit(f"{len(records)} coalitions measured: a Spearman needs at least 3 (run without --stored)")
 
-    reference_utilities = -np.asarray(values[REFERENCE])
-    rows = []
-    for setting in configs:
-        rho = spearmanr(reference_utilities, -np.asarray(values[setting])).statistic
-        rows.append(
-            {
-                "sampler": setting[0],
-                "steps": setting[1],
-                "noise": "other" if setting is NOISE_FLOOR else "common",
-                "fid": float(np.mean(values[setting])),
-                "spearman": float(rho),
-                "seconds": float(np.median(sample_seconds[setting])),
-            }
-        )
-    floor = rows[1]["spearman"]
-    threshold = min(AGREEMENT, floor)  # 0.99, unless the reference agrees less with itself under other noise
-    chosen = {}
-    for sampler in GRID:
-        passing = [r for r in rows[2:] if r["sampler"] == sampler and r["spearman"] >= threshold]
-        if passing:
-            chosen[sampler] = min(passing, key=lambda r: r["steps"])
-    best = min(chosen.values(), key=lambda r: (r["steps"], r["seconds"])) if chosen else None
     report = {
         "date": datetime.date.today().isoformat(),
         "machine": machine_description(),
         "versions": package_versions(),
-        "n_samples": n_samples,
-        "finetune_steps": settings.steps,
-        "coalition_sizes": [len(c) for c in coalitions],
-        "rows": rows,
-        "chosen": chosen,
-        "best": best,
+        "n_samples": utility.n_samples,
+        "finetune_steps": utility.steps,
+        "coalition_sizes": sorted(len(r["members"]) for r in records),
         "stage_seconds": stage_seconds,
-        "noise_floor": floor,
-        "threshold": threshold,
-        "finetune_seconds_median": float(np.median(finetune_seconds)),
-        "score_seconds_median": float(np.median(score_seconds)),
+        "resamples": RESAMPLES,
+        "confidence": CONFIDENCE,
+        **analyse(records, settings, cfg["seed"]),
+        "score_seconds_median": float(np.median([m["score_seconds"] for r in records for m in r["settings"].values()])),
         "wall_seconds": time.perf_counter() - started,
     }
-    (args.cache / "bench_samplers.json").write_text(json.dumps(report, indent=1))
-    print(json.dumps({k: report[k] for k in ("best", "chosen", "wall_seconds")}, indent=1))
+    write_json(args.cache / "bench_samplers.json", report)
+    print(json.dumps({k: report[k] for k in ("noise_floor", "threshold", "best", "chosen")}, indent=1))
     if not args.no_write:
-        plot(rows, FIGURE)
+        plot(report, FIGURE)
         replace_section(RESULTS, SECTION, markdown(report))
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(report: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for sampler in ["ddim", *(s for s in GRID if s != "ddim")]:
-        mine = sorted((r for r in rows if r["sampler"] == sampler and r["noise"] == "common"), key=lambda r: r["steps"])
-        steps = [r["steps"] for r in mine]
-        left.plot(steps, [r["fid"] for r in mine], "o-", label=sampler)
-        right.plot(steps, [r["spearman"] for r in mine], "o-", label=sampler)
+    rows = report["rows"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    floor = next(r for r in rows if r["noise"] == "other")
+    for shift, sampler in zip((0.97, 1.0, 1.03), GRID, strict=True):  # shifted apart so that the bars do not overlap
+        line = sorted(
+            (r for r in rows if r["sampler"] == sampler and r["noise"] == "common" and r["steps"] != REFERENCE[1]),
+            key=lambda r: r["steps"],
+        )
+        steps = np.array([r["steps"] for r in line])
+        left.plot(steps, [r["fid"] for r in line], "o-", label=sampler)
+        rho = np.array([r["spearman"] for r in line])
+        bounds = np.array([r["interval"] for r in line]).T
+        right.errorbar(steps * shift, rho, yerr=[rho - bounds[0], bounds[1] - rho], fmt="o-", capsize=3, label=sampler)
+    left.axhline(rows[0]["fid"], color="black", linestyle="--", label="DDIM 100")
     left.set(
         xscale="log", xlabel="inference steps", ylabel="FID (mean over coalitions)", title="property against steps"
     )
-    right.axhline(AGREEMENT, color="gray", linestyle=":")
-    right.axhline(rows[1]["spearman"], color="black", linestyle="--", label="DDIM 100, other noise")
+    left.legend()
+    right.axhline(AGREEMENT, color="gray", linestyle=":", label="0.99")
+    right.axhline(floor["spearman"], color="black", linestyle="--", label="DDIM 100, other noise")
+    right.axhspan(*floor["interval"], color="black", alpha=0.08)
     right.set(
         xscale="log",
         xlabel="inference steps",
         ylabel="Spearman with DDIM 100",
-        title="agreement of coalition utilities",
-        ylim=(max(0.0, min(r["spearman"] for r in rows) - 0.05), 1.005),
+        title=f"agreement of coalition utilities ({report['confidence']:.0%} bootstrap intervals)",
+        ylim=(max(0.0, min(r["interval"][0] for r in rows) - 0.02), 1.005),
     )
-    right.legend()
+    right.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def markdown(report: dict) -> str:
+    rows = report["rows"]
+    reference = rows[0]
     lines = [
-        f"Command: `.venv/bin/python benchmarks/bench_samplers.py`. Machine: {report['machine']}. "
-        f"Date: {report['date']}. Wall time: {report['wall_seconds']:.0f} s (of it, building the models and the "
-        f"reference once: {sum(report['stage_seconds'].values()):.0f} s). Packages: "
+        f"Command: `nice .venv/bin/python benchmarks/bench_samplers.py`. Machine: {report['machine']}. "
+        f"Date: {report['date']}. Wall time: {report['wall_seconds']:.0f} s (building the models and the reference, "
+        f"once, took {sum(report['stage_seconds'].values()):.0f} s more). Packages: "
         + ", ".join(f"{k} {v}" for k, v in report["versions"].items())
         + ".",
         "",
         f"The embedded default (config/config.yaml) built by the workflow's stages; {len(report['coalition_sizes'])} "
-        f"coalitions of sizes {', '.join(map(str, report['coalition_sizes']))} fine-tuned once each (sft, k = "
-        f"{report['finetune_steps']} steps, median {report['finetune_seconds_median']:.1f} s), then sampled "
+        f"distinct coalitions of sizes {', '.join(map(str, report['coalition_sizes']))} fine-tuned once each (sft, "
+        f"k = {report['finetune_steps']} steps, median {report['finetune_seconds_median']:.1f} CPU s), then sampled "
         f"{report['n_samples']} images with every setting from the same generation noise; FID with the workflow's "
         f"classifier features against the held-out digits (median {report['score_seconds_median']:.2f} s). Spearman: "
-        "coalition utilities (−FID) against DDIM at 100 steps. Seconds: median CPU seconds of one coalition's "
-        "generation (one thread).",
+        "coalition utilities (−FID) against DDIM at 100 steps, with a percentile bootstrap interval "
+        f"({report['confidence']:.0%}, {report['resamples']} resamples of the coalitions). Reach: the share of "
+        "resamples in which the setting's Spearman is at least the bar min(0.99, noise floor) of the same resample. "
+        "Seconds: median CPU seconds of one thread, for the generation and for the whole coalition (fine-tune, "
+        "generation, FID).",
         "",
-        "| sampler | steps | noise | FID (mean) | Spearman vs DDIM 100 | CPU seconds per coalition |",
-        "| --- | ---: | --- | ---: | ---: | ---: |",
+        "| sampler | steps | noise | FID (mean) | Spearman vs DDIM 100 | interval | reach | generation CPU s | "
+        "coalition CPU s |",
+        "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: |",
     ]
-    for r in report["rows"]:
+    for r in rows:
+        reach = "—" if r is reference or r["noise"] == "other" else f"{r['reach_share']:.2f}"
         lines.append(
             f"| {r['sampler']} | {r['steps']} | {r['noise']} | {r['fid']:.2f} | {r['spearman']:.3f} | "
-            f"{r['seconds']:.2f} |"
+            f"{r['interval'][0]:.3f}–{r['interval'][1]:.3f} | {reach} | {r['seconds']:.2f} | "
+            f"{r['coalition_seconds']:.2f} |"
         )
+    floor = rows[1]
     lines += [
         "",
         f"Noise floor: DDIM 100 under another generation noise agrees with itself at Spearman "
-        f"{report['noise_floor']:.3f}; the bar is min(0.99, that) = {report['threshold']:.3f}.",
-        "Fewest steps reaching it, per sampler: "
-        + (", ".join(f"{s} {r['steps']} ({r['seconds']:.2f} s)" for s, r in report["chosen"].items()) or "none")
+        f"{report['noise_floor']:.3f} ({floor['interval'][0]:.3f}–{floor['interval'][1]:.3f}); the bar is "
+        f"min(0.99, that) = {report['threshold']:.3f}.",
+        "Fewest steps from which on every tested step count reaches it, per sampler: "
+        + (", ".join(f"{s} {r['steps']}" for s, r in report["chosen"].items()) or "none")
         + ".",
     ]
-    if report["best"]:
-        best = report["best"]
-        ref = report["rows"][0]
+    best = report["best"]
+    if best:
         lines.append(
-            f"Chosen default: **{best['sampler']}, {best['steps']} steps**: {ref['seconds'] / best['seconds']:.1f}× "
-            "less generation time than the reference at Spearman "
+            f"Cheapest of those: **{best['sampler']}, {best['steps']} steps**, "
+            f"{reference['seconds'] / best['seconds']:.1f}× less generation time than the reference and "
+            f"{reference['coalition_seconds'] / best['coalition_seconds']:.1f}× less per coalition, at Spearman "
             f"{best['spearman']:.3f}. Figure: `benchmarks/samplers.png`."
         )
     return "\n".join(lines)
