@@ -43,7 +43,7 @@ import yaml
 from torch import nn
 
 from diffcredit import sampling, training
-from diffcredit.models import build_model, count_parameters, unet_config_for
+from diffcredit.models import build_model, count_parameters, tiny_unet_config, unet_config_for
 from diffcredit.properties.features import extract_features
 from diffcredit.properties.fid import FID, feature_stats
 from diffcredit.pruning import prune
@@ -53,16 +53,6 @@ PRESET = ROOT / "config/presets/cifar20.yaml"
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "GPU path: seconds per coalition at the cifar20 size"
 ANCHOR = {"sampler": "ddim", "inference_steps": 100, "precision": "fp32", "sample_batch_size": 256}
-TINY_UNET = {
-    "sample_size": 8,
-    "block_out_channels": [8, 16],
-    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-    "layers_per_block": 1,
-    "norm_num_groups": 2,
-    "attention_head_dim": 8,
-    "dropout": 0.1,
-}
 
 
 def preset() -> dict:
@@ -314,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.tiny:
         torch.set_num_threads(1)
         spec.update(
-            unet=TINY_UNET,
+            unet={**tiny_unet_config(channels=3), "dropout": spec["unet"].get("dropout", 0.0)},  # the tests' UNet
             finetune_steps=20,
             batch_size=8,
             n_samples=32,

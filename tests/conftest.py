@@ -9,26 +9,15 @@ import pytest
 import torch
 
 from diffcredit.contributors import ContributorData, load_digits
-from diffcredit.models import build_model
+from diffcredit.models import build_model, tiny_unet_config
 
 torch.set_num_threads(1)  # two cores are shared by everyone running tests
 
 
 @pytest.fixture(scope="session")
 def tiny_config() -> dict[str, Any]:
-    """A two-level UNet2DModel for 8×8 grayscale images: 8/16 channels, 4 and 8 per GroupNorm group, attention
-    (2 heads) at 4×4, with both a Downsample2D and an Upsample2D."""
-    return {
-        "sample_size": 8,
-        "in_channels": 1,
-        "out_channels": 1,
-        "block_out_channels": [8, 16],
-        "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
-        "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
-        "layers_per_block": 1,
-        "norm_num_groups": 2,
-        "attention_head_dim": 8,
-    }
+    """The package's tiny UNet for 8×8 grayscale images (diffcredit.models.tiny_unet_config)."""
+    return tiny_unet_config()
 
 
 @pytest.fixture

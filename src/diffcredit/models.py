@@ -48,6 +48,23 @@ def digits_unet_config(sample_size: int = 8, channels: int = 1) -> dict[str, Any
     }
 
 
+def tiny_unet_config(sample_size: int = 8, channels: int = 1) -> dict[str, Any]:
+    """A two-level ``UNet2DModel`` small enough that a test or a script check runs in seconds on one core: 8/16
+    channels, 4 and 8 per GroupNorm group, attention (2 heads) at the lower resolution, with both a Downsample2D and an
+    Upsample2D (so pruning and every block type are exercised)."""
+    return {
+        "sample_size": sample_size,
+        "in_channels": channels,
+        "out_channels": channels,
+        "block_out_channels": [8, 16],
+        "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+        "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+        "layers_per_block": 1,
+        "norm_num_groups": 2,
+        "attention_head_dim": 8,
+    }
+
+
 def unet_config_for(image_shape: tuple[int, ...], overrides: dict | None = None) -> dict:
     """The UNet config for images of `image_shape` (items, channels, height, width): the digits default with the
     user's overrides on top."""
