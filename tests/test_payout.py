@@ -2,70 +2,98 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
 import pandas as pd
 import pytest
-from scipy.stats import norm
+from scipy.stats import norm, t
 
 from diffcredit.payout import RULE, payout, statement_text, statements, unallocated
+from diffcredit.shapley import ValuationResult
+
+Z = norm.ppf(0.975)
 
 
-def values(rows: list[tuple]) -> pd.DataFrame:
-    return pd.DataFrame(rows, columns=["contributor", "value", "stderr", "ci_low", "ci_high"])
+def values(rows: list[tuple], df: float | list[float] = np.inf) -> pd.DataFrame:
+    """A values table as the estimators write it: (contributor, value, stderr) rows, 95% t-intervals of `df`."""
+    names, value, stderr = zip(*rows, strict=True)
+    return ValuationResult.from_estimates(names, value, stderr, df, estimator="hand", method="hand-made").to_frame()
 
 
 HAND = values(
     [
-        ("a", 6.0, 0.0, 6.0, 6.0),  # positive
-        ("b", 2.0, 0.0, -1.0, 5.0),  # uncertain: paid by its estimate
-        ("c", -3.0, 0.0, -5.0, -1.0),  # harmful: interval below zero
-        ("d", -0.5, 0.0, -2.0, 1.0),  # not positive
+        ("a", 6.0, 0.0),  # positive: [6, 6]
+        ("b", 2.0, 3.0 / Z),  # uncertain, [-1, 5]: paid by its estimate
+        ("c", -3.0, 2.0 / Z),  # harmful: [-5, -1], below zero
+        ("d", -0.5, 1.5 / Z),  # not positive: [-2, 1]
     ]
 )
 
 
 def test_shares_sum_to_the_budget_and_follow_the_rule():
     shares = payout(HAND, 100.0).set_index("contributor")
+    np.testing.assert_allclose(shares[["ci_low", "ci_high"]].to_numpy(), [[6, 6], [-1, 5], [-5, -1], [-2, 1]])
     assert shares["share"].to_dict() == {"a": 75.0, "b": 25.0, "c": 0.0, "d": 0.0}
     assert shares["share"].sum() == pytest.approx(100.0) and unallocated(shares, 100.0) == pytest.approx(0.0)
     assert shares["status"].to_dict() == {"a": "positive", "b": "uncertain", "c": "harmful", "d": "not positive"}
     assert shares["rank"].to_dict() == {"a": 1, "b": 2, "c": 4, "d": 3}
     assert shares["fraction"].to_dict() == {"a": 0.75, "b": 0.25, "c": 0.0, "d": 0.0}
-    # Without any spread, every draw is the point: the intervals collapse onto the shares.
-    np.testing.assert_array_equal(shares["share_low"], shares["share"])
-    np.testing.assert_array_equal(shares["share_high"], shares["share"])
+    assert shares.loc["b", "share_low"] < 25.0 < shares.loc["b", "share_high"] and shares.loc["d", "share_high"] > 0
+    # Exact values (stderr 0, intervals of no width) are not drawn: the intervals collapse onto the shares.
+    exact = payout(values([("a", 6.0, 0.0), ("b", 2.0, 0.0), ("c", -3.0, 0.0)]), 100.0)
+    np.testing.assert_array_equal(exact["share_low"], exact["share"])
+    np.testing.assert_array_equal(exact["share_high"], exact["share"])
+    assert exact["share"].tolist() == [75.0, 25.0, 0.0]
 
 
 def test_a_harmful_value_stays_at_zero_even_when_draws_are_positive():
-    table = values([("good", 1.0, 0.1, 0.8, 1.2), ("bad", -0.1, 1.0, -0.3, -0.01)])  # a wide stderr, a CI below 0
+    table = values([("good", 1.0, 0.1), ("bad", -0.3, 0.15)])  # bad: [-0.594, -0.006], 2% of its draws above 0
     shares = payout(table, 10.0, draws=2000).set_index("contributor")
+    assert shares.loc["bad", "status"] == "harmful"
     assert shares.loc["bad", ["share", "share_low", "share_high"]].tolist() == [0.0, 0.0, 0.0]
     np.testing.assert_allclose(shares.loc["good", ["share", "share_low", "share_high"]].tolist(), 10.0, rtol=1e-12)
 
 
-def test_share_intervals_are_quantiles_of_the_values_normal_draws():
-    # b ~ N(2, 0.5^2), a fixed at 1: share_b = 100 b / (1 + b) is increasing in b (b > 0 at both 2.5% tails),
-    # so its interval is that function at b's quantiles, and a's share is the rest of the budget.
-    table = values([("a", 1.0, 0.0, 1.0, 1.0), ("b", 2.0, 0.5, 1.02, 2.98)])
+@pytest.mark.parametrize("df", [np.inf, 3.0])
+def test_a_share_interval_is_the_share_at_the_ends_of_the_values_own_interval(df):
+    # a is exact at 1, b has a t-interval of df (normal at df = inf): share_b = 100 b / (1 + b) is increasing in b,
+    # so its interval is that function at the ends of b's stated interval, and a's share is the rest of the budget.
+    table = values([("a", 1.0, 0.0), ("b", 2.0, 0.5)], df=df)
+    low, high = table.set_index("contributor").loc["b", ["ci_low", "ci_high"]]
+    assert (low, high) == pytest.approx(2 + 0.5 * t.ppf([0.025, 0.975], df))
     shares = payout(table, 100.0, draws=200_000, seed=3).set_index("contributor")
-    q_low, q_high = 2 + 0.5 * norm.ppf([0.025, 0.975])
-    expected_low, expected_high = 100 * q_low / (1 + q_low), 100 * q_high / (1 + q_high)
     assert shares.loc["b", "share"] == pytest.approx(200 / 3)
-    assert shares.loc["b", "share_low"] == pytest.approx(expected_low, rel=0.005)
-    assert shares.loc["b", "share_high"] == pytest.approx(expected_high, rel=0.005)
+    assert shares.loc["b", "share_low"] == pytest.approx(100 * low / (1 + low), rel=0.005)
+    assert shares.loc["b", "share_high"] == pytest.approx(100 * high / (1 + high), rel=0.005)
     assert shares.loc["a", "share_low"] == pytest.approx(100 - shares.loc["b", "share_high"], abs=1e-6)
     assert shares.loc["a", "share_high"] == pytest.approx(100 - shares.loc["b", "share_low"], abs=1e-6)
     again = payout(table, 100.0, draws=200_000, seed=3)
     assert again["share_low"].tolist() == shares["share_low"].tolist()  # seeded
 
 
+def test_the_share_interval_widens_as_the_values_df_shrinks():
+    widths = []
+    for df in (np.inf, 30.0, 5.0, 2.0):  # the same stderr: fewer degrees of freedom, a wider stated interval
+        table = values([("a", 1.0, 0.2), ("b", 2.0, 0.3)], df=df)
+        shares = payout(table, 100.0, draws=50_000, seed=1).set_index("contributor")
+        assert shares["share"].sum() == pytest.approx(100.0)
+        widths.append(shares.loc["b", "share_high"] - shares.loc["b", "share_low"])
+    assert all(narrow < wide for narrow, wide in itertools.pairwise(widths)), widths
+    assert widths[-1] > 1.5 * widths[0]  # t(2)'s 97.5% point is 4.30 against the normal's 1.96
+
+
 def test_no_positive_value_pays_no_one_and_leaves_the_budget_unallocated():
-    table = values([("x", -1.0, 0.0, -2.0, 0.5), ("y", 0.0, 0.0, -1.0, 1.0)])
+    table = values([("x", -1.0, 0.0), ("y", 0.0, 0.0)])
     shares = payout(table, 50.0)
     assert shares["share"].tolist() == [0.0, 0.0]
     assert unallocated(shares, 50.0) == 50.0
+
+
+NINETY = HAND.assign(  # d's interval at the 90% level, the others at 95%
+    ci_low=[6.0, -1.0, -5.0, -0.5 - norm.ppf(0.95) * 1.5 / Z], ci_high=[6.0, 5.0, -1.0, -0.5 + norm.ppf(0.95) * 1.5 / Z]
+)
 
 
 @pytest.mark.parametrize(
@@ -76,6 +104,10 @@ def test_no_positive_value_pays_no_one_and_leaves_the_budget_unallocated():
         (HAND.assign(value=[1.0, np.nan, 0.0, 0.0]), 1.0, "'b' has no finite value"),
         (pd.concat([HAND, HAND.head(1)]), 1.0, "'a' appears twice"),
         (HAND.assign(stderr=[-1.0, 0, 0, 0]), 1.0, "stderr is negative"),
+        (HAND.assign(df=[np.inf, 0.0, np.inf, np.inf]), 1.0, "a df is not positive"),
+        (HAND.assign(ci_high=[6.0, 6.0, -1.0, 1.0]), 1.0, r"'b' has the interval \[-1, 6\] around 2"),
+        (HAND.assign(ci_low=[5.0, -1.0, -5.0, -2.0]), 1.0, r"'a' has the interval \[5, 6\] around 6, stderr 0"),
+        (NINETY, 1.0, r"different levels \('d': 0.900, '[bc]': 0.950\)"),
     ],
 )
 def test_bad_values_are_refused(table, budget, message):

@@ -1,18 +1,24 @@
 """From values to money: shares of a budget with intervals, and a statement each contributor could be shown.
 
-The rule (`RULE`), applied to a values table (``contributor``, ``value``, ``stderr``, ``ci_low``, ``ci_high``):
+The rule (`RULE`), applied to a values table (``contributor``, ``value``, ``stderr``, ``ci_low``, ``ci_high`` and,
+as ``values.csv`` has it, ``df``):
 
 1. A contributor whose interval lies below zero (``ci_high < 0``) harmed the property: share 0.
 2. Every other contributor is paid in proportion to ``max(value, 0)``: a value at or below zero gets nothing, and
    an uncertain value (an interval that includes zero) is paid by its estimate, not shrunk; its share interval shows
    how far that payment could move. The shares sum to the budget, unless no value is positive, when nothing is paid
    and the whole budget is reported as unallocated.
-3. Share intervals: the values are drawn from their normal approximations N(value, stderr²), independently
-   (``draws`` times, seeded); each draw is paid by rule 2 with the harmful set of rule 1 fixed; the interval is the
-   central ``confidence`` range of a contributor's share over the draws. The point share is rule 2 on the point
-   values. Values of a Shapley estimate are correlated (they sum to v(N) − v(∅)), which independent draws ignore, so
-   the intervals are wider than a joint resampling would give: conservative for a payer who wants to know how much a
-   share could move.
+3. Share intervals follow the values' own intervals. Each value is drawn from the distribution its interval was made
+   from, value + stderr · T with T a Student t of the table's ``df`` (the estimator's degrees of freedom; normal
+   where the table has no ``df`` or it is infinite), independently, ``draws`` times, seeded: the draws' central range
+   at the values' level is then exactly [ci_low, ci_high], and a value measured with fewer degrees of freedom (a
+   wider interval) gets a wider share interval. Each draw is paid by rule 2 with the harmful set of rule 1 fixed; the
+   share interval is the central ``confidence`` range of a contributor's share over the draws, the point share rule
+   2 on the point values. A value with stderr 0 is exact and is not drawn. A table whose intervals are not these
+   t-intervals (asymmetric ones, or contributors' intervals at different levels) is refused, since no share
+   interval could follow them. Values of a Shapley estimate are correlated (they sum to v(N) − v(∅)), which
+   independent draws ignore, so the intervals are wider than a joint resampling would give: conservative for a payer
+   who wants to know how much a share could move.
 """
 
 from __future__ import annotations
@@ -21,10 +27,12 @@ from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
+from scipy.special import stdtr
 
 RULE = (
     "share 0 when the value's interval lies below zero; otherwise shares proportional to max(value, 0), summing to "
-    "the budget; share intervals from draws of the values' normal approximations, paid by the same rule"
+    "the budget; share intervals from draws of each value by its own interval (value + stderr · Student t of its df), "
+    "paid by the same rule"
 )
 VALUE_COLUMNS = ("contributor", "value", "stderr", "ci_low", "ci_high")
 
@@ -34,10 +42,10 @@ def payout(
 ) -> pd.DataFrame:
     """Shares of `budget` for the contributors of a values table, by `RULE`.
 
-    Returns one row per contributor, in the table's order: the value columns, ``rank`` (1 = the highest value),
-    ``status`` (``harmful``: interval below zero; ``not positive``: value <= 0, interval reaches zero; ``uncertain``:
-    paid, interval includes zero; ``positive``: paid, interval above zero), ``share``, ``share_low``, ``share_high``
-    (in the budget's unit) and ``fraction`` (share / budget).
+    Returns one row per contributor, in the table's order: the value columns and ``df`` (inf: a normal interval),
+    ``rank`` (1 = the highest value), ``status`` (``harmful``: interval below zero; ``not positive``: value <= 0,
+    interval reaches zero; ``uncertain``: paid, interval includes zero; ``positive``: paid, interval above zero),
+    ``share``, ``share_low``, ``share_high`` (in the budget's unit) and ``fraction`` (share / budget).
     """
     table = _checked(values)
     if not np.isfinite(budget) or budget <= 0:
@@ -48,17 +56,18 @@ def payout(
         raise ValueError(f"draws={draws}: use at least 1 (10,000 gives intervals to about 1% of the budget)")
     value = table["value"].to_numpy(float)
     stderr = np.nan_to_num(table["stderr"].to_numpy(float))  # an exact value (no stderr) does not vary
+    df = table["df"].to_numpy(float)
     harmful = table["ci_high"].to_numpy(float) < 0
     point = _shares(value[None, :], harmful, budget)[0]
     rng = np.random.default_rng(seed)
-    drawn = _shares(value + stderr * rng.standard_normal((draws, len(value))), harmful, budget)
+    drawn = _shares(value + stderr * _student_t(rng, df, draws), harmful, budget)
     tail = (1 - confidence) / 2
     low, high = np.quantile(drawn, [tail, 1 - tail], axis=0)
     ci_low = table["ci_low"].to_numpy(float)
     status = np.where(
         harmful, "harmful", np.where(value <= 0, "not positive", np.where(ci_low <= 0, "uncertain", "positive"))
     )
-    out = table.loc[:, list(VALUE_COLUMNS)].copy()
+    out = table.loc[:, [*VALUE_COLUMNS, "df"]].copy()
     out["rank"] = out["value"].rank(ascending=False, method="min").astype(int)
     out["status"] = status
     out["share"], out["share_low"], out["share_high"] = point, low, high
@@ -94,6 +103,7 @@ def statements(
             "contributor": row.contributor,
             "value": row.value,
             "stderr": row.stderr,
+            "df": float(row.df) if np.isfinite(row.df) else None,  # None: a normal interval (JSON has no infinity)
             "interval": [row.ci_low, row.ci_high],
             "rank": int(row.rank),
             "of": n,
@@ -125,7 +135,8 @@ def statement_text(statement: dict) -> str:
     lines = [
         f"# Statement for {statement['contributor']}",
         "",
-        f"- value: {statement['value']:.4g} (interval {low:.4g} to {high:.4g}, stderr {statement['stderr']:.3g})",
+        f"- value: {statement['value']:.4g} (interval {low:.4g} to {high:.4g}, stderr {statement['stderr']:.3g}"
+        + (f", df {statement['df']:.3g})" if statement.get("df") is not None else ")"),
         f"- rank: {statement['rank']} of {statement['of']}",
         f"- share: {statement['share']:.2f} (interval {share_low:.2f} to {share_high:.2f}; "
         f"{statement['fraction']:.1%} of the budget"
@@ -179,7 +190,46 @@ def _checked(values: pd.DataFrame) -> pd.DataFrame:
         )
     if (numbers["stderr"] < 0).any():
         raise ValueError("a stderr is negative: check the values table")
-    return pd.concat([values[["contributor"]].astype(str), numbers], axis=1)
+    # Without df the intervals are normal ones (add-one-in's); a missing df (an exact value's) is infinite too.
+    numbers["df"] = pd.to_numeric(values["df"], errors="coerce").fillna(np.inf) if "df" in values else np.inf
+    if (numbers["df"] <= 0).any():
+        raise ValueError("a df is not positive: check the values table (df is the t-interval's degrees of freedom)")
+    table = pd.concat([values[["contributor"]].astype(str), numbers], axis=1)
+    _check_intervals(table)
+    return table
+
+
+def _check_intervals(table: pd.DataFrame) -> None:
+    """Refuse intervals that the draws of rule 3 (value + stderr · t(df)) could not follow."""
+    name = table["contributor"].to_numpy()
+    value, stderr, low, high, df = (table[c].to_numpy(float) for c in ("value", "stderr", "ci_low", "ci_high", "df"))
+    drawn = stderr > 0
+    # An interval must be symmetric about its value, and an exact value's (stderr 0) must have no width.
+    off = np.where(drawn, np.abs((value - low) - (high - value)), high - low) > 1e-6 * (np.abs(low) + np.abs(high))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        level = 2 * stdtr(df, (high - low) / 2 / stderr) - 1  # each interval's level as a t-interval of stderr, df
+    if off.any():
+        i = int(np.argmax(off))
+        interval = f"[{low[i]:.4g}, {high[i]:.4g}] around {value[i]:.4g}, stderr {stderr[i]:.4g}"
+        problem = f"{name[i]!r} has the interval {interval}"
+    elif drawn.any() and np.ptp(level[drawn]) > 1e-3:
+        i, j = np.argmin(np.where(drawn, level, 2)), np.argmax(np.where(drawn, level, -1))
+        problem = f"the intervals have different levels ({name[i]!r}: {level[i]:.3f}, {name[j]!r}: {level[j]:.3f})"
+    else:
+        return
+    raise ValueError(
+        f"{problem}: share intervals follow the values' t-intervals value ± t(df)·stderr, which these are not; give "
+        "the estimator's own table (values.csv: value, stderr, ci_low, ci_high, df)"
+    )
+
+
+def _student_t(rng: np.random.Generator, df: np.ndarray, draws: int) -> np.ndarray:
+    """[draws, n] standard Student-t draws, column j with df[j] degrees of freedom (normal where df is infinite)."""
+    noise = rng.standard_normal((draws, len(df)))
+    finite = np.isfinite(df)
+    if finite.any():
+        noise[:, finite] = rng.standard_t(df[finite], size=(draws, int(finite.sum())))
+    return noise
 
 
 def _measured(coalitions: pd.DataFrame, utilities: pd.DataFrame) -> dict[str, tuple[tuple[str, ...], float, int]]:
