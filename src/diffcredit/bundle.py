@@ -1,7 +1,9 @@
 """Result bundles: a byte-reproducible tar.gz of a run's results, with SHA-256 checksums to verify it.
 
 The archive is reproducible: members are sorted, and owners, permissions and timestamps are fixed, so the same
-results give the same archive bytes (and checksum) on any machine.
+results give the same archive bytes (and checksum) on any machine. Its manifest says which yardstick the values were
+measured by (a trusted reference, named by source, path and digest, or the contributors' own held-out items), so a
+reader of the bundle alone can tell whether the contributors shaped their own yardstick.
 """
 
 from __future__ import annotations
@@ -21,21 +23,37 @@ from diffcredit.reproducibility import KERNEL_PINS
 ARCHIVE = "results.tar.gz"
 CHECKSUMS = "SHA256SUMS"
 PACKAGES = ("diffcredit", "torch", "diffusers", "peft", "torch-pruning", "clean-fid", "numpy", "pandas", "snakemake")
+YARDSTICK = "yardstick"  # the metadata key of the reference's provenance
 
 
-def make_bundle(files: Mapping[str, str | Path], out_dir: str | Path, metadata: Mapping | None = None) -> Path:
+def make_bundle(
+    files: Mapping[str, str | Path],
+    out_dir: str | Path,
+    metadata: Mapping | None = None,
+    *,
+    reference: str | Path | None = None,
+) -> Path:
     """Archive `files` (name in the archive -> path) with a MANIFEST.json into `out_dir`; returns the checksum file.
 
     `out_dir` receives ``results.tar.gz`` and ``SHA256SUMS`` (one line per archived file and one for the archive, in
-    ``sha256sum`` format, so ``sha256sum -c`` verifies the archive in place).
+    ``sha256sum`` format, so ``sha256sum -c`` verifies the archive in place). With `reference`, the run's prepared
+    reference folder, the metadata gains ``yardstick`` (:func:`diffcredit.properties.reference_provenance`: trusted or
+    not, the ``data.reference`` source and path, the images' digest and the statement) and the archive its
+    ``reference.json``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    metadata = dict(metadata or {})
+    if reference is not None:
+        from diffcredit.properties import INFO_FILE, reference_provenance
+
+        metadata[YARDSTICK] = reference_provenance(reference)
+        files = {**files, INFO_FILE: Path(reference, INFO_FILE)}
     missing = [str(path) for path in files.values() if not Path(path).is_file()]
     if missing:
         raise FileNotFoundError(f"cannot bundle missing files: {', '.join(missing)}")
     sums = {name: file_digest(path) for name, path in sorted(files.items())}
-    manifest = json.dumps({"files": sums, "metadata": dict(metadata or {})}, indent=1, sort_keys=True).encode()
+    manifest = json.dumps({"files": sums, "metadata": metadata}, indent=1, sort_keys=True).encode()
 
     def write_archive(tmp: str) -> None:
         with (
@@ -122,6 +140,12 @@ def verify_bundle(out_dir: str | Path) -> list[str]:
             elif hashlib.sha256(member.read()).hexdigest() != digest or expected.get(name) != digest:
                 problems.append(f"{name}: checksum differs")
     return problems
+
+
+def bundled_yardstick(out_dir: str | Path) -> dict | None:
+    """The yardstick a bundle's values were measured by (its manifest's ``yardstick``), None if it does not say."""
+    with tarfile.open(Path(out_dir) / ARCHIVE, "r:gz") as tar:
+        return json.loads(tar.extractfile("MANIFEST.json").read())["metadata"].get(YARDSTICK)
 
 
 def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:

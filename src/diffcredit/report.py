@@ -21,7 +21,7 @@ _WILDCARD = re.compile(r"\{([^{},]+)(?:,((?:[^{}]|\{[^{}]*\})*))?\}")
 _STYLE = (
     "body{font-family:sans-serif;font-size:14px;margin:1em}table{border-collapse:collapse}"
     "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#eee}"
-    "td:first-child,th:first-child{text-align:left}"
+    "td:first-child,th:first-child{text-align:left}.warning{color:#a00000}"
 )
 
 
@@ -91,8 +91,14 @@ def values_page(
     estimator: str,
     kind: str,
     confidence: float,
+    reference: str | os.PathLike[str] | None = None,
 ) -> None:
-    """The values table (highest first) with its intervals, and each round's coalitions and stopping decision."""
+    """The values table (highest first) with its intervals, and each round's coalitions and stopping decision.
+
+    With `reference`, the run's prepared reference folder, the page opens with the yardstick the values were measured
+    by (:func:`diffcredit.properties.reference_provenance`): the trusted reference's source, path and digest, or a
+    warning that the contributors shape their own yardstick.
+    """
     table = pd.read_csv(values).sort_values("rank", kind="stable")
     shown = [c for c in ("rank", "contributor", "value", "stderr", "ci_low", "ci_high", "n_coalitions") if c in table]
     per_round = pd.read_csv(rounds, sep="\t").drop_duplicates("round")[["round", "n_coalitions", "stop", "reason"]]
@@ -102,7 +108,26 @@ def values_page(
     )
     if kind == "Shapley":
         summary += f" They sum to v(N) − v(∅) = {table['value'].sum():.6g}."
-    _write_page(out, f"{kind} values", summary, table[shown], ("Rounds", per_round))
+    if reference is None:
+        _write_page(out, f"{kind} values", summary, table[shown], ("Rounds", per_round))
+        return
+    from diffcredit.properties import reference_provenance
+
+    provenance = reference_provenance(reference)
+    source = provenance["source"] or {}
+    details = pd.DataFrame(
+        {
+            "yardstick": [provenance["yardstick"]],
+            **{key: [source.get(key)] for key in ("source", "path", "manifest")},
+            "images": [provenance["n_reference"]],
+            "digest": [provenance["reference_digest"]],
+            "extractor fitted on": [provenance["extractor_fit"]],
+        }
+    )
+    notice = (provenance["statement"], not provenance["trusted"])
+    _write_page(
+        out, f"{kind} values", summary, table[shown], ("Yardstick", details), ("Rounds", per_round), notice=notice
+    )
 
 
 def config_page(config: Mapping, out: str | os.PathLike[str]) -> None:
@@ -115,8 +140,21 @@ def config_page(config: Mapping, out: str | os.PathLike[str]) -> None:
     write_text(out, _page("Configuration", body))
 
 
-def _write_page(out, title: str, summary: str, table: pd.DataFrame, *more: tuple[str, pd.DataFrame]) -> None:
-    parts = [f"<h2>{html.escape(title)}</h2>", f"<p>{html.escape(summary)}</p>", table.to_html(index=False)]
+def _write_page(
+    out,
+    title: str,
+    summary: str,
+    table: pd.DataFrame,
+    *more: tuple[str, pd.DataFrame],
+    notice: tuple[str, bool] | None = None,
+) -> None:
+    """`notice`: (a sentence shown above the table, whether it is a warning)."""
+    parts = [f"<h2>{html.escape(title)}</h2>"]
+    if notice is not None:
+        text, warning = notice
+        text = html.escape(text)
+        parts.append(f"<p class='warning'><strong>{text}</strong></p>" if warning else f"<p>{text}</p>")
+    parts += [f"<p>{html.escape(summary)}</p>", table.to_html(index=False)]
     for heading, extra in more:
         parts += [f"<h3>{html.escape(heading)}</h3>", extra.to_html(index=False)]
     write_text(out, _page(title, "\n".join(parts)))

@@ -178,17 +178,28 @@ def prepare_reference(
 def reference_provenance(reference_dir: str | Path) -> dict:
     """Which yardstick a prepared reference is, for bundle metadata and reports.
 
-    Returns `yardstick`, `trusted`, `extractor_fit`, `n_reference`, `reference_digest`, `source` and `statement`, a
-    sentence to show beside the values (a warning when the contributors shape their own yardstick).
+    Returns `yardstick`, `trusted`, `extractor_fit`, `n_reference`, `reference_digest`, `source` (the config's
+    ``data.reference``: {source, path, manifest}; None for the held-out split) and `statement`, a sentence to show
+    beside the values that names the reference (source, path, digest) or warns that the contributors shape their own
+    yardstick.
     """
-    info = json.loads((Path(reference_dir) / INFO_FILE).read_text())
+    info_file = Path(reference_dir) / INFO_FILE
+    if not info_file.is_file():
+        raise FileNotFoundError(
+            f"{str(info_file)!r} does not exist: give the run's prepared reference folder (results/<name>/reference)"
+        )
+    info = json.loads(info_file.read_text())
     trusted = info["yardstick"] == TRUSTED
-    statement = (
-        f"Properties are measured against a trusted reference of {info['n_reference']} images that no contributor "
-        f"supplied; the feature extractor was fitted on {info['extractor_fit']}."
-        if trusted
-        else f"Warning: {UNTRUSTED_NOTE}."
-    )
+    images = f"{info['n_reference']} images (digest {info['reference_digest'][:12]})"
+    if trusted:
+        source = info["source"] or {}
+        named = ", ".join(f"{key} {source[key]}" for key in ("source", "path", "manifest") if source.get(key))
+        statement = (
+            f"Properties are measured against a trusted reference that no contributor supplied: {images}, "
+            f"data.reference = {named or 'not recorded'}; the feature extractor was fitted on {info['extractor_fit']}."
+        )
+    else:
+        statement = f"Warning: {UNTRUSTED_NOTE}. Reference: {images} held out from the contributors' items."
     keys = ("yardstick", "extractor_fit", "n_reference", "reference_digest", "source")
     return {**{key: info[key] for key in keys}, "trusted": trusted, "statement": statement}
 
