@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffcredit.contributors import ContributorData, validate_contributor_id
+from diffcredit.contributors import ContributorData, contributor_ids, load_source, validate_contributor_id
 from diffcredit.families import FAMILIES, Family, LatentFamily, TextLoraFamily, family_class, lora
 from diffcredit.families import autoencoder as ae
 from diffcredit.families import text_conditioning as tc
-from diffcredit.glyphs import CONTRIBUTOR_FONTS, caption, load_glyphs
+from diffcredit.glyphs import CONTRIBUTOR_FONTS, caption, captions_of, load_glyphs
 from diffcredit.sampling import generate
 
 SAMPLING = {"inference_steps": 2, "device": "cpu"}
@@ -77,6 +77,22 @@ def test_glyphs_are_fonts_as_contributors_with_letter_captions(glyphs):
     assert data.images.min() >= -1.0 and data.images.max() <= 1.0 and data.images.max() > 0.5
     again, _ = load_glyphs({"dejavu-sans": CONTRIBUTOR_FONTS["dejavu-sans"]}, letters="AOX", size=8, seed=0)
     np.testing.assert_array_equal(again.images, sans)
+
+
+def test_the_glyphs_source_renders_every_font_as_a_contributor_the_same_way_each_time(tmp_path):
+    data = load_source("glyphs")
+    assert data.contributor_ids == list(CONTRIBUTOR_FONTS) == contributor_ids("glyphs")  # ids without rendering
+    assert data.images.shape == (12 * 26 * 2, 1, 16, 16) and list(data.counts()) == [52] * 12
+    assert list(data.item_ids[:3]) == ["dejavu-sans-A0", "dejavu-sans-A1", "dejavu-sans-B0"]
+    assert list(captions_of(data.item_ids[:3])) == [caption("A"), caption("A"), caption("B")]
+    assert np.bincount(data.labels).tolist() == [24] * 26
+    again = load_source("glyphs")  # a fresh rendering in the same process: the same pixels
+    np.testing.assert_array_equal(again.images, data.images)
+    manifest = tmp_path / "owners.tsv"
+    manifest.write_text("item\tcontributor\n" + "".join(f"{i}\tpool\n" for i in data.item_ids))
+    assert load_source("glyphs", manifest=manifest).contributor_ids == ["pool"]
+    with pytest.raises(ValueError, match="rendered from matplotlib's fonts: leave path null"):
+        load_source("glyphs", path="glyphs.npz")
 
 
 # --- autoencoder ------------------------------------------------------------------------------------------------
@@ -426,3 +442,24 @@ def test_a_unet_that_does_not_fit_the_latents_is_refused_before_the_autoencoder_
     model = {"family": "latent", "unet": {"sample_size": 8}, "latent": {"steps": 10_000}}  # would train for minutes
     with pytest.raises(ValueError, match="sample_size 8 but the latents are 4x4"):
         prepare_family(model, tmp_path / "l", data=glyphs[0], seed=0, device="cpu")
+
+
+# --- evaluate's baselines -----------------------------------------------------------------------------------------
+
+
+def test_evaluate_refuses_the_baselines_a_family_cannot_run_naming_the_family_and_what_works():
+    from diffcredit.families import PIXEL_ONLY_BASELINES, check_evaluation_baselines, unsupported_baselines
+
+    with pytest.raises(ValueError) as refused:
+        check_evaluation_baselines("text_lora", ["dtrak", "embedding_similarity_mean", "add_one_in", "inrun"])
+    message = str(refused.value)
+    assert "evaluation.baselines dtrak, embedding_similarity_mean, inrun cannot work in the 'text_lora'" in message
+    assert "Remove them: evaluation.baselines: [add_one_in] (or set baselines.similarity.target: heldout" in message
+    assert "the TRAK family differentiates the full model as a pixel UNet" in message
+    assert "add_one_in, aesthetic_mean, aesthetic_max and embedding_distance work in every family" in message
+    everything = [*PIXEL_ONLY_BASELINES, "pixel_similarity_max", "add_one_in", "embedding_distance"]
+    check_evaluation_baselines("pixel", everything)  # the pixel family runs every baseline
+    check_evaluation_baselines("latent", ["pixel_similarity_max", "add_one_in"], similarity_target="heldout")
+    assert set(unsupported_baselines("latent", everything)) == {*PIXEL_ONLY_BASELINES, "pixel_similarity_max"}
+    with pytest.raises(ValueError, match="unknown model family 'lora'"):
+        unsupported_baselines("lora", ["dtrak"])

@@ -1,8 +1,8 @@
 """The latent and text-LoRA families through the workflow: every family preset plans, and each stand-in runs end to end.
 
 The GPU presets read staged weights and images (resources/README.md); planning needs only their manifests (the
-contributors), so the dry-runs stage fake manifests and nothing else. The glyph stand-ins read an npz that
-``python -m diffcredit.glyphs`` writes from matplotlib's fonts.
+contributors), so the dry-runs stage fake manifests and nothing else. The glyph presets render their data themselves
+(``data.source: glyphs``); the tiny runs read smaller glyphs that ``python -m diffcredit.glyphs`` writes to an npz.
 """
 
 from __future__ import annotations
@@ -34,21 +34,23 @@ def stage_glyphs(workdir: Path, path: str, *args: str) -> None:
 
 @pytest.mark.parametrize(
     ("preset", "contributors"),
-    [("celebahq-ldm", 50), ("artbench-lora", 258), ("latent-glyphs", 12), ("glyphs-lora", 12)],
+    [("cifar20", 20), ("celebahq-ldm", 50), ("artbench-lora", 258), ("latent-glyphs", 12), ("glyphs-lora", 12)],
 )
 def test_family_presets_plan_every_job_with_only_their_contributors_staged(tmp_path, preset, contributors):
     workdir = workflow_copy(tmp_path)
     (workdir / "resources").mkdir(exist_ok=True)
-    if preset == "celebahq-ldm":
-        stage_manifest(workdir, "celebahq", contributors, "identity")
-    elif preset == "artbench-lora":
-        stage_manifest(workdir, "artbench", contributors, "artist")
-    else:
-        stage_glyphs(workdir, "resources/glyphs.npz", "--size", "8", "--variants", "1")
+    staged = {
+        "cifar20": ("cifar20", "class"),
+        "celebahq-ldm": ("celebahq", "identity"),
+        "artbench-lora": ("artbench", "artist"),
+    }
+    if preset in staged:
+        stage_manifest(workdir, staged[preset][0], contributors, staged[preset][1])
     jobs = planned_jobs(
         snakemake(workdir, "-n", "--configfile", "config/config.yaml", f"config/presets/{preset}.yaml").stdout
     )
-    assert jobs["prepare_family"] == 1 and jobs["train_full"] == jobs["prune"] == jobs["recover"] == 1
+    assert jobs.get("prepare_family", 0) == (preset != "cifar20")  # the pixel family has nothing to prepare
+    assert jobs["train_full"] == jobs["prune"] == jobs["recover"] == 1
     assert jobs["coalition_utilities"] >= 2
 
 
@@ -82,3 +84,19 @@ def test_each_family_stand_in_runs_end_to_end_with_efficient_values(tmp_path, fa
         assert pruned["parameters_after"] <= 0.5 * pruned["parameters_before"]  # prune.ratio: the LoRA share kept
         assert (run / "models" / "recovered" / "pytorch_lora_weights.safetensors").is_file()
     assert (run / "figures" / "samples.png").is_file()
+
+
+def test_evaluate_refuses_baselines_the_family_cannot_run_before_any_job(tmp_path):
+    workdir = workflow_copy(tmp_path)
+    stage_glyphs(workdir, "glyphs8.npz", "--size", "8", "--variants", "1")
+    config = ("--configfile", str(CONFIGS / "tiny-latent.yaml"))
+    result = snakemake(workdir, "-n", "evaluate", *config, check=False)
+    assert result.returncode != 0
+    assert (
+        "evaluation.baselines dtrak, pixel_similarity_mean, embedding_similarity_mean cannot work in the 'latent' "
+        "model family" in result.stdout + result.stderr
+    )
+    allowed = ("--config", "evaluation={baselines: [add_one_in, embedding_distance]}")
+    assert planned_jobs(snakemake(workdir, "-n", "evaluate", *config, *allowed).stdout)["baseline_add_one_in"] == 1
+    jobs = planned_jobs(snakemake(workdir, "-n", "baselines", *config).stdout)  # only those the family can run
+    assert jobs["baseline_add_one_in"] == 1 and jobs["baseline_heuristic"] == 1 and "trak_features" not in jobs

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 CONTRIBUTOR_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
-SOURCES = ("digits", "folder", "npz", "marketplace")
+SOURCES = ("digits", "folder", "npz", "marketplace", "glyphs")
 
 
 def validate_contributor_id(value: object, where: str = "") -> str:
@@ -231,7 +231,16 @@ def load_source(source: str, path: str | Path | None = None, manifest: str | Pat
     - ``folder``: ``manifest`` (``path``, ``contributor``) lists images under ``path`` (default: its folder).
     - ``npz``: arrays at ``path``; ``manifest`` (``item``, ``contributor``) optionally reassigns items.
     - ``marketplace``: the planted contributors of :func:`load_marketplace` (``path`` and ``manifest`` unused).
+    - ``glyphs``: letters rendered from the fonts matplotlib ships, one contributor per font
+      (:func:`diffcredit.glyphs.load_source`); ``manifest`` (``item``, ``contributor``) optionally reassigns items.
     """
+    if source == "glyphs":
+        if path is not None:
+            raise ValueError("source 'glyphs' is rendered from matplotlib's fonts: leave path null")
+        from diffcredit.glyphs import load_source as load_glyph_source
+
+        data = load_glyph_source()
+        return data if manifest is None else assign(data, manifest)
     if source == "marketplace":
         if path is not None or manifest is not None:
             raise ValueError("source 'marketplace' is built from scikit-learn's digits: leave path and manifest null")
@@ -261,6 +270,10 @@ def contributor_ids(source: str, path: str | Path | None = None, manifest: str |
         _check_cells(table, manifest, ("path", "contributor"))
         ids = list(dict.fromkeys(str(cid) for cid in table["contributor"]))
         return [validate_contributor_id(cid, where=str(manifest)) for cid in ids]
+    if source == "glyphs" and path is None and manifest is None:
+        from diffcredit.glyphs import CONTRIBUTOR_FONTS  # the fonts, without rendering a glyph
+
+        return list(CONTRIBUTOR_FONTS)
     return load_source(source, path, manifest).contributor_ids
 
 
@@ -307,6 +320,7 @@ def yardstick(reference: dict | None, *, marketplace: bool = False) -> str:
 
 
 REFERENCE_OWNER = "reference"  # the owner of every image of a trusted reference: the buyer, not a contributor
+REFERENCE_SOURCES = ("digits", "folder", "npz", "marketplace")
 
 
 def load_reference(source: str, path: str | Path | None = None, manifest: str | Path | None = None) -> ContributorData:
@@ -340,7 +354,7 @@ def load_reference(source: str, path: str | Path | None = None, manifest: str | 
         if path is None:
             raise ValueError("an 'npz' reference needs the path of an .npz file with an 'images' array")
         return load_arrays(path, owner=REFERENCE_OWNER)
-    raise ValueError(f"unknown reference source {source!r}; use one of {', '.join(SOURCES)}")
+    raise ValueError(f"unknown reference source {source!r}; use one of {', '.join(REFERENCE_SOURCES)}")
 
 
 def check_reference(reference: ContributorData, train: ContributorData) -> str | None:

@@ -6,7 +6,10 @@ as an artist adds a style to prompts that name the subject. Fonts that no contri
 pre-train the stand-in base model, as LAION pre-trains Stable Diffusion before the artists' LoRA.
 
 Every item is the letter drawn white on black at four times the image size and averaged over 4×4 blocks, with a small
-seeded shift and scale per variant so that a contributor's items of one letter differ. Nothing is downloaded.
+seeded shift and scale per variant so that a contributor's items of one letter differ. Nothing is downloaded, and
+the same fonts give the same pixels, so the config's ``data.source: glyphs`` (:func:`load_source`) renders the
+contributors' items afresh in every process; ``python -m diffcredit.glyphs`` writes other sizes or variant counts to an
+``.npz`` for ``data.source: npz``.
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ BASE_FONTS = {
 }
 LETTERS = string.ascii_uppercase
 OVERSAMPLE = 4
+# the ``glyphs`` data source: 16x16 items, two variants per letter and font, the variants' jitter drawn from seed 0
+# (fixed, not the run's seed: the contributors' data is the same in every run)
+SOURCE_SIZE, SOURCE_VARIANTS, SOURCE_SEED = 16, 2, 0
 
 
 def caption(letter: str) -> str:
@@ -126,15 +132,26 @@ def load_glyphs(
     return data, np.array(captions)
 
 
+def load_source() -> ContributorData:
+    """The ``glyphs`` data source: every letter in every contributor font (:data:`CONTRIBUTOR_FONTS`), rendered at
+    :data:`SOURCE_SIZE` pixels with :data:`SOURCE_VARIANTS` variants; labels are the letters' indices."""
+    return load_glyphs(size=SOURCE_SIZE, variants=SOURCE_VARIANTS, seed=SOURCE_SEED)[0]
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``python -m diffcredit.glyphs OUT.npz``: write the contributors' glyphs for ``data.source: npz``."""
+    """``python -m diffcredit.glyphs OUT.npz``: write the contributors' glyphs at another size or variant count for
+    ``data.source: npz`` (``data.source: glyphs`` renders the default ones itself)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m diffcredit.glyphs", description=main.__doc__)
     parser.add_argument("out", help="the .npz to write (images, contributors, item_ids, labels)")
-    parser.add_argument("--size", type=int, default=16, help="image side in pixels (default: %(default)s)")
-    parser.add_argument("--variants", type=int, default=2, help="items per letter and font (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the variants' jitter (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=SOURCE_SIZE, help="image side in pixels (default: %(default)s)")
+    parser.add_argument(
+        "--variants", type=int, default=SOURCE_VARIANTS, help="items per letter and font (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=SOURCE_SEED, help="seed of the variants' jitter (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     data, _ = load_glyphs(size=args.size, variants=args.variants, seed=args.seed)
     data.save(args.out)

@@ -5,6 +5,7 @@ from functools import lru_cache
 from diffcredit import rounds, stages
 from diffcredit.contributors import contributor_ids
 from diffcredit.estimators import REGISTRY
+from diffcredit.families import check_evaluation_baselines, unsupported_baselines
 
 RUN = f"results/{config['name']}"
 ENV = "../../envs/diffcredit.yaml"
@@ -307,6 +308,12 @@ def ranking_jobs():
 
 
 def ranking_values(wildcards):
+    # evaluate refuses the baselines that cannot work on the run's model family while it builds the DAG, before any job
+    check_evaluation_baselines(
+        config["model"]["family"],
+        config["evaluation"]["baselines"],
+        similarity_target=baseline_settings("similarity")["target"],
+    )
     return RANKINGS
 
 
@@ -388,10 +395,15 @@ def generation_settings():
 
 
 def baseline_values():
-    """Every baseline's values (`snakemake baselines`); the aesthetic heuristics only with a predictor."""
+    """Every baseline's values (`snakemake baselines`) that the model family can run; the aesthetic heuristics only
+    with a predictor."""
     methods = [*TRAK_FAMILY, *INRUN_METHODS, *SIMILARITY, *HEURISTICS, "add_one_in", *ENSEMBLE_METHODS]
     if heuristic_predictor() is None:
         methods = [m for m in methods if not m.startswith("aesthetic")]
+    unsupported = unsupported_baselines(
+        config["model"]["family"], methods, similarity_target=baseline_settings("similarity")["target"]
+    )
+    methods = [m for m in methods if m not in unsupported]
     return expand(f"{RUN}/baselines/{{method}}/values.csv", method=methods)
 
 

@@ -636,6 +636,60 @@ def _read_captions(captions: str | None, item_ids: np.ndarray) -> dict[str, str]
     return dict(zip(table["item"], table["caption"], strict=True))
 
 
+# The attribution baselines of `snakemake evaluate` that need the full model to be a pixel-space UNet2DModel on the
+# images, and why; the others (add-one-in, which measures coalitions through the family, and the heuristics, which read
+# only the data and the reference) work in every family, as do the SFT, fine-tune, LOO, Banzhaf, multi-fidelity and
+# counterfactual rankings.
+PIXEL_ONLY_BASELINES = {
+    **dict.fromkeys(
+        ("trak", "dtrak", "journey_trak", "relative_influence", "renormalized_influence", "gradient_similarity"),
+        "the TRAK family differentiates the full model as a pixel UNet",
+    ),
+    **dict.fromkeys(("inrun", "inrun_first_order"), "In-Run Data Shapley replays the full model's pixel training"),
+    **dict.fromkeys(("ensembles", "ensembles_contrast"), "the encoded ensembles train pixel UNets"),
+}
+SIMILARITY_BASELINES = (
+    "pixel_similarity_mean",
+    "pixel_similarity_max",
+    "embedding_similarity_mean",
+    "embedding_similarity_max",
+)
+SIMILARITY_REASON = "the similarity baselines generate their targets with the full model as a pixel UNet"
+
+
+def unsupported_baselines(family: str, methods: Sequence[str], *, similarity_target: str = "generated") -> dict:
+    """The methods of ``methods`` that cannot work in ``family`` (method -> why); none in the pixel family. The
+    similarity baselines work everywhere when they compare with held-out images (``similarity_target: heldout``)."""
+    family_class(family)
+    if family == "pixel":
+        return {}
+    reasons = dict(PIXEL_ONLY_BASELINES)
+    if similarity_target == "generated":
+        reasons.update(dict.fromkeys(SIMILARITY_BASELINES, SIMILARITY_REASON))
+    return {method: reasons[method] for method in methods if method in reasons}
+
+
+def check_evaluation_baselines(family: str, methods: Sequence[str], *, similarity_target: str = "generated") -> None:
+    """Refuse, before anything trains, the ``evaluation.baselines`` that cannot work in ``family``, naming the family,
+    why, and what to use instead."""
+    refused = unsupported_baselines(family, methods, similarity_target=similarity_target)
+    if not refused:
+        return
+    kept = [method for method in methods if method not in refused]
+    why = "; ".join(sorted(set(refused.values())))
+    hint = (
+        " (or set baselines.similarity.target: heldout to compare with held-out images)"
+        if any(method in SIMILARITY_BASELINES for method in refused)
+        else ""
+    )
+    raise ValueError(
+        f"snakemake evaluate: evaluation.baselines {', '.join(refused)} cannot work in the {family!r} model family "
+        f"({why}). Remove them: evaluation.baselines: [{', '.join(kept)}]{hint}. add_one_in, aesthetic_mean, "
+        "aesthetic_max and embedding_distance work in every family, as do the Shapley, leave-one-out, Banzhaf and "
+        "multi-fidelity rankings and the counterfactual, whose retraining from scratch runs in the family"
+    )
+
+
 def family_class(name: str) -> type[Family]:
     """The class of ``model.family`` ``name``."""
     if name not in FAMILIES:
