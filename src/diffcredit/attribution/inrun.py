@@ -60,6 +60,7 @@ from diffcredit.seeds import derive_seed
 from diffcredit.training import denoising_target
 
 ORDERS = (1, 2)
+OBSERVER_OPTIONS = ("order", "validation_batch_size")  # the keywords of a run's settings that go to the observer
 
 
 class InRunShapley:
@@ -96,24 +97,33 @@ class InRunShapley:
         self.first, self.second = np.zeros(n_items), np.zeros(n_items)
         self.steps = 0
 
+    @classmethod
+    def for_run(cls, n_items: int, validation_images: np.ndarray, *, seed: int, **options: Any) -> InRunShapley:
+        """The observer of a training run seeded `seed` (its validation draws derive from it); `options` as
+        the constructor's (order, validation_batch_size, schedule)."""
+        return cls(n_items, validation_images, seed=derive_seed(seed, "inrun"), **options)
+
     def validation_loss(
         self, model: nn.Module, params: Params | None = None, chosen: Any = slice(None)
     ) -> torch.Tensor:
         """L_val at `params` (default: the model's own), in eval mode."""
-        device = next(model.parameters()).device
         was_training = model.training
         model.eval()
         try:
-            return _mean_loss(
-                params if params is not None else detached_params(model),
-                model,
-                self.val[chosen].to(device),
-                self.val_timesteps[chosen].to(device),
-                self.val_noise[chosen].to(device),
-                self.scheduler,
-            )
+            params = params if params is not None else detached_params(model)
+            batch = self._validation_batch(chosen, next(model.parameters()).device)
+            return denoising_losses(model, params, *batch).mean()
         finally:
             model.train(was_training)
+
+    def _validation_batch(self, chosen: Any, device: torch.device) -> tuple:
+        """L_val's data: the `chosen` validation images with their fixed (t, ε) on `device`, and the schedule."""
+        return (
+            self.val[chosen].to(device),
+            self.val_timesteps[chosen].to(device),
+            self.val_noise[chosen].to(device),
+            self.scheduler,
+        )
 
     def __call__(
         self, model: nn.Module, index: torch.Tensor, clean: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor
@@ -129,15 +139,9 @@ class InRunShapley:
             if self.validation_batch_size is not None
             else slice(None)
         )
-        val_args = (
-            self.val[chosen].to(device),
-            self.val_timesteps[chosen].to(device),
-            self.val_noise[chosen].to(device),
-            self.scheduler,
-        )
         replay = _RandomState(device)
         model.eval()
-        validation = ValidationGradient(model, *val_args, curvature=self.order == 2)
+        validation = ValidationGradient(model, *self._validation_batch(chosen, device), curvature=self.order == 2)
         model.train()
         with replay:  # the step's dropout masks
             batch = BatchGradients(model, clean, timesteps, noise, self.scheduler)
@@ -192,7 +196,24 @@ def denoising_losses(
 ) -> torch.Tensor:
     """Per-item denoising loss ℓ(w, z) [B] at the given (t, ε): the training loss before the batch mean."""
     prediction = model_output(model, params, scheduler.add_noise(clean, noise, timesteps), timesteps)
+    return _item_losses(prediction, clean, timesteps, noise, scheduler)
+
+
+def _item_losses(
+    prediction: torch.Tensor,
+    clean: torch.Tensor,
+    timesteps: torch.Tensor,
+    noise: torch.Tensor,
+    scheduler: DDPMScheduler,
+) -> torch.Tensor:
+    """Per-item mean squared error of a prediction against the schedule's denoising target [B]."""
     return (prediction - denoising_target(scheduler, clean, noise, timesteps)).pow(2).flatten(1).mean(1)
+
+
+def _trainable(model: nn.Module) -> tuple[list[str], list[nn.Parameter]]:
+    """The names and tensors of the parameters a training step updates (those that require gradients)."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    return [name for name, _ in named], [p for _, p in named]
 
 
 class ValidationGradient:
@@ -208,10 +229,10 @@ class ValidationGradient:
         *,
         curvature: bool,
     ) -> None:
-        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-        self.names, self.weights = [name for name, _ in named], [p for _, p in named]
+        self.names, self.weights = _trainable(model)
         with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
-            loss = denoising_losses(model, dict(named), clean, timesteps, noise, scheduler).mean()
+            params = dict(zip(self.names, self.weights, strict=True))
+            loss = denoising_losses(model, params, clean, timesteps, noise, scheduler).mean()
             self.grads = torch.autograd.grad(loss, self.weights, create_graph=curvature)
         self.grad = {name: g.detach() for name, g in zip(self.names, self.grads, strict=True)}
 
@@ -239,15 +260,12 @@ class BatchGradients:
         noise: torch.Tensor,
         scheduler: DDPMScheduler,
     ) -> None:
-        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-        self.names = [name for name, _ in named]
+        self.names, weights = _trainable(model)
         self.coefficients = torch.ones(len(clean), device=clean.device, requires_grad=True)
         with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
             prediction = model(scheduler.add_noise(clean, noise, timesteps), timesteps).sample
-            losses = (prediction - denoising_target(scheduler, clean, noise, timesteps)).pow(2).flatten(1).mean(1)
-            self.grads = torch.autograd.grad(
-                (self.coefficients * losses).sum(), [p for _, p in named], create_graph=True
-            )
+            losses = _item_losses(prediction, clean, timesteps, noise, scheduler)
+            self.grads = torch.autograd.grad((self.coefficients * losses).sum(), weights, create_graph=True)
         self.total = {name: g.detach() for name, g in zip(self.names, self.grads, strict=True)}
 
     def dots(self, direction: Params) -> torch.Tensor:
@@ -257,62 +275,38 @@ class BatchGradients:
             return torch.autograd.grad(inner, self.coefficients, retain_graph=True)[0].detach()
 
 
-def _mean_loss(
-    params: Params,
-    model: nn.Module,
-    clean: torch.Tensor,
-    timesteps: torch.Tensor,
-    noise: torch.Tensor,
-    scheduler: DDPMScheduler,
-) -> torch.Tensor:
-    return denoising_losses(model, params, clean, timesteps, noise, scheduler).mean()
-
-
 def item_scores(
     model: nn.Module,
     images: np.ndarray,
     validation_images: np.ndarray,
     *,
     seed: int,
-    order: int = 2,
-    validation_batch_size: int | None = None,
     schedule: dict[str, Any] | None = None,
-    **training,
+    **settings,
 ) -> InRunShapley:
-    """Train `model` in place on `images` (``training`` as for :func:`diffcredit.training.train`, e.g. steps,
-    batch_size, lr, optimizer, grad_clip) while accumulating In-Run Data Shapley; returns the observer."""
+    """Train `model` in place on `images` while accumulating In-Run Data Shapley; returns the observer.
+
+    `settings`: the observer's :data:`OBSERVER_OPTIONS` (order, validation_batch_size; see :class:`InRunShapley`) and
+    :func:`diffcredit.training.train`'s (e.g. steps, batch_size, lr, optimizer, grad_clip).
+    """
     from diffcredit.training import train
 
-    observer = InRunShapley(
-        len(images),
-        validation_images,
-        seed=derive_seed(seed, "inrun"),
-        order=order,
-        validation_batch_size=validation_batch_size,
-        schedule=schedule,
-    )
+    options, training = _observer_options(settings)
+    observer = InRunShapley.for_run(len(images), validation_images, seed=seed, schedule=schedule, **options)
     train(model, images, seed=seed, schedule=schedule, observer=observer, **training)
     return observer
 
 
-def observer_for(
-    train_data: ContributorData,
-    validation_data: str,
-    *,
-    seed: int,
-    schedule: dict | None = None,
-    order: int = 2,
-    validation_batch_size: int | None = None,
-) -> InRunShapley:
-    """The observer the workflow's training of the full model carries (validated on `validation_data`)."""
-    return InRunShapley(
-        len(train_data),
-        ContributorData.load(validation_data).images,
-        seed=derive_seed(seed, "inrun"),
-        order=order,
-        validation_batch_size=validation_batch_size,
-        schedule=schedule,
-    )
+def observer_for(train_data: ContributorData, validation_data: str, *, seed: int, **options: Any) -> InRunShapley:
+    """The observer the workflow's training of the full model carries (validated on `validation_data`); `options`
+    as :class:`InRunShapley`'s (schedule, order, validation_batch_size)."""
+    return InRunShapley.for_run(len(train_data), ContributorData.load(validation_data).images, seed=seed, **options)
+
+
+def _observer_options(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`settings` split into the observer's options and the training's."""
+    options = {key: value for key, value in settings.items() if key in OBSERVER_OPTIONS}
+    return options, {key: value for key, value in settings.items() if key not in OBSERVER_OPTIONS}
 
 
 def write_values(
@@ -343,22 +337,20 @@ def replay_values(
     unet: dict,
     schedule: dict,
     seed: int,
-    order: int = 2,
-    validation_batch_size: int | None = None,
     log: Callable[[str], None] = print,
-    **training,
+    **settings,
 ) -> pd.DataFrame:
     """In-Run Data Shapley of the full model's training run, replayed: the same initial weights, seed and recipe as
-    :func:`diffcredit.stages.train_full`, so the run is the one that produced `full_model` (checked and logged)."""
+    :func:`diffcredit.stages.train_full`, so the run is the one that produced `full_model` (checked and logged).
+    `settings`: the observer's options (order, validation_batch_size) and the training's, as for :func:`item_scores`."""
     from diffcredit.models import build_model, load_model, unet_config_for
     from diffcredit.training import train
 
     tic = time.perf_counter()
     data = ContributorData.load(train_data)
     model = build_model(unet_config_for(data.images.shape, unet), seed=derive_seed(seed, "full-init"))
-    observer = observer_for(
-        data, heldout_data, seed=seed, schedule=schedule, order=order, validation_batch_size=validation_batch_size
-    )
+    options, training = _observer_options(settings)
+    observer = observer_for(data, heldout_data, seed=seed, schedule=schedule, **options)
     train(model, data.images, schedule=schedule, seed=derive_seed(seed, "full-train"), observer=observer, **training)
     saved = load_model(full_model).state_dict()
     gap = max(float((tensor.cpu() - saved[name]).abs().max()) for name, tensor in model.state_dict().items())

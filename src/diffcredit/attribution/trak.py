@@ -224,33 +224,20 @@ def contributor_scores(
     data: ContributorData,
     targets: np.ndarray | None = None,
     *,
-    projection_dim: int = 256,
-    timesteps: int = 10,
     seed: int,
     lam: float = 1e-2,
     aggregate_by: str = "sum",
-    n_trajectories: int = 64,
-    sampler: str = "ddim",
-    inference_steps: int = 50,
-    **space,
+    **settings,
 ) -> pd.Series:
     """Score of each contributor by `method` (a key of :data:`METHODS`) for `targets` (float32 [M, C, H, W]).
 
-    Journey-TRAK ignores `targets`: it samples `n_trajectories` trajectories of `model` itself.
+    `settings` are :func:`compute_features`'s (projection_dim, timesteps, n_trajectories, sampler, inference_steps,
+    and :meth:`FeatureSpace.build`'s schedule, batch_size, projection, device). Journey-TRAK ignores `targets`: it
+    samples `n_trajectories` trajectories of `model` itself.
     """
+    spec = _method(method)
     features = compute_features(
-        model,
-        data.images,
-        targets,
-        output=_method(method).output,
-        journey=_method(method).journey,
-        projection_dim=projection_dim,
-        timesteps=timesteps,
-        seed=seed,
-        n_trajectories=n_trajectories,
-        sampler=sampler,
-        inference_steps=inference_steps,
-        **space,
+        model, data.images, targets, output=spec.output, journey=spec.journey, seed=seed, **settings
     )
     return score_features(method, features, data, lam=lam, aggregate_by=aggregate_by)
 
@@ -262,8 +249,8 @@ def compute_features(
     *,
     output: str,
     journey: bool = False,
-    projection_dim: int,
-    timesteps: int,
+    projection_dim: int = 256,
+    timesteps: int = 10,
     seed: int,
     n_trajectories: int = 64,
     sampler: str = "ddim",
@@ -339,27 +326,19 @@ def write_features(
     or ``heldout`` (the first `n_targets` held-out real images). The ``loss`` features also hold those of
     `n_trajectories` sampling trajectories of `model` (Journey-TRAK's targets, on the same projection).
     """
+    from diffcredit.attribution.similarity import targets_for
     from diffcredit.io import save_npz
     from diffcredit.models import load_model
-    from diffcredit.sampling import generate
 
     if target not in TARGETS:
         raise ValueError(f"unknown TRAK target {target!r}: choose one of {', '.join(TARGETS)}")
+    if target == "heldout" and heldout_data is None:
+        raise ValueError("TRAK target 'heldout' needs heldout_data (the held-out real images)")
     tic = time.perf_counter()
     full = load_model(model)
-    if target == "generated":
-        targets = generate(
-            full,
-            n_targets,
-            seed=derive_seed(seed, "generation-noise"),
-            inference_steps=inference_steps,
-            sampler=sampler,
-            schedule=schedule,
-        )
-    else:
-        if heldout_data is None:
-            raise ValueError("TRAK target 'heldout' needs heldout_data (the held-out real images)")
-        targets = ContributorData.load(heldout_data).images[:n_targets]
+    # The generated targets and Journey-TRAK's trajectories come from the same sampler under the same seed.
+    generation = {"seed": seed, "inference_steps": inference_steps, "sampler": sampler, "schedule": schedule}
+    targets = targets_for(target=target, model=model, heldout_data=heldout_data, n_targets=n_targets, **generation)
     device = select_device("auto")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -371,13 +350,10 @@ def write_features(
         journey=output == "loss",
         projection_dim=projection_dim,
         timesteps=timesteps,
-        seed=seed,
         n_trajectories=n_trajectories,
-        sampler=sampler,
-        inference_steps=inference_steps,
-        schedule=schedule,
         batch_size=batch_size,
         projection=projection,
+        **generation,
     )
     seconds = time.perf_counter() - tic
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else -1
