@@ -262,7 +262,9 @@ class Reference:
 def load_property(name: str, reference_dir: str | Path, *, device: str | torch.device = "cpu", **options) -> Property:
     """The property `name` scored against the reference folder made by `prepare_reference`.
 
-    Options: kid: seed, num_subsets, max_subset_size; diversity: bins ("auto", "classes" or "clusters");
+    Options: kid: seed, num_subsets, max_subset_size; inception_score: classifier (a local TorchScript or
+    torch.export file giving class logits; default: the reference's digit classifier); diversity: bins ("auto",
+    "classes" or "clusters");
     aesthetic: predictor (a local file, required), quantile (0.9); precision, recall, density, coverage: k (5).
     """
     if name not in _FACTORIES:
@@ -291,11 +293,15 @@ def _kid(
     )
 
 
-def _inception_score(reference: Reference) -> InceptionScore:
+def _inception_score(reference: Reference, *, classifier: str | Path | None = None) -> InceptionScore:
+    if classifier is not None:  # a staged classifier (the paper's Inception), independent of the reference
+        return InceptionScore.from_file(classifier, module_device(reference.extractor))
     if not isinstance(reference.extractor, DigitClassifier):
         raise ValueError(
-            "inception_score needs class probabilities, which only the trained digit classifier gives: "
-            "prepare the reference with labels (no extractor), or use fid, kid or diversity"
+            "inception_score needs class probabilities, which a local feature extractor does not give: stage a "
+            "classifier of the images (utility.property_options.classifier: a TorchScript file mapping images to "
+            "class logits, e.g. Inception-v3), prepare the reference with labels (no extractor), or use fid, kid or "
+            "diversity"
         )
     return InceptionScore(reference.extractor)
 
