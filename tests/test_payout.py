@@ -73,6 +73,25 @@ def test_a_share_interval_is_the_share_at_the_ends_of_the_values_own_interval(df
     assert again["share_low"].tolist() == shares["share_low"].tolist()  # seeded
 
 
+def test_without_df_a_share_interval_is_the_share_at_the_ends_of_the_stated_interval():
+    # No df (add-one-in's, the multi-fidelity values): the draws span the stated interval itself, whatever the stderr.
+    table = pd.DataFrame(
+        {
+            "contributor": ["a", "b"],
+            "value": [1.0, 2.0],
+            "stderr": [0.0, 0.1],
+            "ci_low": [1.0, 1.0],
+            "ci_high": [1.0, 3.0],
+        }
+    )
+    shares = payout(table, 100.0, draws=200_000, seed=3).set_index("contributor")
+    assert shares.loc["b", ["share_low", "share_high"]].tolist() == pytest.approx([50.0, 75.0], rel=0.005)
+    ninety = payout(table, 100.0, level=0.9, draws=200_000, seed=3).set_index("contributor")  # a 90% interval
+    assert ninety.loc["b", "share_low"] < 0.99 * shares.loc["b", "share_low"]  # wider draws: a wider 95% share range
+    with pytest.raises(ValueError, match=r"'b' has the interval \[1, 4\] around 2"):
+        payout(table.assign(ci_high=[1.0, 4.0]), 100.0)
+
+
 def test_the_share_interval_widens_as_the_values_df_shrinks():
     widths = []
     for df in (np.inf, 30.0, 5.0, 2.0):  # the same stderr: fewer degrees of freedom, a wider stated interval

@@ -8,17 +8,24 @@ as ``values.csv`` has it, ``df``):
    an uncertain value (an interval that includes zero) is paid by its estimate, not shrunk; its share interval shows
    how far that payment could move. The shares sum to the budget, unless no value is positive, when nothing is paid
    and the whole budget is reported as unallocated.
-3. Share intervals follow the values' own intervals. Each value is drawn from the distribution its interval was made
-   from, value + stderr · T with T a Student t of the table's ``df`` (the estimator's degrees of freedom; normal
-   where the table has no ``df`` or it is infinite), independently, ``draws`` times, seeded: the draws' central range
-   at the values' level is then exactly [ci_low, ci_high], and a value measured with fewer degrees of freedom (a
-   wider interval) gets a wider share interval. Each draw is paid by rule 2 with the harmful set of rule 1 fixed; the
-   share interval is the central ``confidence`` range of a contributor's share over the draws, the point share rule
-   2 on the point values. A value with stderr 0 is exact and is not drawn. A table whose intervals are not these
-   t-intervals (asymmetric ones, or contributors' intervals at different levels) is refused, since no share
-   interval could follow them. Values of a Shapley estimate are correlated (they sum to v(N) − v(∅)), which
-   independent draws ignore, so the intervals are wider than a joint resampling would give: conservative for a payer
-   who wants to know how much a share could move.
+3. Share intervals follow the values' own intervals: each value is drawn from the distribution its interval was
+   made from, independently, ``draws`` times, seeded.
+
+   - A table with ``df`` (``values.csv``: its intervals are t-intervals) draws value + stderr · T, T a Student t of
+     the value's ``df`` (normal where df is infinite or missing): the draws' central range at the table's level is
+     then exactly [ci_low, ci_high], and a value measured with fewer degrees of freedom (a wider interval) gets a
+     wider share interval. A value with stderr 0 is exact and is not drawn. Intervals that are not these
+     t-intervals (asymmetric ones, an exact value's with a width, contributors' intervals at different levels) are
+     refused, since no share interval could follow them.
+   - A table without ``df`` (add-one-in's, the multi-fidelity values) draws normals scaled so that their central
+     ``level`` range (the values' level, default 0.95) is exactly [ci_low, ci_high]; asymmetric intervals are
+     refused.
+
+   Each draw is paid by rule 2 with the harmful set of rule 1 fixed; the share interval is the central
+   ``confidence`` range of a contributor's share over the draws, the point share rule 2 on the point values. When a
+   single value varies, its share interval is exactly the share at the ends of its interval. Values of a Shapley
+   estimate are correlated (they sum to v(N) − v(∅)), which independent draws ignore, so the intervals are wider than
+   a joint resampling would give: conservative for a payer who wants to know how much a share could move.
 """
 
 from __future__ import annotations
@@ -27,26 +34,37 @@ from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
-from scipy.special import stdtr
+from scipy.special import ndtri, stdtr
 
 RULE = (
     "share 0 when the value's interval lies below zero; otherwise shares proportional to max(value, 0), summing to "
-    "the budget; share intervals from draws of each value by its own interval (value + stderr · Student t of its df), "
-    "paid by the same rule"
+    "the budget; share intervals from draws of each value by its own interval (value + stderr · Student t of its df, or "
+    "a normal spanning its interval), paid by the same rule"
 )
 VALUE_COLUMNS = ("contributor", "value", "stderr", "ci_low", "ci_high")
 
 
 def payout(
-    values: pd.DataFrame, budget: float, *, confidence: float = 0.95, draws: int = 10_000, seed: int = 0
+    values: pd.DataFrame,
+    budget: float,
+    *,
+    confidence: float = 0.95,
+    level: float = 0.95,
+    draws: int = 10_000,
+    seed: int = 0,
 ) -> pd.DataFrame:
     """Shares of `budget` for the contributors of a values table, by `RULE`.
+
+    `confidence` is the level of the share intervals; `level` that of the values' intervals, needed only for a table
+    without ``df`` (a table with ``df`` carries its own definition).
 
     Returns one row per contributor, in the table's order: the value columns and ``df`` (inf: a normal interval),
     ``rank`` (1 = the highest value), ``status`` (``harmful``: interval below zero; ``not positive``: value <= 0,
     interval reaches zero; ``uncertain``: paid, interval includes zero; ``positive``: paid, interval above zero),
     ``share``, ``share_low``, ``share_high`` (in the budget's unit) and ``fraction`` (share / budget).
     """
+    if not 0 < level < 1:
+        raise ValueError(f"level={level}: give the values' confidence level in (0, 1), e.g. 0.95")
     table = _checked(values)
     if not np.isfinite(budget) or budget <= 0:
         raise ValueError(f"budget={budget}: give a positive amount to share out")
@@ -55,12 +73,15 @@ def payout(
     if draws < 1:
         raise ValueError(f"draws={draws}: use at least 1 (10,000 gives intervals to about 1% of the budget)")
     value = table["value"].to_numpy(float)
-    stderr = np.nan_to_num(table["stderr"].to_numpy(float))  # an exact value (no stderr) does not vary
     df = table["df"].to_numpy(float)
+    if "df" in values:
+        scale = np.nan_to_num(table["stderr"].to_numpy(float))  # an exact value (no stderr) does not vary
+    else:  # a normal whose central `level` range is the stated interval
+        scale = (table["ci_high"] - table["ci_low"]).to_numpy(float) / 2 / ndtri(0.5 + level / 2)
     harmful = table["ci_high"].to_numpy(float) < 0
     point = _shares(value[None, :], harmful, budget)[0]
     rng = np.random.default_rng(seed)
-    drawn = _shares(value + stderr * _student_t(rng, df, draws), harmful, budget)
+    drawn = _shares(value + scale * _student_t(rng, df, draws), harmful, budget)
     tail = (1 - confidence) / 2
     low, high = np.quantile(drawn, [tail, 1 - tail], axis=0)
     ci_low = table["ci_low"].to_numpy(float)
@@ -195,31 +216,31 @@ def _checked(values: pd.DataFrame) -> pd.DataFrame:
     if (numbers["df"] <= 0).any():
         raise ValueError("a df is not positive: check the values table (df is the t-interval's degrees of freedom)")
     table = pd.concat([values[["contributor"]].astype(str), numbers], axis=1)
-    _check_intervals(table)
+    _check_intervals(table, t_intervals="df" in values)
     return table
 
 
-def _check_intervals(table: pd.DataFrame) -> None:
-    """Refuse intervals that the draws of rule 3 (value + stderr · t(df)) could not follow."""
+def _check_intervals(table: pd.DataFrame, *, t_intervals: bool) -> None:
+    """Refuse intervals that the draws of rule 3 could not follow (`t_intervals`: the table carries ``df``)."""
     name = table["contributor"].to_numpy()
     value, stderr, low, high, df = (table[c].to_numpy(float) for c in ("value", "stderr", "ci_low", "ci_high", "df"))
-    drawn = stderr > 0
+    drawn = stderr > 0 if t_intervals else np.ones(len(table), dtype=bool)
     # An interval must be symmetric about its value, and an exact value's (stderr 0) must have no width.
     off = np.where(drawn, np.abs((value - low) - (high - value)), high - low) > 1e-6 * (np.abs(low) + np.abs(high))
     with np.errstate(divide="ignore", invalid="ignore"):
-        level = 2 * stdtr(df, (high - low) / 2 / stderr) - 1  # each interval's level as a t-interval of stderr, df
+        levels = 2 * stdtr(df, (high - low) / 2 / stderr) - 1  # each interval's level as a t-interval of stderr, df
     if off.any():
         i = int(np.argmax(off))
         interval = f"[{low[i]:.4g}, {high[i]:.4g}] around {value[i]:.4g}, stderr {stderr[i]:.4g}"
         problem = f"{name[i]!r} has the interval {interval}"
-    elif drawn.any() and np.ptp(level[drawn]) > 1e-3:
-        i, j = np.argmin(np.where(drawn, level, 2)), np.argmax(np.where(drawn, level, -1))
-        problem = f"the intervals have different levels ({name[i]!r}: {level[i]:.3f}, {name[j]!r}: {level[j]:.3f})"
+    elif t_intervals and drawn.any() and np.ptp(levels[drawn]) > 1e-3:
+        i, j = np.argmin(np.where(drawn, levels, 2)), np.argmax(np.where(drawn, levels, -1))
+        problem = f"the intervals have different levels ({name[i]!r}: {levels[i]:.3f}, {name[j]!r}: {levels[j]:.3f})"
     else:
         return
     raise ValueError(
-        f"{problem}: share intervals follow the values' t-intervals value ± t(df)·stderr, which these are not; give "
-        "the estimator's own table (values.csv: value, stderr, ci_low, ci_high, df)"
+        f"{problem}: share intervals draw each value by its interval, value ± t(df)·stderr with df (or, without df, "
+        "a normal spanning it), which this table's are not; give the estimator's own table (values.csv)"
     )
 
 
