@@ -126,12 +126,13 @@ def test_tiny_run_produces_values_with_intervals(tiny_run):
 
 
 def test_tiny_run_records_stages_and_bundle_verifies(tiny_run):
-    from diffcredit.bundle import verify_bundle
+    from diffcredit.bundle import bundled_yardstick, verify_bundle
 
     run = tiny_run / "results" / "tiny"
     record = json.loads(next(run.glob("sft/store/*/*.json")).read_text())
     assert {"load", "sample", "score"} <= set(record["seconds"]) and record["device"] == "cpu"
     assert verify_bundle(run / "bundle") == []
+    assert bundled_yardstick(run / "bundle")["trusted"] is False  # the tiny config has no data.reference
 
 
 def test_report_holds_description_values_costs_captions_and_config(tiny_run, tmp_path):
@@ -144,6 +145,7 @@ def test_report_holds_description_values_costs_captions_and_config(tiny_run, tmp
     for figure in ("values.png", "convergence.png", "samples.png"):
         assert any(name.endswith(figure) for name in names), figure
     assert "DiffCredit credits the data contributors" in page  # workflow/report/workflow.rst
+    assert "the contributors shape their own yardstick" in tables["values.html"]
     assert r"they sum to v(N) \u2212 v(\u2205)" in page  # the kernelshap caption (JSON in the page) says so
     assert "block_out_channels:\n    - 16\n    - 32" in tables["config.html"]  # the tiny config, as run
     values = pd.read_csv(tiny_run / "results" / "tiny" / "sft" / "kernelshap" / "values.csv")

@@ -466,11 +466,13 @@ def sample_figure(
     save_grid(panels, out, nrow=8)
 
 
-def bundle(files: dict[str, str], checksums_out: str, *, config: dict) -> None:
-    """Archive `files` with the run's config and the environment that made them (see bundle.environment)."""
+def bundle(files: dict[str, str], checksums_out: str, *, config: dict, reference: str) -> None:
+    """Archive `files` with the run's config, the environment that made them (see bundle.environment) and the
+    yardstick of `reference` (the run's reference folder: trusted or the contributors' own, source, path, digest)."""
     from diffcredit.bundle import environment, make_bundle
 
-    make_bundle(files, Path(checksums_out).parent, metadata={"config": config, "environment": environment()})
+    metadata = {"config": config, "environment": environment()}
+    make_bundle(files, Path(checksums_out).parent, metadata=metadata, reference=reference)
 
 
 def _log_interval(steps: int) -> int:

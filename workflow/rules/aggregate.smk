@@ -67,6 +67,7 @@ rule report_pages:
         rounds=f"{RUN}/{config['utility']['mode']}/{MAIN}/rounds.tsv",
         samples=rules.sample_figure.output[0],
         bundle=f"{RUN}/bundle/SHA256SUMS",
+        reference=rules.reference.output[0],
     output:
         values=report(REPORT_PAGES["values"], caption="../report/values_table.rst", category="Values"),
         costs=report(REPORT_PAGES["costs"], caption="../report/costs.rst", category="Cost"),

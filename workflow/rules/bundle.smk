@@ -1,6 +1,7 @@
 rule bundle:
     input:
         unpack(bundle_files),
+        reference=rules.reference.output[0],
     output:
         archive=f"{RUN}/bundle/results.tar.gz",
         checksums=f"{RUN}/bundle/SHA256SUMS",

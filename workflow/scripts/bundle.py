@@ -11,4 +11,5 @@ log_to_stderr()  # the package's progress lines (rate, ETA) go to the rule log
 from diffcredit import stages
 
 stages.set_threads(snakemake.threads)  # so the recorded thread count is the jobs' (rules' threads)
-stages.bundle(dict(snakemake.input), snakemake.output.checksums, config=snakemake.params.config)
+files = {name: path for name, path in snakemake.input.items() if name != "reference"}
+stages.bundle(files, snakemake.output.checksums, config=snakemake.params.config, reference=snakemake.input.reference)

@@ -17,6 +17,7 @@ report.values_page(
     estimator=snakemake.params.estimator,
     kind=snakemake.params.kind,
     confidence=snakemake.params.confidence,
+    reference=snakemake.input.reference,
 )
 report.costs_page(dict(snakemake.params.benchmarks), snakemake.output.costs)
 report.config_page(snakemake.config, snakemake.output.config)
