@@ -11,7 +11,8 @@ sd 7% of the range of the true values. True values: closed form (additive, pairw
 (size, weight) (majority, concave: v(S) = g(w(S))). Error: ‖φ̂ − φ‖₂/‖φ‖₂, mean over seeds; coverage: share of 95%
 intervals holding the true value. ``paper`` is the authors' closed form written from its formula (sizes from the
 Shapley kernel, uniform subsets, no pairing, sampled matrix); ``shapiq`` is shapiq 1.4.1's KernelSHAP with its
-defaults. Each is given the same number of coalitions (``budget``, the ∅ and N included).
+defaults. Each is given the same number of coalitions (``budget``, the ∅ and N included). After a change to an
+estimator, ``--refresh kernelshap,permutation`` measures those estimators' cells again and keeps the others.
 
 The shapiq worker (``--worker``) is this file run by the other environment; it imports numpy and shapiq only.
 """
@@ -155,8 +156,12 @@ def key(cell: dict, estimator: str) -> str:
     return f"{cell['game']}/n{cell['n']}/{'noisy' if cell['noisy'] else 'exact'}/{estimator}/{cell['budget']}"
 
 
-def measure(todo: list[dict], shapiq: str | None) -> dict:
+def measure(todo: list[dict], shapiq: str | None, refresh: tuple[str, ...] = ()) -> dict:
+    """Measure the cells not in the store yet; ``refresh`` names estimators whose stored cells are measured again."""
     store = json.loads(STORE.read_text()) if STORE.exists() else {}
+    for cell in todo:
+        for estimator in refresh:
+            store.pop(key(cell, estimator), None)
     STORE.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
@@ -283,6 +288,9 @@ def main() -> None:
     parser.add_argument("--shapiq", help="python of an environment with shapiq==1.4.1")
     parser.add_argument("--sizes", default="10,20,50", help="numbers of players")
     parser.add_argument("--games", default=",".join(GAMES))
+    parser.add_argument(
+        "--refresh", default="", help="comma-separated estimators to measure again (their stored cells are dropped)"
+    )
     args = parser.parse_args()
     if args.worker:
         worker()
@@ -291,7 +299,12 @@ def main() -> None:
     from machine import replace_section
 
     todo = cells(args.games.split(","), [int(s) for s in args.sizes.split(",")])
-    store = measure(todo, args.shapiq)
+    refresh = tuple(filter(None, args.refresh.split(",")))
+    known = [*OURS, "paper", "shapiq"]
+    unknown = set(refresh) - set(known)
+    if unknown:
+        parser.error(f"--refresh: unknown {', '.join(sorted(unknown))}; choose from {', '.join(known)}")
+    store = measure(todo, args.shapiq, refresh)
     version = None
     if args.shapiq:
         version = subprocess.run(

@@ -21,7 +21,15 @@ from games import (
 
 from diffcredit.coalitions import member_sets, plan
 from diffcredit.estimators import NAMES, REGISTRY
-from diffcredit.shapley import CONDITIONAL, TABLE_COLUMNS, ValuationResult, aggregate, read_utilities, write_result
+from diffcredit.shapley import (
+    CONDITIONAL,
+    TABLE_COLUMNS,
+    ValuationResult,
+    _moderated,
+    aggregate,
+    read_utilities,
+    write_result,
+)
 
 SAMPLED = {"permutation": 40, "kernelshap": 40, "kernelshap_leverage": 40, "kernelshap_unbiased": 40, "banzhaf": 40}
 SHAPLEY_SAMPLED = ("kernelshap", "kernelshap_leverage", "kernelshap_unbiased", "permutation")
@@ -247,18 +255,13 @@ def test_kernelshap_intervals_cover_at_the_nominal_rate():
     assert 0.93 <= rate <= 0.97, rate
 
 
-# Measured (400 seeds): at or just outside 0.93–0.97 are kernelshap at 32 (0.970–0.971: HC3 is slightly
-# conservative when m ≈ n), permutation at 128 (0.926: few antithetic draws, heavy tails) and with every coalition
-# repeated at 32 (0.982), and the unbiased form at 32 (0.895). The rest lie in 0.944–0.966.
-KNOWN_MISSES = {
-    ("kernelshap", 32, "plan"),
-    ("kernelshap", 32, "all"),
-    ("permutation", 128, "plan"),
-    ("permutation", 128, "all"),
-    ("permutation", 32, "all"),
-    ("kernelshap_unbiased", 32, "plan"),
-    ("kernelshap_unbiased", 32, "all"),
-}
+# Measured (400 seeds): every cell lies in 0.932–0.959 but permutation at 32 (0.924 as planned, 0.918 with every
+# coalition repeated). 32 coalitions of 8 contributors hold 2 antithetic draws: even the true per-contributor sd
+# gives a z-interval covering only 0.939 here (the mean of 2 draws of this game is far from normal), and a
+# variance from the 2 draws themselves covers 0.73 without seed noise and 0.99 with sd 0.3. The shrinkage across
+# contributors is stable over the noise (0.915–0.93); what is left is that the pooled variance varies more between
+# plans than its nominal df (n − 1 = 7) says, which 2 draws cannot measure.
+KNOWN_MISSES = {("permutation", 32, "plan"), ("permutation", 32, "all")}
 
 
 @pytest.mark.slow
@@ -272,6 +275,33 @@ def test_intervals_cover_the_true_value_at_the_nominal_rate(estimator, budget, r
         request.applymarker(pytest.mark.xfail(reason="measured outside 0.93–0.97; see KNOWN_MISSES"))
     rate = coverage(estimator, budget if REGISTRY[estimator].sampled else None, repeats)
     assert 0.93 <= rate <= 0.97, rate
+
+
+def test_variances_over_few_draws_are_shrunk_toward_the_pooled_one():
+    # Smyth's moderated variances fitted by moments: spreads that agree as well as sampling allows are pooled
+    # (d0 = ∞, df (n − 1)·d); one large spread among zeros gives E[s⁴]/E[s²]² = 4, d0 = 10 and s0² = 0.8 at d = 1,
+    # so the zeros become 8/11 instead of 0, with df min(d0 + d, (n − 1)·d) = 3
+    pooled, df = _moderated(np.ones(4), 3.0)
+    np.testing.assert_allclose(pooled, 1.0)
+    np.testing.assert_allclose(df, 9.0)
+    shrunk, df = _moderated(np.array([0.0, 0.0, 0.0, 4.0]), 1.0)
+    np.testing.assert_allclose(shrunk, [8 / 11, 8 / 11, 8 / 11, 12 / 11])
+    np.testing.assert_allclose(df, 3.0)
+    exact, df = _moderated(np.zeros(3), 2.0)  # no spread anywhere (an exact estimate) stays exact
+    assert (exact == 0).all() and (df == 2.0).all()
+
+
+def test_a_contributor_never_pivotal_in_few_draws_still_gets_an_interval():
+    # 3 antithetic draws of a majority game: p2…p7 are pivotal in none of the 6 chains, so their own variance is 0;
+    # shrunk toward the pooled variance, their intervals keep a width and hold the true values
+    game = majority([5, 4, 3, 1, 1, 1, 1, 1], quota=9)
+    table = planned(game, "permutation", 40, seed=0)
+    result = aggregate(table, utilities(table, game))
+    assert "over 3 antithetic permutation pairs" in result.method
+    truth = reference_shapley(game, game.players)
+    np.testing.assert_array_equal(result.values[2:], 0.0)
+    assert (result.stderr > 0.1).all()
+    assert ((result.ci_low <= truth) & (truth <= result.ci_high)).all()
 
 
 def test_single_measurements_are_stated_in_the_output():
