@@ -54,8 +54,7 @@ The planned coalitions are a uniform sample without replacement, so each mean's 
 combined with Welch–Satterthwaite degrees of freedom. With every coalition planned it is the exact Banzhaf value.
 
 The convergence table repeats the estimate on about 20 log-spaced prefixes of the plan (for the sampled estimators;
-the draws complete within the first q rows), with σ² pooled over the whole plan at every point; kernelshap leaves
-out the prefixes of fewer than n/2 pairs, which cannot identify the values.
+the draws complete within the first q rows), with σ² pooled over the whole plan at every point.
 """
 
 from __future__ import annotations
@@ -567,9 +566,7 @@ def kernelshap_path(
     path = []
     for q in grid:
         stop = int(np.searchsorted(done, q))
-        # fewer than n/2 pairs cannot identify n values (Â has rank ≤ 2 per pair): no convergence point there,
-        # which also spares a pseudo-inverse per such prefix (most of the time at 1,000 contributors)
-        if stop >= 2 and (2 * stop >= n or q == grid[-1]):
+        if stop >= 2:
             estimate = _stratified_kernelshap(pairs.head(stop), n, delta, bound_noise, measured.df)
             path.append((int(q), estimate))
     rows = path[-1][1].used
@@ -602,7 +599,11 @@ def _stratified_kernelshap(pairs: _Pairs, n: int, delta: float, bound_noise: flo
     column = z.T @ weight  # Σ w z
     a_hat = (z.T @ sparse.diags_array(weight) @ z).toarray()
     a_hat += (weight.sum() - column[:, None] - column[None, :]) / 2  # (zzᵀ + z̄z̄ᵀ)/2 = zzᵀ + (11ᵀ − z1ᵀ − 1zᵀ)/2
-    inverse = _pseudo_inverse(a_hat)
+    rows = None
+    if 2 * len(k) < n:  # Â = FᵀF is singular for sure: its pseudo-inverse from the 2m × 2m Gram matrix of F
+        half = np.sqrt(weight / 2)[:, None] * z.toarray()
+        rows = np.vstack([half, np.sqrt(weight / 2)[:, None] - half])  # √(w/2)·z and √(w/2)·z̄ for each pair
+    inverse = _pseudo_inverse(a_hat, rows)
     ones = inverse.sum(axis=1)  # Â⁺1
     h = ones / ones.sum()
 
@@ -661,8 +662,18 @@ def _stratified_kernelshap(pairs: _Pairs, n: int, delta: float, bound_noise: flo
     return _Estimate(value, np.sqrt(variance), df, 2 + 2 * len(k))
 
 
-def _pseudo_inverse(matrix: np.ndarray) -> np.ndarray:
-    """Inverse of a symmetric positive semi-definite matrix, or its pseudo-inverse when it is (nearly) singular."""
+def _pseudo_inverse(matrix: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """Inverse of a symmetric positive semi-definite matrix, or its pseudo-inverse when it is (nearly) singular.
+
+    ``rows`` F with matrix = FᵀF and fewer rows than columns gives the pseudo-inverse from the Gram matrix FFᵀ = VΛVᵀ
+    as (FᵀVΛ⁻¹)(FᵀVΛ⁻¹)ᵀ, with pinvh's cutoff: the same matrix at a fraction of pinvh's n × n eigendecomposition
+    (at 1,000 contributors that decomposition was most of the convergence table's time).
+    """
+    if rows is not None and len(rows) < len(matrix):
+        eigenvalues, vectors = scipy.linalg.eigh(rows @ rows.T)
+        keep = eigenvalues > len(matrix) * np.finfo(float).eps * max(eigenvalues.max(), 0.0)
+        basis = rows.T @ (vectors[:, keep] / eigenvalues[keep])
+        return basis @ basis.T
     try:
         factor, lower = scipy.linalg.cho_factor(matrix)
         diagonal = np.abs(np.diag(factor))
