@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.linalg
 from games import (
     Game,
     additive,
@@ -26,6 +27,7 @@ from diffcredit.shapley import (
     TABLE_COLUMNS,
     ValuationResult,
     _moderated,
+    _pseudo_inverse,
     aggregate,
     read_utilities,
     write_result,
@@ -302,6 +304,16 @@ def test_a_contributor_never_pivotal_in_few_draws_still_gets_an_interval():
     np.testing.assert_array_equal(result.values[2:], 0.0)
     assert (result.stderr > 0.1).all()
     assert ((result.ci_low <= truth) & (truth <= result.ci_high)).all()
+
+
+def test_pseudo_inverse_of_few_pairs_from_their_gram_matrix_equals_pinvh():
+    # 12 pairs of 50 contributors: Â = FᵀF has rank ≤ 24 < 50; its pseudo-inverse from FFᵀ is pinvh's
+    rng = np.random.default_rng(0)
+    z, weight = (rng.random((12, 50)) < 0.3).astype(float), rng.random(12)
+    half = np.sqrt(weight / 2)[:, None] * z
+    rows = np.vstack([half, np.sqrt(weight / 2)[:, None] - half])
+    matrix = rows.T @ rows
+    np.testing.assert_allclose(_pseudo_inverse(matrix, rows), scipy.linalg.pinvh(matrix), rtol=0, atol=1e-12)
 
 
 def test_single_measurements_are_stated_in_the_output():
