@@ -9,8 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy.stats import norm, t
+from test_provenance import references  # noqa: F401  (the prepared trusted and held-out reference folders)
 
-from diffcredit.payout import RULE, payout, statement_text, statements, unallocated
+from diffcredit.cli import main
+from diffcredit.payout import NOT_STATED, RULE, metadata, payout, statement_text, statements, unallocated
+from diffcredit.properties import reference_provenance
 from diffcredit.shapley import ValuationResult
 
 Z = norm.ppf(0.975)
@@ -152,8 +155,6 @@ def test_statements_show_value_rank_share_and_the_evidence_coalitions():
 
 
 def test_cli_writes_shares_and_one_statement_per_contributor(tmp_path):
-    from diffcredit.cli import main
-
     HAND.to_csv(tmp_path / "values.csv", index=False)
     status = main(
         [
@@ -182,8 +183,6 @@ def test_cli_writes_shares_and_one_statement_per_contributor(tmp_path):
 
 
 def test_cli_statements_carry_the_evidence_of_a_plan_and_its_utilities(tmp_path):
-    from diffcredit.cli import main
-
     HAND.to_csv(tmp_path / "values.csv", index=False)
     pd.DataFrame({"coalition": ["c0", "c1", "c2"], "members": ["", "a", "a,b"]}).to_csv(
         tmp_path / "plan.tsv", sep="\t", index=False
@@ -209,3 +208,75 @@ def test_cli_statements_carry_the_evidence_of_a_plan_and_its_utilities(tmp_path)
     assert main([*args, "--utilities", str(tmp_path / "utilities.tsv")]) == 0
     text = (tmp_path / "s" / "a.md").read_text()
     assert "the 2 measured coalitions with you" in text and "Mean utility with you 6.5, without you 0" in text
+
+
+def test_statements_and_the_table_metadata_name_the_yardstick_or_say_it_is_not_stated(references):  # noqa: F811
+    shares = payout(HAND, 100.0)
+    trusted = reference_provenance(references["trusted"])
+    stated = statements(shares, yardstick=trusted)
+    assert all(s["yardstick"] == trusted for s in stated.values())
+    assert "- yardstick: Properties are measured against a trusted reference" in statement_text(stated["a"])
+    assert "data.reference = source npz, path buyer.npz" in statement_text(stated["a"])
+    about = metadata(shares, 100.0, confidence=0.95, yardstick=trusted)
+    assert about["yardstick"] == trusted and about["yardstick_statement"] == trusted["statement"]
+    plain = statements(shares)["a"]
+    assert plain["yardstick"] is None and f"- yardstick: {NOT_STATED}" in statement_text(plain)
+    assert metadata(shares, 100.0, confidence=0.95)["yardstick_statement"] == NOT_STATED
+
+
+@pytest.mark.parametrize("kind", ["trusted", "heldout", None])
+def test_cli_names_the_yardstick_of_the_reference_folder(references, kind, tmp_path, capsys):  # noqa: F811
+    HAND.to_csv(tmp_path / "values.csv", index=False)
+    args = ["payout", "--values", str(tmp_path / "values.csv"), "--budget", "10", "--out", str(tmp_path / "p.csv")]
+    args += ["--statements", str(tmp_path / "s")]
+    assert main(args if kind is None else [*args, "--reference", str(references[kind])]) == 0
+    provenance = None if kind is None else reference_provenance(references[kind])
+    sentence = NOT_STATED if kind is None else provenance["statement"]
+    stated = json.loads((tmp_path / "s" / "statements.json").read_text())
+    assert [s["yardstick"] for s in stated.values()] == [provenance] * 4
+    assert f"- yardstick: {sentence}\n" in (tmp_path / "s" / "c.md").read_text()
+    about = json.loads((tmp_path / "p.json").read_text())  # the shares table's metadata, beside it
+    assert (about["yardstick"], about["yardstick_statement"], about["budget"]) == (provenance, sentence, 10.0)
+    assert f"yardstick: {sentence}" in capsys.readouterr().out
+    if kind == "heldout":
+        assert sentence.startswith("Warning: the contributors shape their own yardstick")
+    if kind == "trusted":
+        assert provenance["reference_digest"][:12] in sentence and "buyer.npz" in sentence
+
+
+def test_cli_refuses_a_folder_that_is_no_reference(tmp_path, capsys):
+    HAND.to_csv(tmp_path / "values.csv", index=False)
+    args = ["payout", "--values", str(tmp_path / "values.csv"), "--budget", "10", "--out", str(tmp_path / "p.csv")]
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--reference", str(tmp_path)])
+    assert exit_.value.code == 2 and "reference.json' does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "p.csv").exists()
+
+
+NORMAL_90 = pd.DataFrame(  # no df; b's interval is a 90% one (values.json says so)
+    {"contributor": ["a", "b"], "value": [1.0, 2.0], "stderr": [0.0, 0.1], "ci_low": [1.0, 1.0], "ci_high": [1.0, 3.0]}
+)
+
+
+def test_cli_reads_the_values_level_from_their_json_or_from_confidence(tmp_path, capsys):
+    NORMAL_90.to_csv(tmp_path / "values.csv", index=False)
+    args = ["payout", "--values", str(tmp_path / "values.csv"), "--budget", "100", "--out", str(tmp_path / "p.csv")]
+    ninety = payout(NORMAL_90, 100.0, confidence=0.9, level=0.9)
+    assert not np.allclose(payout(NORMAL_90, 100.0)["share_low"], ninety["share_low"])  # the level matters
+
+    def written() -> pd.DataFrame:
+        return pd.read_csv(tmp_path / "p.csv")[["share", "share_low", "share_high"]]
+
+    assert main([*args, "--confidence", "0.9"]) == 0  # no values.json: --confidence is the values' level
+    pd.testing.assert_frame_equal(written(), ninety[["share", "share_low", "share_high"]])
+    (tmp_path / "values.json").write_text(json.dumps({"estimator": "hand", "confidence": 0.9}))
+    (tmp_path / "p.csv").unlink()
+    assert main(args) == 0  # values.json's level, for the values' and the share intervals
+    pd.testing.assert_frame_equal(written(), ninety[["share", "share_low", "share_high"]])
+    assert json.loads((tmp_path / "p.json").read_text())["confidence"] == 0.9
+    assert main([*args, "--confidence", "0.9"]) == 0  # agreeing is fine
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--confidence", "0.95"])
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert "confidence 0.95 differs from the values' own level 0.9" in error and "values.json" in error

@@ -74,14 +74,27 @@ def _payout(args: argparse.Namespace) -> int:
 
     import pandas as pd
 
-    from diffcredit.io import write_table, write_text
-    from diffcredit.payout import payout, statement_text, statements, unallocated
+    from diffcredit.io import write_json, write_table, write_text
+    from diffcredit.payout import metadata, payout, statement_text, statements, unallocated, values_level
 
     if (args.coalitions is None) != (args.utilities is None):
         raise ValueError("evidence needs both --coalitions and --utilities (or neither)")
-    shares = payout(pd.read_csv(args.values), args.budget, confidence=args.confidence, draws=args.draws, seed=args.seed)
+    if args.out.suffix == ".json":
+        raise ValueError(f"--out {args.out}: name the shares CSV *.csv; its metadata goes beside it as .json")
+    yardstick = None
+    if args.reference is not None:
+        from diffcredit.properties import reference_provenance  # imports torch: only when a reference is named
+
+        yardstick = reference_provenance(args.reference)
+    level = values_level(args.values, args.confidence)
+    shares = payout(
+        pd.read_csv(args.values), args.budget, confidence=level, level=level, draws=args.draws, seed=args.seed
+    )
     write_table(shares, args.out, sep=",")
+    about = metadata(shares, args.budget, confidence=level, yardstick=yardstick)
+    write_json(args.out.with_suffix(".json"), about)
     print(f"{len(shares)} shares of {args.budget:g} -> {args.out}; unallocated {unallocated(shares, args.budget):.4g}")
+    print(f"yardstick: {about['yardstick_statement']}")
     if args.statements is not None:
         from diffcredit.coalitions import read_coalitions
         from diffcredit.shapley import read_utilities
@@ -91,7 +104,7 @@ def _payout(args: argparse.Namespace) -> int:
             if args.coalitions is None
             else {"coalitions": read_coalitions(args.coalitions), "utilities": read_utilities(args.utilities)}
         )
-        stated = statements(shares, budget=args.budget, **evidence)
+        stated = statements(shares, budget=args.budget, yardstick=yardstick, **evidence)
         for contributor, statement in stated.items():
             write_text(args.statements / f"{contributor}.md", statement_text(statement))
         write_text(args.statements / "statements.json", json.dumps(stated, indent=1, default=float) + "\n")
@@ -163,7 +176,17 @@ def _parser() -> argparse.ArgumentParser:
     payout.add_argument("--statements", type=Path, help="folder for one Markdown statement per contributor (+ JSON)")
     payout.add_argument("--coalitions", type=Path, help="the plan, for the evidence in the statements")
     payout.add_argument("--utilities", type=Path, help="the plan's utilities TSV, for the evidence")
-    payout.add_argument("--confidence", type=float, default=0.95, help="level of the share intervals")
+    payout.add_argument(
+        "--reference",
+        type=Path,
+        help="the run's prepared reference folder (results/<name>/reference): the statements and the shares' JSON "
+        "name the yardstick",
+    )
+    payout.add_argument(
+        "--confidence",
+        type=float,
+        help="level of the values' and the share intervals; None: the level in the JSON beside the values, else 0.95",
+    )
     payout.add_argument("--draws", type=int, default=10_000, help="draws of the values for the share intervals")
     payout.add_argument("--seed", type=int, default=0, help="seed of those draws")
     payout.set_defaults(run=_payout)

@@ -26,11 +26,18 @@ as ``values.csv`` has it, ``df``):
    single value varies, its share interval is exactly the share at the ends of its interval. Values of a Shapley
    estimate are correlated (they sum to v(N) − v(∅)), which independent draws ignore, so the intervals are wider than
    a joint resampling would give: conservative for a payer who wants to know how much a share could move.
+
+A payout names the yardstick that measured the values: the statements and the payout table's metadata carry the
+reference's provenance (`diffcredit.properties.reference_provenance`: a trusted reference with its source, path and
+digest, or the warning that the contributors shaped their own yardstick), or say that it is not stated.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -42,6 +49,10 @@ RULE = (
     "a normal spanning its interval), paid by the same rule"
 )
 VALUE_COLUMNS = ("contributor", "value", "stderr", "ci_low", "ci_high")
+NOT_STATED = (
+    "not stated: this payout was made without the run's reference folder, so it does not say which yardstick "
+    "measured the values"
+)
 
 
 def payout(
@@ -101,18 +112,52 @@ def unallocated(shares: pd.DataFrame, budget: float) -> float:
     return float(budget - shares["share"].sum())
 
 
+def values_level(values_path: str | Path, confidence: float | None = None) -> float:
+    """The level of a values table's intervals: its sidecar's ``confidence``, else `confidence`, else 0.95.
+
+    The sidecar is the JSON beside the table (``values.json`` beside ``values.csv``, as `ValuationResult.save` writes
+    it). A `confidence` that differs from it is refused: it would misread the intervals of a table without ``df``.
+    """
+    sidecar = Path(values_path).with_suffix(".json")
+    stated = json.loads(sidecar.read_text()).get("confidence") if sidecar.is_file() else None
+    if stated is None:
+        return 0.95 if confidence is None else confidence
+    if confidence is not None and not math.isclose(confidence, stated, abs_tol=1e-9):
+        raise ValueError(
+            f"confidence {confidence:g} differs from the values' own level {stated:g} ({str(sidecar)!r}): "
+            f"pass --confidence {stated:g}, or leave it out to use the values' level"
+        )
+    return float(stated)
+
+
+def metadata(shares: pd.DataFrame, budget: float, *, confidence: float, yardstick: dict | None = None) -> dict:
+    """What the payout table does not say itself: budget, rule, interval level, unallocated part and the yardstick
+    (`reference_provenance`'s record, None when not stated), with the yardstick's sentence."""
+    return {
+        "budget": budget,
+        "confidence": confidence,
+        "rule": RULE,
+        "unallocated": unallocated(shares, budget),
+        "yardstick": yardstick,
+        "yardstick_statement": _yardstick_statement(yardstick),
+    }
+
+
 def statements(
     shares: pd.DataFrame,
     *,
     coalitions: pd.DataFrame | None = None,
     utilities: pd.DataFrame | None = None,
     budget: float | None = None,
+    yardstick: dict | None = None,
 ) -> dict[str, dict]:
-    """One statement per contributor: value, interval, rank, share with interval, status, the rule, and evidence.
+    """One statement per contributor: value, interval, rank, share with interval, status, the rule, the yardstick
+    and evidence.
 
-    With `coalitions` (``coalition``, ``members``) and `utilities` (``coalition``, ``utility``; repeats are averaged)
-    the evidence lists every measured coalition that contains the contributor with its utility, and the mean utility
-    of the measured coalitions with and without them.
+    `yardstick` is the reference's provenance (`reference_provenance`); without it the statement says the yardstick
+    is not stated. With `coalitions` (``coalition``, ``members``) and `utilities` (``coalition``, ``utility``;
+    repeats are averaged) the evidence lists every measured coalition that contains the contributor with its utility,
+    and the mean utility of the measured coalitions with and without them.
     """
     measured: Mapping[str, tuple[tuple[str, ...], float, int]] = {}
     if coalitions is not None and utilities is not None:
@@ -134,6 +179,8 @@ def statements(
             "fraction": row.fraction,
             "budget": budget,
             "rule": RULE,
+            "yardstick": yardstick,
+            "yardstick_statement": _yardstick_statement(yardstick),
         }
         if measured:
             with_them = [(c, len(m), u, k) for c, (m, u, k) in measured.items() if row.contributor in m]
@@ -156,6 +203,7 @@ def statement_text(statement: dict) -> str:
     lines = [
         f"# Statement for {statement['contributor']}",
         "",
+        f"- yardstick: {statement['yardstick_statement']}",
         f"- value: {statement['value']:.4g} (interval {low:.4g} to {high:.4g}, stderr {statement['stderr']:.3g}"
         + (f", df {statement['df']:.3g})" if statement.get("df") is not None else ")"),
         f"- rank: {statement['rank']} of {statement['of']}",
@@ -261,6 +309,10 @@ def _measured(coalitions: pd.DataFrame, utilities: pd.DataFrame) -> dict[str, tu
     finite = utilities[np.isfinite(pd.to_numeric(utilities["utility"], errors="coerce"))]
     grouped = finite.groupby("coalition", sort=False)["utility"].agg(["mean", "size"])
     return {c: (members[c], float(mean), int(size)) for c, (mean, size) in grouped.iterrows() if c in members}
+
+
+def _yardstick_statement(yardstick: dict | None) -> str:
+    return NOT_STATED if yardstick is None else yardstick["statement"]
 
 
 def _fmt(number: float | None) -> str:
