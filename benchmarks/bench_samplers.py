@@ -218,6 +218,9 @@ def analyse(records: list[dict], settings: list[tuple], seed: int) -> dict:
     bar_boot = np.minimum(AGREEMENT, boot[:, floor_index])
     tail = 100 * (1 - CONFIDENCE) / 2
     low, high = np.nanpercentile(boot, [tail, 100 - tail], axis=0)
+    # Paired with the floor on the same resamples: both are correlations with the same reference utilities, so
+    # their difference is far less uncertain than either.
+    gap_low, gap_high = np.nanpercentile(boot - boot[:, floor_index : floor_index + 1], [tail, 100 - tail], axis=0)
     floor = float(point[floor_index])
     bar = min(AGREEMENT, floor)
     finetune = float(np.median([r["finetune_seconds"] for r in records]))
@@ -234,6 +237,8 @@ def analyse(records: list[dict], settings: list[tuple], seed: int) -> dict:
                 "fid": float(np.mean([m["fid"] for m in measured])),
                 "spearman": float(point[i]),
                 "interval": [float(low[i]), float(high[i])],
+                "floor_gap": float(point[i] - floor),
+                "floor_gap_interval": [float(gap_low[i]), float(gap_high[i])],
                 # the bar is drawn from the same resample: the floor is uncertain too
                 "reach_share": float(np.mean(boot[:, i] >= bar_boot)),
                 "seconds": sample,
@@ -334,6 +339,13 @@ def main(argv: list[str] | None = None) -> None:
         **analyse(records, settings, cfg["seed"]),
         "score_seconds_median": float(np.median([m["score_seconds"] for r in records for m in r["settings"].values()])),
         "wall_seconds": time.perf_counter() - started,
+        # what measuring the coalitions cost, whichever runs did it (a --stored run measures nothing)
+        "cpu_seconds": float(
+            sum(
+                r["finetune_seconds"] + sum(m["sample_seconds"] + m["score_seconds"] for m in r["settings"].values())
+                for r in records
+            )
+        ),
     }
     write_json(args.cache / "bench_samplers.json", report)
     print(json.dumps({k: report[k] for k in ("noise_floor", "threshold", "best", "chosen")}, indent=1))
@@ -386,8 +398,8 @@ def markdown(report: dict) -> str:
     reference = rows[0]
     lines = [
         f"Command: `nice .venv/bin/python benchmarks/bench_samplers.py`. Machine: {report['machine']}. "
-        f"Date: {report['date']}. Wall time: {report['wall_seconds']:.0f} s (building the models and the reference, "
-        f"once, took {sum(report['stage_seconds'].values()):.0f} s more). Packages: "
+        f"Date: {report['date']}. Measuring the coalitions took {report['cpu_seconds']:.0f} CPU s of one thread "
+        f"(building the models and the reference, once, {sum(report['stage_seconds'].values()):.0f} s more). Packages: "
         + ", ".join(f"{k} {v}" for k, v in report["versions"].items())
         + ".",
         "",
@@ -399,18 +411,26 @@ def markdown(report: dict) -> str:
         "coalition utilities (−FID) against DDIM at 100 steps, with a percentile bootstrap interval "
         f"({report['confidence']:.0%}, {report['resamples']} resamples of the coalitions). Reach: the share of "
         "resamples in which the setting's Spearman is at least the bar min(0.99, noise floor) of the same resample. "
+        "Gap to the floor: the setting's Spearman minus the floor's, with its interval from the same resamples "
+        "(paired: both correlate with the same reference utilities). "
         "Seconds: median CPU seconds of one thread, for the generation and for the whole coalition (fine-tune, "
         "generation, FID).",
         "",
-        "| sampler | steps | noise | FID (mean) | Spearman vs DDIM 100 | interval | reach | generation CPU s | "
-        "coalition CPU s |",
-        "| --- | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: |",
+        "| sampler | steps | noise | FID (mean) | Spearman vs DDIM 100 | interval | gap to the floor (interval) | "
+        "reach | generation CPU s | coalition CPU s |",
+        "| --- | ---: | --- | ---: | ---: | --- | --- | ---: | ---: | ---: |",
     ]
     for r in rows:
-        reach = "—" if r is reference or r["noise"] == "other" else f"{r['reach_share']:.2f}"
+        trivial = r is reference or r["noise"] == "other"
+        reach = "—" if trivial else f"{r['reach_share']:.2f}"
+        gap = (
+            "—"
+            if trivial
+            else f"{r['floor_gap']:+.3f} ({r['floor_gap_interval'][0]:+.3f} to {r['floor_gap_interval'][1]:+.3f})"
+        )
         lines.append(
             f"| {r['sampler']} | {r['steps']} | {r['noise']} | {r['fid']:.2f} | {r['spearman']:.3f} | "
-            f"{r['interval'][0]:.3f}–{r['interval'][1]:.3f} | {reach} | {r['seconds']:.2f} | "
+            f"{r['interval'][0]:.3f}–{r['interval'][1]:.3f} | {gap} | {reach} | {r['seconds']:.2f} | "
             f"{r['coalition_seconds']:.2f} |"
         )
     floor = rows[1]
@@ -424,7 +444,9 @@ def markdown(report: dict) -> str:
         + ".",
     ]
     best = report["best"]
-    if best:
+    if best and best["sampler"] == reference["sampler"] and best["steps"] == reference["steps"]:
+        lines.append("Only the reference itself reaches it. Figure: `benchmarks/samplers.png`.")
+    elif best:
         lines.append(
             f"Cheapest of those: **{best['sampler']}, {best['steps']} steps**, "
             f"{reference['seconds'] / best['seconds']:.1f}× less generation time than the reference and "
