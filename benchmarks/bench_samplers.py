@@ -60,7 +60,7 @@ GRID = {  # steps tried per sampler (UniPC and DPM-Solver++ agreed to the third 
     "unipc": (10, 20, 35),
 }
 AGREEMENT = 0.99
-COALITIONS = 28  # with ~88 CPU seconds each, about 35 minutes on one thread
+COALITIONS = 28  # with ~75 CPU seconds each, about 35 minutes on one thread
 RESAMPLES = 2000  # bootstrap resamples of the coalitions
 CONFIDENCE = 0.95
 
