@@ -67,6 +67,15 @@ def test_every_sampler_lands_on_the_data_of_an_exact_model(sampler):
 
 
 @pytest.mark.parametrize("sampler", ALL_SAMPLERS)
+def test_latents_are_not_clipped(sampler):
+    """``clip=False`` (the latent families): data outside the pixel range, here an exact model of a point mass at 1.5,
+    is sampled where it lies; with the pixels' clipping every sampler ends at the range's edge."""
+    oracle = PointMassOracle(1.5)
+    np.testing.assert_allclose(generate(oracle, 3, seed=0, sampler=sampler, clip=False, **QUICK), 1.5, atol=2e-3)
+    np.testing.assert_array_equal(generate(oracle, 3, seed=0, sampler=sampler, **QUICK), 1.0)
+
+
+@pytest.mark.parametrize("sampler", ALL_SAMPLERS)
 def test_generate_shape_range_and_determinism(tiny_model, sampler):
     images = generate(tiny_model, 5, seed=3, sampler=sampler, **QUICK)
     assert images.shape == (5, 1, 8, 8) and images.dtype == np.float32
@@ -97,6 +106,23 @@ def test_every_model_starts_from_the_same_noise(sampler):
     assert start_a.shape == (4, 1, 8, 8)
     assert torch.equal(start_a, start_b)
     assert abs(start_a.std().item() - 1) < 0.15  # standard normal noise
+
+
+def test_the_unclipped_ddim_differs_from_diffusers_ddim_by_the_clipping_only():
+    """Inside the data range the two DDIMs take the same steps; when the predicted clean image leaves [-1, 1] (a
+    constant noise prediction, at high noise) diffusers' DDIM projects it back at every step and the other does not."""
+    inside = PointMassOracle(0.5)
+    np.testing.assert_allclose(
+        generate(inside, 3, seed=1, sampler="ddim", **QUICK),
+        generate(inside, 3, seed=1, sampler="ddim-unclipped", **QUICK),
+        atol=1e-6,
+    )
+    clipped, unclipped = NoisePeek(0.5), NoisePeek(0.5)
+    generate(clipped, 3, seed=1, sampler="ddim", **QUICK)
+    generate(unclipped, 3, seed=1, sampler="ddim-unclipped", **QUICK)
+    assert torch.equal(clipped.calls[0][1], unclipped.calls[0][1])  # the same starting noise
+    # the second step's input: the clipped DDIM's, sqrt(alpha_prev)·clip(x0) + ..., stays far nearer the data range
+    assert clipped.calls[1][1].abs().max() < 2 < unclipped.calls[1][1].abs().max()
 
 
 def test_ddpm_step_noise_is_shared_across_models():
@@ -186,3 +212,4 @@ def test_package_defaults_are_the_schemas():
     )
     fields = UtilitySettings.__dataclass_fields__
     assert (fields["sampler"].default, fields["inference_steps"].default) == (DEFAULT_SAMPLER, DEFAULT_INFERENCE_STEPS)
+    assert utility["sampler"]["enum"] == list(SAMPLERS)

@@ -8,12 +8,15 @@ noise, and utility differences are not drowned in sampling noise.
 The multistep solvers (DPM-Solver++ of Lu et al. 2022, UniPC of Zhao et al. 2023) reach DDIM's samples in far fewer
 model evaluations; they are deterministic given the starting noise. Which sampler and how many steps a preset uses is
 chosen by ``benchmarks/bench_samplers.py``: the fewest steps whose coalition utilities keep a Spearman of at least
-min(0.99, noise floor) with DDIM at 100 steps. On digits none of the faster settings does: the solvers converge, by
-10 steps, to a ranking of their own (Spearman 0.958 with DDIM 100), and DDIM 50 reaches 0.984.
+min(0.99, noise floor) with the probability-flow ODE solved finely (DDIM at 100 steps without clipping). On digits
+DPM-Solver++ does from 7 steps (0.999). Diffusers' default DDIM (``ddim``, the SFT-Shapley paper's sampler) clips
+each predicted clean image but not the noise it steps along: a projection per step that does not shrink with the
+step size, so its ranking moves with the step count (DDIM 200 agrees with DDIM 100 at 0.92) and no solver meets it.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,10 +37,11 @@ from diffcredit.models import DEFAULT_SCHEDULE
 from diffcredit.progress import Progress
 from diffcredit.training import autocast, prepare_device, select_device
 
-# The schema's defaults (utility.sampler, utility.inference_steps): the fewest steps that keep the utilities'
-# agreement with DDIM 100 at Spearman 0.99, which on digits is DDIM 100 itself (benchmarks/RESULTS.md, "Samplers").
-DEFAULT_SAMPLER = "ddim"
-DEFAULT_INFERENCE_STEPS = 100
+# The schema's defaults (utility.sampler, utility.inference_steps), from benchmarks/RESULTS.md ("Samplers"): 7 steps
+# are the fewest that keep Spearman 0.99 with the reference on digits; 10 are also the fewest from which Journey-TRAK's
+# default 10 feature timesteps (baselines.trak.timesteps) lie on the coalitions' own sampling trajectories.
+DEFAULT_SAMPLER = "dpmsolver++"
+DEFAULT_INFERENCE_STEPS = 10
 
 logger = logging.getLogger(__name__)
 
@@ -48,19 +52,28 @@ logger = logging.getLogger(__name__)
 _CLIPPED = {"solver_order": 3, "thresholding": True, "sample_max_value": 1.0}
 SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any], bool]] = {
     "ddim": (DDIMScheduler, {}, False),
+    # diffusers' DDIM clips the predicted clean image but steps along the unclipped noise prediction, a projection
+    # per step that does not vanish as steps grow; without it DDIM solves the probability-flow ODE the solvers solve.
+    "ddim-unclipped": (DDIMScheduler, {"clip_sample": False}, False),
     "ddpm": (DDPMScheduler, {}, True),
     "dpmsolver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", **_CLIPPED}, False),
     "unipc": (UniPCMultistepScheduler, _CLIPPED, False),
 }
 
 
-def make_sampler(sampler: str, schedule: dict[str, Any] | None = None) -> SchedulerMixin:
+def make_sampler(sampler: str, schedule: dict[str, Any] | None = None, *, clip: bool = True) -> SchedulerMixin:
     """The diffusers scheduler named ``sampler`` over the training schedule (:data:`models.DEFAULT_SCHEDULE` updated
-    by ``schedule``)."""
+    by ``schedule``). ``clip=False`` clips nothing, for samples without a data range: latents have unit variance, so
+    clipping their clean-image predictions to [-1, 1] (diffusers' DDIM and DDPM default) would cut a third of them."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
     cls, settings, _ = SAMPLERS[sampler]
-    return cls(**{**DEFAULT_SCHEDULE, **(schedule or {}), **settings})
+    options = {**DEFAULT_SCHEDULE, **(schedule or {}), **settings}
+    if not clip:
+        options["thresholding"] = False
+        if "clip_sample" in inspect.signature(cls.__init__).parameters:
+            options["clip_sample"] = False
+    return cls(**options)
 
 
 def generate(
@@ -75,8 +88,10 @@ def generate(
     device: str | None = None,
     precision: str = "fp32",
     log_every: int | None = 0,
+    clip: bool = True,
 ) -> np.ndarray:
-    """Generate ``n`` images, float32 ``[n, C, H, W]`` in ``[-1, 1]``.
+    """Generate ``n`` images, float32 ``[n, C, H, W]`` in ``[-1, 1]`` (with ``clip=False``, latents: unclipped, see
+    :func:`make_sampler`).
 
     ``schedule`` must be the training schedule (DDPMScheduler kwargs); ``sampler`` is one of :data:`SAMPLERS` (DDIM
     runs deterministically, eta 0). The model is moved to ``device`` (None: ``auto``) and left in eval mode; with
@@ -88,7 +103,7 @@ def generate(
         raise ValueError(
             f"need n >= 0, batch_size >= 1, inference_steps >= 1; got {n}, {batch_size}, {inference_steps}"
         )
-    scheduler = make_sampler(sampler, schedule)
+    scheduler = make_sampler(sampler, schedule, clip=clip)
     stochastic = SAMPLERS[sampler][2]
     target_device = select_device(device or "auto")
     forward_precision = autocast(target_device, precision)
@@ -119,7 +134,7 @@ def generate(
                     prediction = model(scheduler.scale_model_input(sample, t), t).sample
                 sample = scheduler.step(prediction.float(), t, sample, **noise).prev_sample
                 progress.update(batch * inference_steps + i)
-        batches.append(sample.clamp(-1, 1).float().cpu().numpy())
+        batches.append((sample.clamp(-1, 1) if clip else sample).float().cpu().numpy())
     return np.concatenate(batches) if batches else np.zeros((0, *shape), dtype=np.float32)
 
 

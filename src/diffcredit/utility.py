@@ -53,8 +53,8 @@ class UtilitySettings:
     # made it (its decay stays ~0.9991 instead of restarting), as in the SFT-Shapley paper; 0 starts a fresh EMA.
     ema_step: int = 0
     n_samples: int = 512
-    inference_steps: int = 100  # the schema's defaults (utility.inference_steps, utility.sampler)
-    sampler: str = "ddim"
+    inference_steps: int = 10  # the schema's defaults (utility.inference_steps, utility.sampler)
+    sampler: str = "dpmsolver++"
     property_options: dict = field(default_factory=dict)
     precision: str = "fp32"
     sample_batch_size: int = 256

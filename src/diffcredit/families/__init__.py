@@ -52,6 +52,7 @@ class Family:
     # the keys of the config's ``model.<family>`` section that prepare and open take
     prepare_options: tuple[str, ...] = ()
     open_options: tuple[str, ...] = ()
+    clip_samples = True  # the model denoises pixels, whose range [-1, 1] the samplers keep (sampling.make_sampler)
 
     def __init__(self, unet_config: dict[str, Any], schedule: dict[str, Any] | None = None) -> None:
         self.unet_config = dict(unet_config)
@@ -129,7 +130,7 @@ class Family:
         :func:`diffcredit.sampling.generate`)."""
         from diffcredit.sampling import generate
 
-        return generate(model, n, seed=seed, schedule=self.schedule, **sampling)
+        return generate(model, n, seed=seed, schedule=self.schedule, clip=self.clip_samples, **sampling)
 
     def save(self, model, directory: str | Path) -> None:
         from diffcredit.models import save_model
@@ -159,6 +160,7 @@ class LatentFamily(Family):
     name = "latent"
     prepare_options = ("autoencoder", "latent_channels", "steps", "batch_size", "lr", "scaling_factor")
     takes_unet = True  # prepare checks the UNet config against the latents before training anything
+    clip_samples = False  # unit-variance latents have no [-1, 1] range; the decoder's pixels are clipped instead
 
     def __init__(
         self,

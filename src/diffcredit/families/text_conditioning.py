@@ -328,7 +328,7 @@ def generate(
         )
     target = select_device(device or "auto")
     prepare_device(target)
-    scheduler = make_sampler(sampler, pipeline.schedule)
+    scheduler = make_sampler(sampler, pipeline.schedule, clip=pipeline.autoencoder is None)
     stochastic = SAMPLERS[sampler][2]
     unet.to(target).eval()
     pipeline.text_encoder.to(target)
