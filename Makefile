@@ -17,7 +17,7 @@ $(STAMP): requirements.lock requirements-dev.lock pyproject.toml
 
 install: $(STAMP)
 
-## The embedded default end to end: Shapley values of -FID for the 10 digit classes (CPU, ~22 min).
+## The embedded default end to end: Shapley values of -FID for the 10 digit classes (CPU, ~11 min).
 run: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES)
 

@@ -751,19 +751,27 @@ def _moderated(spread: np.ndarray, df: float) -> tuple[np.ndarray, np.ndarray]:
     (φ̂_i − φ_i)/(s̃_i/√m) with s̃_i² = (d0 s0² + d s_i²)/(d0 + d) is exactly t with d0 + d degrees of freedom
     (capped, as in limma, at the pooled df). d0 and s0² are fitted by the moments of s² (limma uses log s², which
     fails at s² = 0): E[s²] = s0² d0/(d0 − 2) and E[s⁴]/E[s²]² = (1 + 2/d)(d0 − 2)/(d0 − 4); a spread of the s_i²
-    no larger than their sampling explains gives d0 = ∞ (one common variance).
+    no larger than their sampling explains gives d0 = ∞ (one common variance, s̃_i² = s0²). Contributor i's prior is
+    fitted on the other contributors' s² only: its own s² enters s̃_i² as its data, and counted in the prior too, a
+    near-zero s_i² would also pull s0² down (coverage 0.933 → 0.947 for kernelshap_unbiased at 32 coalitions of 8).
     """
     known = np.isfinite(spread)
     if known.sum() < 2 or not spread[known].any():
         return spread, np.full(len(spread), df)
-    first, second = spread[known].mean(), (spread[known] ** 2).mean()
+    own = np.where(known, spread, 0.0)
+    others = known.sum() - known
+    first, second = (own.sum() - own) / others, ((own**2).sum() - own**2) / others
     pooled_df = df * (known.sum() - 1)  # the contributions of one draw sum to v(N) − v(∅): n − 1 free per draw
-    ratio = second / first**2 / (1 + 2 / df)
-    if ratio <= 1:
-        return np.where(known, first, np.nan), np.full(len(spread), pooled_df)
-    prior = (4 * ratio - 2) / (ratio - 1)  # d0 > 4: the moment above exists only there
-    target = first * (prior - 2) / prior
-    return (prior * target + df * spread) / (prior + df), np.full(len(spread), min(prior + df, pooled_df))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = second / first**2 / (1 + 2 / df)
+        prior = (4 * ratio - 2) / (ratio - 1)  # d0 > 4: the moment above exists only there
+        shrunk = (first * (prior - 2) + df * spread) / (prior + df)  # d0 s0² = first·(d0 − 2)
+    common = ratio <= 1
+    # unknown s_i², or no spread among the others (contrived: one draw's contributions sum to a constant): keep s_i²
+    fitted = known & (first > 0)
+    value = np.where(fitted, np.where(common, first, shrunk), spread)
+    dof = np.where(fitted, np.where(common, pooled_df, np.minimum(prior + df, pooled_df)), df)
+    return value, dof
 
 
 def _satterthwaite(parts: Sequence[np.ndarray], dfs: Sequence[float | np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
