@@ -21,7 +21,7 @@ from diffcredit.properties import (
     prepare_reference,
     reference_provenance,
 )
-from diffcredit.properties.diversity import proportion_entropy
+from diffcredit.properties.diversity import assign_ward, cluster_means, proportion_entropy, ward_clusters
 from diffcredit.properties.features import (
     extract_features,
     load_classifier,
@@ -160,10 +160,45 @@ def test_diversity_of_one_class_is_zero_and_of_balanced_digits_log2_10(reference
     assert diversity(balanced) == pytest.approx(math.log2(10), abs=0.05)
 
 
-def test_cluster_diversity_uses_the_reference_clusters(reference, digits):
-    diversity = load_property("diversity", reference, bins="clusters")
-    assert diversity(digits[2]) > 3.5  # the reference spreads over most of the 20 clusters (log2 20 = 4.32)
+@pytest.mark.parametrize("clustering", ["ward", "kmeans"])
+def test_cluster_diversity_uses_the_reference_clusters(reference, digits, clustering):
+    diversity = load_property("diversity", reference, bins="clusters", clustering=clustering)
+    # the reference spreads over most of the 20 clusters (log2 20 = 4.32; Ward's clusters are less even in size)
+    assert diversity(digits[2]) > 3.2
     assert diversity(digits[0][digits[1] == 0]) < 2.0
+
+
+def test_ward_clusters_recover_a_hand_made_clustering():
+    """Three groups along three axes (dot products ~1 within, ~0 across): Ward on max(sim) − sim cuts them apart,
+    and new points go to the group whose axis they lie on."""
+    rng = np.random.default_rng(0)
+    group = np.repeat([0, 1, 2, 0, 2], [5, 7, 4, 3, 2])  # interleaved, so the cut cannot follow the input order
+    features = np.eye(3)[group] + 0.05 * rng.standard_normal((len(group), 3))
+    labels = ward_clusters(features, 3)
+    assert len(set(zip(labels, group))) == 3  # the same partition, whatever the cluster numbering
+    means = cluster_means(features, labels)
+    new = np.eye(3)[[2, 2, 1, 0]] + 0.05 * rng.standard_normal((4, 3))
+    assert list(assign_ward(new, means)) == [labels[group == g][0] for g in (2, 2, 1, 0)]
+    assert proportion_entropy(assign_ward(new, means), 3) == pytest.approx(1.5)  # proportions 1/2, 1/4, 1/4
+
+
+def test_ward_assignment_is_the_smallest_mean_dissimilarity():
+    """The paper assigns each generated image to the cluster whose reference members have the smallest mean
+    max(sim) − sim; the cluster mean with the largest dot product is the same cluster."""
+    rng = np.random.default_rng(1)
+    reference, generated = rng.standard_normal((60, 8)), rng.standard_normal((40, 8))
+    labels = ward_clusters(reference, 6)
+    similarity = reference @ reference.T
+    dissimilarity = similarity.max() - generated @ reference.T
+    brute = np.array([[d[labels == k].mean() for k in range(6)] for d in dissimilarity]).argmin(axis=1)
+    np.testing.assert_array_equal(assign_ward(generated, cluster_means(reference, labels)), brute)
+
+
+def test_diversity_names_an_unknown_clustering(reference):
+    with pytest.raises(ValueError, match="clustering='dbscan'"):
+        load_property("diversity", reference, bins="clusters", clustering="dbscan")
+    with pytest.raises(ValueError, match="n_clusters=7"):
+        ward_clusters(np.eye(3), 7)
 
 
 def test_aesthetic_is_the_quantile_of_the_predictor_scores(reference, digits, linear_head):

@@ -12,8 +12,9 @@ the extractor that embeds them; with a trusted reference neither depends on any 
 - precision, recall, density, coverage: k-NN manifolds of the reference features (`precision_recall`). Need the same
   reference. Precision and density reward realistic samples, recall and coverage varied ones; coverage is the one to
   pay by (only samples near reference images count, and outliers cannot inflate it).
-- diversity: entropy over the extractor's classes or the reference's k-means clusters. Needs the reference (clusters)
-  or a classifier trained on it (classes); it rewards spread, not realism, so noise spread over bins scores well.
+- diversity: entropy over the extractor's classes or the reference's clusters (Ward, the paper's; or k-means). Needs
+  the reference (clusters) or a classifier trained on it (classes); it rewards spread, not realism, so noise spread
+  over bins scores well.
 - inception_score: needs a classifier trained on the reference's labels (or its pseudo-labels). Rewards confident,
   varied predictions; fooled by adversarial or off-distribution images that the classifier labels confidently.
 - aesthetic: a predictor head on the extractor's features; needs no reference images, only a trusted predictor file.
@@ -40,7 +41,7 @@ from torch import nn
 from diffcredit.contributors import HELDOUT, TRUSTED, UNTRUSTED_NOTE, image_digests
 from diffcredit.io import write_atomic, write_json
 from diffcredit.properties.aesthetic import AestheticScore, load_predictor
-from diffcredit.properties.diversity import Diversity
+from diffcredit.properties.diversity import Diversity, cluster_means, ward_clusters
 from diffcredit.properties.features import (
     DigitClassifier,
     extract_features,
@@ -167,10 +168,13 @@ def prepare_reference(
     if not 1 <= n_clusters <= len(feats):
         raise ValueError(f"n_clusters={n_clusters}: choose 1..{len(feats)} (the number of reference images)")
     kmeans = KMeans(n_clusters, n_init=10, random_state=derive_seed(seed, "clusters")).fit(feats)
-    info.update(feature_dim=int(feats.shape[1]), n_clusters=int(n_clusters))
+    ward_means = cluster_means(feats, ward_clusters(feats, n_clusters))
+    info.update(feature_dim=int(feats.shape[1]), n_clusters=int(n_clusters), n_ward_clusters=len(ward_means))
     write_atomic(
         out / STATS_FILE,
-        lambda tmp: np.savez(tmp, features=feats, mu=mu, sigma=sigma, centres=kmeans.cluster_centers_),
+        lambda tmp: np.savez(
+            tmp, features=feats, mu=mu, sigma=sigma, centres=kmeans.cluster_centers_, ward_means=ward_means
+        ),
     )
     write_json(out / INFO_FILE, info)
 
@@ -239,7 +243,8 @@ class Reference:
     features: np.ndarray
     mu: np.ndarray
     sigma: np.ndarray
-    centres: np.ndarray
+    centres: np.ndarray  # k-means
+    ward_means: np.ndarray  # the mean embedding of each Ward cluster
 
     @classmethod
     def load(cls, reference_dir: str | Path, device: str | torch.device = "cpu") -> Reference:
@@ -255,7 +260,12 @@ class Reference:
         else:
             extractor = load_module(folder / info["extractor"], device)
         with np.load(folder / STATS_FILE) as stats:
-            arrays = {key: stats[key] for key in ("features", "mu", "sigma", "centres")}
+            if "ward_means" not in stats:
+                raise ValueError(
+                    f"{str(folder)!r} was prepared by an older DiffCredit (no Ward clusters): delete it and rerun "
+                    "the `reference` rule"
+                )
+            arrays = {key: stats[key] for key in ("features", "mu", "sigma", "centres", "ward_means")}
         return cls(extractor=extractor, **arrays)
 
 
@@ -264,7 +274,7 @@ def load_property(name: str, reference_dir: str | Path, *, device: str | torch.d
 
     Options: kid: seed, num_subsets, max_subset_size; inception_score: classifier (a local TorchScript or
     torch.export file giving class logits; default: the reference's digit classifier); diversity: bins ("auto",
-    "classes" or "clusters");
+    "classes" or "clusters") and clustering ("ward", the paper's, or "kmeans");
     aesthetic: predictor (a local file, required), quantile (0.9); precision, recall, density, coverage: k (5).
     """
     if name not in _FACTORIES:
@@ -306,11 +316,13 @@ def _inception_score(reference: Reference, *, classifier: str | Path | None = No
     return InceptionScore(reference.extractor)
 
 
-def _diversity(reference: Reference, *, bins: str = "auto") -> Diversity:
+def _diversity(reference: Reference, *, bins: str = "auto", clustering: str = "ward") -> Diversity:
     if bins not in ("auto", "classes", "clusters"):
-        raise ValueError(f"bins={bins!r}: choose 'auto', 'classes' (classifier predictions) or 'clusters' (k-means)")
-    use_classes = bins == "classes" or (bins == "auto" and isinstance(reference.extractor, DigitClassifier))
-    return Diversity(reference.extractor, None if use_classes else reference.centres)
+        raise ValueError(f"bins={bins!r}: choose 'auto', 'classes' (classifier predictions) or 'clusters'")
+    if bins == "classes" or (bins == "auto" and isinstance(reference.extractor, DigitClassifier)):
+        return Diversity(reference.extractor)
+    centres = reference.ward_means if clustering == "ward" else reference.centres
+    return Diversity(reference.extractor, centres, clustering)
 
 
 def _aesthetic(reference: Reference, *, predictor: str | Path | None = None, quantile: float = 0.9) -> AestheticScore:
