@@ -360,14 +360,18 @@ def test_manifold_properties_separate_quality_from_coverage(reference, digits, n
 # --- a trusted reference: a yardstick the contributors cannot move ----------------------------------------------
 
 
-def _stages_reference(tmp_path, contributors: np.ndarray, name: str, reference: dict | None):
-    """The workflow's two data stages on `contributors` (5 contributors of 8x8 images); returns the folder."""
+def _stages_reference(
+    tmp_path, contributors: np.ndarray, name: str, reference: dict | None, labels: str = "items", classes: int = 5
+):
+    """The workflow's two data stages on `contributors` (5 contributors of 8x8 images, item labels 0..classes-1);
+    returns the folder."""
     from diffcredit import stages
 
     folder = tmp_path / name
     folder.mkdir()
     owners = np.array([f"c{i % 5}" for i in range(len(contributors))])
-    np.savez(folder / "items.npz", images=contributors, contributors=owners, labels=np.arange(len(owners)) % 5)
+    item_labels = np.arange(len(owners)) // 5 % classes
+    np.savez(folder / "items.npz", images=contributors, contributors=owners, labels=item_labels)
     files = {
         "train_out": str(folder / "train.npz"),
         "heldout_out": str(folder / "heldout.npz"),
@@ -392,6 +396,7 @@ def _stages_reference(tmp_path, contributors: np.ndarray, name: str, reference: 
         classifier_steps=30,
         feature_dim=16,
         reference=reference,
+        labels=labels,
         log=lambda message: None,
     )
     return folder / "reference"
@@ -435,6 +440,17 @@ def test_without_a_reference_the_contributors_move_the_yardstick_and_it_says_so(
     provenance = reference_provenance(first)
     assert provenance["yardstick"] == "contributors' held-out items" and provenance["trusted"] is False
     assert provenance["statement"].startswith("Warning: the contributors shape their own yardstick")
+
+
+def test_the_extractor_can_learn_to_tell_contributors_apart(buyer, tmp_path):
+    """features.labels: contributors trains the classifier on each item's contributor (5) instead of its label (3)."""
+    _, clean, _ = buyer
+    by_items = _stages_reference(tmp_path, clean, "items", None, classes=3)
+    by_contributors = _stages_reference(tmp_path, clean, "contributors", None, labels="contributors", classes=3)
+    assert load_classifier(by_items / "classifier.safetensors").config.num_classes == 3
+    assert load_classifier(by_contributors / "classifier.safetensors").config.num_classes == 5
+    with pytest.raises(ValueError, match="a trusted reference"):
+        _stages_reference(tmp_path, clean, "trusted", buyer[0], labels="contributors")
 
 
 def test_an_unlabelled_trusted_reference_fits_the_extractor_on_pseudo_labels(digits, tmp_path):

@@ -178,28 +178,44 @@ def prepare_reference(
     feature_dim: int,
     reference: dict | None = None,
     fit_fraction: float = 0.5,
+    labels: str = "items",
     log=print,
 ) -> None:
     """Fit the feature extractor (unless a local one is given) and cache the reference statistics.
 
     With a trusted `reference` (the config's ``data.reference``) the extractor is fitted on the reference in
     `heldout_data` alone (a share `fit_fraction` of it; the rest gives the statistics) and `train_data` is not read
-    (pass None); otherwise on the contributors' training items.
+    (pass None); otherwise on the contributors' training items, with their own labels (`labels="items"`: digit
+    classes, letters) or with their contributor as the label (``"contributors"``: the extractor then tells
+    contributors' styles apart, as a face embedder tells identities apart in the paper's diversity case).
     """
     from diffcredit.properties import prepare_reference as prepare
     from diffcredit.properties import reference_provenance
 
+    if labels not in ("items", "contributors"):
+        raise ValueError(f"features.labels={labels!r}: choose 'items' (the data's labels) or 'contributors'")
     heldout = ContributorData.load(heldout_data)
+    reference_labels = heldout.labels
     if reference is None:
         train = ContributorData.load(train_data)
-        fit = {"train_images": train.images, "train_labels": train.labels}
+        train_labels = train.labels
+        if labels == "contributors":
+            ids = {cid: k for k, cid in enumerate(train.contributor_ids)}
+            train_labels = np.array([ids[c] for c in train.contributors], dtype=np.int64)
+            reference_labels = np.array([ids[c] for c in heldout.contributors], dtype=np.int64)
+        fit = {"train_images": train.images, "train_labels": train_labels}
+    elif labels == "contributors":
+        raise ValueError(
+            "features.labels: contributors fits the extractor on the contributors' items, which a trusted reference "
+            "(data.reference) never lets it see: use labels: items, or drop data.reference"
+        )
     else:
         fit = {"trusted": True, "source": reference, "fit_fraction": fit_fraction}
     with atomic_dir(out) as tmp:
         prepare(
             tmp,
             reference_images=heldout.images,
-            reference_labels=heldout.labels,
+            reference_labels=reference_labels,
             seed=derive_seed(seed, "feature-extractor"),
             feature_dim=feature_dim,
             classifier_steps=classifier_steps,
