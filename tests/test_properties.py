@@ -175,7 +175,7 @@ def test_ward_clusters_recover_a_hand_made_clustering():
     group = np.repeat([0, 1, 2, 0, 2], [5, 7, 4, 3, 2])  # interleaved, so the cut cannot follow the input order
     features = np.eye(3)[group] + 0.05 * rng.standard_normal((len(group), 3))
     labels = ward_clusters(features, 3)
-    assert len(set(zip(labels, group))) == 3  # the same partition, whatever the cluster numbering
+    assert len(set(zip(labels, group, strict=True))) == 3  # the same partition, whatever the cluster numbering
     means = cluster_means(features, labels)
     new = np.eye(3)[[2, 2, 1, 0]] + 0.05 * rng.standard_normal((4, 3))
     assert list(assign_ward(new, means)) == [labels[group == g][0] for g in (2, 2, 1, 0)]

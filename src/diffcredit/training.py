@@ -155,7 +155,7 @@ def train(
     model.to(target_device).train()
     opt = OPTIMIZERS[optimizer](model.parameters(), lr=lr, weight_decay=weight_decay)
     ema = EMAModel(model.parameters(), decay=ema_decay, foreach=True) if ema_decay is not None else None
-    if ema is not None:  # continue the EMA of the run the model comes from: its decay warm-up is long past
+    if ema is not None:  # ema_step > 0 continues the run the model comes from, past its decay warm-up
         ema.optimization_step = ema_step
     losses = []
     progress = Progress(logger, "train", steps, every=log_every)

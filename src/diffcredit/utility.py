@@ -50,7 +50,7 @@ class UtilitySettings:
     grad_clip: float | None = 1.0
     ema_decay: float | None = None
     # utility.ema: continue: the start model's EMA goes on through the fine-tune from the step count of the run that
-    # made it (its decay stays ~0.9991 instead of restarting), as in the SFT-Shapley paper; 0 starts a fresh EMA.
+    # made it (its decay stays ~0.9991 instead of restarting); 0 starts a fresh EMA (fresh, the authors' code).
     ema_step: int = 0
     n_samples: int = 512
     inference_steps: int = 10  # the schema's defaults (utility.inference_steps, utility.sampler)

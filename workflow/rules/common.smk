@@ -174,8 +174,10 @@ def settings_of(mode):
     """Everything that determines v(S) in `mode` (see diffcredit.utility.UtilitySettings)."""
     u, t = config["utility"], config["train"]
     retrain = mode == "retrain"
-    # utility.ema: continue carries the start model's EMA on from the step count of the run that made it.
-    continued = not retrain and u["ema"] == "continue" and t["ema_decay"] is not None
+    # utility.ema: fresh starts a new EMA of the start weights (step 0: diffusers' warm-up), continue carries the start
+    # model's EMA on from the step count of the run that made it.
+    averaged = not retrain and u["ema"] != "none" and t["ema_decay"] is not None
+    continued = averaged and u["ema"] == "continue"
     start_steps = {"sft": config["recover"]["steps"], "finetune": t["steps"]}.get(mode, 0)
     return {
         "mode": mode,
@@ -184,7 +186,7 @@ def settings_of(mode):
         "lr": t["lr"] if retrain else u["lr"],
         "optimizer": t["optimizer"],
         "grad_clip": t["grad_clip"],
-        "ema_decay": t["ema_decay"] if retrain or continued else None,
+        "ema_decay": t["ema_decay"] if retrain or averaged else None,
         "ema_step": start_steps if continued else 0,
         "unet": config["model"]["unet"],
         "schedule": config["model"]["schedule"],
