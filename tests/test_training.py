@@ -122,3 +122,56 @@ def test_select_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="device 'cuda' requested but CUDA is not available"):
             select_device("cuda")
+
+
+# --- an EMA run keeps its raw weights; a coalition's fine-tune starts from them, as the SFT-Shapley authors --------
+
+
+def test_an_ema_run_saves_its_raw_weights_beside_the_average(tiny_config, digit_images, tmp_path):
+    from diffcredit.models import load_model, load_raw_weights, save_model
+
+    model = build_model(tiny_config, seed=0)
+    result = train(model, digit_images, steps=5, seed=0, ema_decay=0.9, **FAST)
+    raw = dict(result.raw_weights)
+    assert not all(torch.equal(raw[name], p) for name, p in model.named_parameters())  # the average lags
+    save_model(model, tmp_path / "run", result.raw_weights)
+    loaded = load_model(tmp_path / "run")
+    assert all(torch.equal(p, q) for p, q in zip(loaded.parameters(), model.parameters(), strict=True))
+    assert load_raw_weights(loaded, tmp_path / "run")
+    assert all(torch.equal(p, raw[name]) for name, p in loaded.named_parameters())
+    plain = build_model(tiny_config, seed=0)
+    assert train(plain, digit_images, steps=2, seed=0, **FAST).raw_weights is None
+    save_model(plain, tmp_path / "plain")
+    before = weights(plain)
+    assert not load_raw_weights(plain, tmp_path / "plain")
+    assert all(torch.equal(x, y) for x, y in zip(before, weights(plain), strict=True))
+    with pytest.raises(ValueError, match="not from this run"):
+        load_raw_weights(build_model({**tiny_config, "layers_per_block": 2}, seed=0), tmp_path / "run")
+
+
+@pytest.mark.parametrize("ema", ["fresh", "continue"])
+def test_a_coalition_fine_tune_starts_from_the_raw_weights(tiny_config, digit_images, tmp_path, ema):
+    """With zero fine-tuning steps the EMA's result is where it started: the raw weights (fresh, the authors' code) or
+    the start run's average (continue)."""
+    from diffcredit.models import save_model
+    from diffcredit.utility import UtilitySettings, coalition_model
+
+    start = build_model(tiny_config, seed=0)
+    result = train(start, digit_images, steps=5, seed=0, ema_decay=0.9, **FAST)
+    save_model(start, tmp_path / "start", result.raw_weights)
+    data = ContributorData(digit_images[:16], ["a"] * 16, np.arange(16).astype(str))
+    settings = UtilitySettings(
+        mode="sft",
+        steps=0,
+        batch_size=8,
+        lr=1e-3,
+        model_config=tiny_config,
+        schedule={},
+        property="fid",
+        seed=0,
+        ema_decay=0.9999,
+        ema_step=0 if ema == "fresh" else 10_000,
+    )
+    model, _ = coalition_model(["a"], 0, data=data, settings=settings, start_model=tmp_path / "start", device="cpu")
+    expected = dict(result.raw_weights) if ema == "fresh" else dict(start.named_parameters())
+    assert all(torch.equal(p, expected[name].detach()) for name, p in model.named_parameters())

@@ -24,6 +24,9 @@ from diffcredit.io import atomic_dir
 
 WEIGHTS = "model.safetensors"
 ARCHITECTURE = "architecture.json"
+# The raw (not averaged) parameters of a run with an EMA, beside its averaged ones: the SFT-Shapley authors start each
+# fine-tune from their checkpoint's raw weights and average from there.
+RAW_WEIGHTS = "raw.safetensors"
 
 DEFAULT_SCHEDULE: dict[str, Any] = {"num_train_timesteps": 1000, "beta_schedule": "linear"}
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
@@ -104,8 +107,9 @@ def count_parameters(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
-def save_model(model: ModelMixin, directory: str | Path) -> None:
-    """Write ``model.safetensors`` and ``architecture.json`` (config + tensor shapes) into ``directory``.
+def save_model(model: ModelMixin, directory: str | Path, raw: dict[str, torch.Tensor] | None = None) -> None:
+    """Write ``model.safetensors`` and ``architecture.json`` (config + tensor shapes) into ``directory``, and with
+    ``raw`` (the parameters before the EMA replaced them, :attr:`training.TrainingResult.raw_weights`) ``raw.safetensors``.
 
     The files are written to a temporary sibling directory that then replaces ``directory``.
     """
@@ -118,6 +122,8 @@ def save_model(model: ModelMixin, directory: str | Path) -> None:
     }
     with atomic_dir(directory) as staging:
         save_file(state, staging / WEIGHTS)
+        if raw is not None:
+            save_file({name: tensor.detach().cpu().contiguous() for name, tensor in raw.items()}, staging / RAW_WEIGHTS)
         (staging / ARCHITECTURE).write_text(json.dumps(architecture, indent=1) + "\n")
 
 
@@ -144,6 +150,22 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> UNe
     sync_channel_attributes(model)
     model.load_state_dict(load_file(directory / WEIGHTS), strict=True)
     return model.to(device).eval()
+
+
+def load_raw_weights(model: nn.Module, directory: str | Path) -> bool:
+    """Put the raw parameters that :func:`save_model` kept beside the averaged ones into ``model`` (loaded from the
+    same ``directory``); False, and ``model`` unchanged, where the run kept none (it had no EMA)."""
+    path = Path(directory) / RAW_WEIGHTS
+    if not path.is_file():
+        return False
+    raw = load_file(path)
+    parameters = dict(model.named_parameters())
+    if set(raw) != set(parameters):
+        raise ValueError(f"{path} does not hold the parameters of the model in {directory}: it is not from this run")
+    with torch.no_grad():
+        for name, parameter in parameters.items():
+            parameter.copy_(raw[name])
+    return True
 
 
 def sync_channel_attributes(model: nn.Module) -> None:

@@ -110,7 +110,7 @@ def train_full(
     result = kind.fit(
         model, data, seed=derive_seed(seed, "full-train"), log_every=_log_interval(training["steps"]), **training
     )
-    kind.save(model, out)
+    kind.save(model, out, raw=result.raw_weights)
     if observer is not None:
         in_run.write_values(
             observer, data, out=inrun["out"], first_order_out=inrun["first_order_out"], seconds=result.seconds
@@ -163,7 +163,7 @@ def recover(
         )
     else:
         result = None
-    kind.save(model, out)
+    kind.save(model, out, raw=result.raw_weights if result else None)
     _write_stats(stats_out, result, stage="recover")
 
 

@@ -82,6 +82,8 @@ class TrainingResult:
     losses: list[float] = field(repr=False)
     device: str
     peak_memory: int | None = None
+    # with an EMA: the parameters before the average replaced them (CPU), to save beside the model
+    raw_weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
 
 def train(
@@ -96,6 +98,7 @@ def train(
     weight_decay: float = 0.0,
     ema_decay: float | None = None,
     ema_step: int = 0,
+    ema_start: list[torch.Tensor] | None = None,
     grad_clip: float | None = 1.0,
     schedule: dict[str, Any] | None = None,
     device: str | None = None,
@@ -120,6 +123,8 @@ def train(
         ema_step: with ``ema_decay``, the EMA's step count to start from. 0 starts a fresh EMA (its first step
             replaces the average); the model's own run's step count continues that run's EMA, whose weights the model
             then holds (diffusers' decay min(ema_decay, n/(n+9)) at step n: ~0.9991 after 10,000 steps).
+        ema_start: with ``ema_decay``, the average to start from, one tensor per parameter (default: the model's own
+            weights); a continued EMA whose model starts from that run's raw weights passes the run's average here.
         observer: called as ``observer(model, index, clean, timesteps, noise)`` before each step's forward pass (so
             it can replay the step's dropout masks); what it returns is called with the SGD step size applied (lr
             times the clipping factor) before the update (In-Run Data Shapley, :mod:`diffcredit.attribution.inrun`).
@@ -157,6 +162,11 @@ def train(
     ema = EMAModel(model.parameters(), decay=ema_decay, foreach=True) if ema_decay is not None else None
     if ema is not None:  # ema_step > 0 continues the run the model comes from, past its decay warm-up
         ema.optimization_step = ema_step
+        if ema_start is not None:
+            ema.shadow_params = [
+                tensor.detach().to(p.device, p.dtype, copy=True)
+                for tensor, p in zip(ema_start, model.parameters(), strict=True)
+            ]
     losses = []
     progress = Progress(logger, "train", steps, every=log_every)
     start = time.perf_counter()
@@ -184,7 +194,9 @@ def train(
         losses.append(loss.detach())
         if progress.due(step):  # the mean loss since the last report (the only host sync of the loop)
             progress.update(step, f"loss {torch.stack(losses[progress.done - step :]).mean().item():.4f}")
+    raw_weights = None
     if ema is not None:
+        raw_weights = {name: p.detach().cpu().clone() for name, p in model.named_parameters()}
         ema.copy_to(model.parameters())
     seconds = time.perf_counter() - start
     model.to(home_device)
@@ -194,6 +206,7 @@ def train(
         losses=torch.stack(losses).cpu().tolist() if losses else [],
         device=str(target_device),
         peak_memory=peak_memory(target_device),
+        raw_weights=raw_weights,
     )
 
 

@@ -122,6 +122,7 @@ def coalition_model(
     """The model standing for coalition `members`, and seconds spent per stage (``load``, ``train``)."""
     family = model_family(settings, data)
     seconds: dict[str, float] = {}
+    average = None
     tic = time.perf_counter()
     if not members:
         # Each repeat of v(∅) is another initialisation, so its repeats measure the seed noise; repeat 0 keeps the
@@ -138,6 +139,11 @@ def coalition_model(
         if start_model is None:
             raise ValueError(f"utility mode {settings.mode!r} needs a starting model directory")
         model = family.load(start_model)
+        if settings.ema_decay is not None:
+            # As the SFT-Shapley authors: the fine-tune starts from the start run's raw weights, and a fresh EMA
+            # (ema_step 0) averages from them; a continued one carries on the run's average.
+            average = [p.detach().clone() for p in model.parameters()] if settings.ema_step > 0 else None
+            family.load_raw(model, start_model)
     seconds["load"] = time.perf_counter() - tic
     if members:
         family.fit(
@@ -150,6 +156,7 @@ def coalition_model(
             optimizer=settings.optimizer,
             ema_decay=settings.ema_decay,
             ema_step=settings.ema_step if settings.mode != "retrain" else 0,
+            ema_start=average,
             grad_clip=settings.grad_clip,
             device=device,
             precision=settings.precision,

@@ -132,15 +132,23 @@ class Family:
 
         return generate(model, n, seed=seed, schedule=self.schedule, clip=self.clip_samples, **sampling)
 
-    def save(self, model, directory: str | Path) -> None:
+    def save(self, model, directory: str | Path, raw: dict | None = None) -> None:
+        """Save ``model`` (with an EMA: its averaged weights, and the ``raw`` ones beside them)."""
         from diffcredit.models import save_model
 
-        save_model(model, directory)
+        save_model(model, directory, raw)
 
     def load(self, directory: str | Path):
         from diffcredit.models import load_model
 
         return load_model(directory)
+
+    def load_raw(self, model, directory: str | Path) -> bool:
+        """Replace the averaged weights of ``model`` (loaded from ``directory``) by the raw ones saved beside them;
+        False where there are none."""
+        from diffcredit.models import load_raw_weights
+
+        return load_raw_weights(model, directory)
 
     def count_parameters(self, model) -> int:
         from diffcredit.models import count_parameters
@@ -523,10 +531,14 @@ class TextLoraFamily(Family):
         sampling.pop("precision", None)  # fp32: the conditional sampler has no autocast
         return generate(self.base, model, self.prompts, n, seed=seed, guidance_scale=self.guidance_scale, **sampling)
 
-    def save(self, model, directory: str | Path) -> None:
+    def save(self, model, directory: str | Path, raw: dict | None = None) -> None:
+        """Save the adapters; a LoRA run keeps only its (averaged, with an EMA) adapters, so ``raw`` is not kept."""
         from diffcredit.families.lora import save_lora
 
         save_lora(model, directory)
+
+    def load_raw(self, model, directory: str | Path) -> bool:
+        return False
 
     def load(self, directory: str | Path):
         from diffcredit.families.lora import load_lora
