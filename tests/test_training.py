@@ -131,7 +131,7 @@ def test_an_ema_run_saves_its_raw_weights_beside_the_average(tiny_config, digit_
     from diffcredit.models import load_model, load_raw_weights, save_model
 
     model = build_model(tiny_config, seed=0)
-    result = train(model, digit_images, steps=5, seed=0, ema_decay=0.9, **FAST)
+    result = train(model, digit_images, steps=5, seed=0, ema_decay=0.9, keep_raw=True, **FAST)
     raw = dict(result.raw_weights)
     assert not all(torch.equal(raw[name], p) for name, p in model.named_parameters())  # the average lags
     save_model(model, tmp_path / "run", result.raw_weights)
@@ -140,7 +140,11 @@ def test_an_ema_run_saves_its_raw_weights_beside_the_average(tiny_config, digit_
     assert load_raw_weights(loaded, tmp_path / "run")
     assert all(torch.equal(p, raw[name]) for name, p in loaded.named_parameters())
     plain = build_model(tiny_config, seed=0)
-    assert train(plain, digit_images, steps=2, seed=0, **FAST).raw_weights is None
+    assert train(plain, digit_images, steps=2, seed=0, keep_raw=True, **FAST).raw_weights is None
+    assert (
+        train(build_model(tiny_config, seed=0), digit_images, steps=2, seed=0, ema_decay=0.9, **FAST).raw_weights
+        is None
+    )
     save_model(plain, tmp_path / "plain")
     before = weights(plain)
     assert not load_raw_weights(plain, tmp_path / "plain")
@@ -157,7 +161,7 @@ def test_a_coalition_fine_tune_starts_from_the_raw_weights(tiny_config, digit_im
     from diffcredit.utility import UtilitySettings, coalition_model
 
     start = build_model(tiny_config, seed=0)
-    result = train(start, digit_images, steps=5, seed=0, ema_decay=0.9, **FAST)
+    result = train(start, digit_images, steps=5, seed=0, ema_decay=0.9, keep_raw=True, **FAST)
     save_model(start, tmp_path / "start", result.raw_weights)
     data = ContributorData(digit_images[:16], ["a"] * 16, np.arange(16).astype(str))
     settings = UtilitySettings(

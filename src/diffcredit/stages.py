@@ -108,7 +108,12 @@ def train_full(
         )
         training["observer"] = observer
     result = kind.fit(
-        model, data, seed=derive_seed(seed, "full-train"), log_every=_log_interval(training["steps"]), **training
+        model,
+        data,
+        seed=derive_seed(seed, "full-train"),
+        log_every=_log_interval(training["steps"]),
+        keep_raw=True,
+        **training,
     )
     kind.save(model, out, raw=result.raw_weights)
     if observer is not None:
@@ -159,7 +164,12 @@ def recover(
     model = kind.load(pruned_model)
     if training["steps"] > 0:
         result = kind.fit(
-            model, data, seed=derive_seed(seed, "recover"), log_every=_log_interval(training["steps"]), **training
+            model,
+            data,
+            seed=derive_seed(seed, "recover"),
+            log_every=_log_interval(training["steps"]),
+            keep_raw=True,
+            **training,
         )
     else:
         result = None

@@ -99,6 +99,7 @@ def train(
     ema_decay: float | None = None,
     ema_step: int = 0,
     ema_start: list[torch.Tensor] | None = None,
+    keep_raw: bool = False,
     grad_clip: float | None = 1.0,
     schedule: dict[str, Any] | None = None,
     device: str | None = None,
@@ -125,6 +126,8 @@ def train(
             then holds (diffusers' decay min(ema_decay, n/(n+9)) at step n: ~0.9991 after 10,000 steps).
         ema_start: with ``ema_decay``, the average to start from, one tensor per parameter (default: the model's own
             weights); a continued EMA whose model starts from that run's raw weights passes the run's average here.
+        keep_raw: with ``ema_decay``, return the raw weights (``raw_weights``) of a run that is saved (train_full,
+            recover); a coalition's fine-tune does not need them, so it skips the copy.
         observer: called as ``observer(model, index, clean, timesteps, noise)`` before each step's forward pass (so
             it can replay the step's dropout masks); what it returns is called with the SGD step size applied (lr
             times the clipping factor) before the update (In-Run Data Shapley, :mod:`diffcredit.attribution.inrun`).
@@ -196,7 +199,8 @@ def train(
             progress.update(step, f"loss {torch.stack(losses[progress.done - step :]).mean().item():.4f}")
     raw_weights = None
     if ema is not None:
-        raw_weights = {name: p.detach().cpu().clone() for name, p in model.named_parameters()}
+        if keep_raw:
+            raw_weights = {name: p.detach().cpu().clone() for name, p in model.named_parameters()}
         ema.copy_to(model.parameters())
     seconds = time.perf_counter() - start
     model.to(home_device)

@@ -165,10 +165,8 @@ def prepare_reference(
             info["reference_accuracy"] = float(np.mean(predicted == np.asarray(reference_labels)))
     feats = extract_features(model, reference_images)
     mu, sigma = feature_stats(feats)
-    if not 1 <= n_clusters <= len(feats):
-        raise ValueError(f"n_clusters={n_clusters}: choose 1..{len(feats)} (the number of reference images)")
+    ward_means = cluster_means(feats, ward_clusters(feats, n_clusters))  # checks n_clusters against the reference
     kmeans = KMeans(n_clusters, n_init=10, random_state=derive_seed(seed, "clusters")).fit(feats)
-    ward_means = cluster_means(feats, ward_clusters(feats, n_clusters))
     info.update(feature_dim=int(feats.shape[1]), n_clusters=int(n_clusters), n_ward_clusters=len(ward_means))
     write_atomic(
         out / STATS_FILE,
