@@ -104,8 +104,10 @@ def test_streamed_projection_equals_the_dense_one(new_model, monkeypatch) -> Non
     grads = {name: torch.randn((3, *p.shape), generator=generator) for name, p in params.items()}
     flat = torch.cat([grads[name].flatten(1) for name in params], dim=1)
     torch.testing.assert_close(proj.project(grads), flat @ dense_projection(proj), rtol=1e-4, atol=1e-4)
-    # an item's projection does not depend on the batch it is projected in
-    torch.testing.assert_close(proj.project({n: g[1:2] for n, g in grads.items()}), proj.project(grads)[1:2])
+    # an item's projection does not depend on the batch it is projected in (up to float32 rounding: BLAS kernels
+    # for one row and for several sum in other orders, by 2e-5 relative on an Intel Xeon)
+    alone = proj.project({n: g[1:2] for n, g in grads.items()})
+    torch.testing.assert_close(alone, proj.project(grads)[1:2], rtol=1e-4, atol=1e-4)
     assert proj.dense_bytes() == 4 * flat.shape[1] * 8 and proj.block_bytes() == 4 * 37 * 8
 
 

@@ -350,7 +350,9 @@ def test_manifold_properties_separate_quality_from_coverage(reference, digits, n
     # One well-drawn class: realistic (high precision and density) but covering about a tenth of the reference.
     assert score["precision"](one_class) > 0.9 and score["density"](one_class) > 0.9
     assert score["coverage"](one_class) < 0.2 and score["recall"](one_class) < 0.2
-    assert score["coverage"](x_train) == 1.0 and score["recall"](x_train) > 0.8
+    # the training digits cover (almost) every reference digit: 1.0 on an AMD EPYC, 0.998 (1 of 540) on an Intel
+    # Xeon, whose kernels train the classifier behind the features to slightly other weights
+    assert score["coverage"](x_train) > 0.99 and score["recall"](x_train) > 0.8
     # Noise: density and coverage fall to almost nothing; precision only halves, because a few outlying reference
     # digits have balls large enough to hold noise (measured 0.46 here), which is why density is the quality to use.
     assert score["density"](noise) < 0.2 * score["density"](x_train) and score["coverage"](noise) < 0.1
