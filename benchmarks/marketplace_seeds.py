@@ -9,6 +9,7 @@ below every clean one, the duplicate equal to its original within their interval
 """
 
 import argparse
+from itertools import combinations
 from pathlib import Path
 
 import pandas as pd
@@ -54,20 +55,18 @@ def main(run: Path, budget: float, estimator: str = "kernelshap", mode: str = "s
             + " |"
         )
     clean = [f"digit{label}" for label in MARKETPLACE_CLASSES]
+    print()
     for label, table in [("all repeats", values)] + [(f"repeat {r}", per_repeat[r]) for r in repeats]:
         below = table.loc[list(CORRUPTED), "value"].max() < table.loc[clean, "value"].min()
         copy, original = (table.loc[name] for name in DUPLICATE)
         equal = copy.ci_low <= original.ci_high and original.ci_low <= copy.ci_high
         print(
-            f"\n{label}: every corrupted below every clean: {below}; {DUPLICATE[0]} = {DUPLICATE[1]} within "
-            f"intervals: {equal}",
-            end="",
+            f"{label}: every corrupted below every clean: {below}; {DUPLICATE[0]} = {DUPLICATE[1]} within "
+            f"intervals: {equal}"
         )
-    print()
-    for i, first in enumerate(repeats):
-        for second in repeats[i + 1 :]:
-            rho = spearmanr(per_repeat[first]["value"], per_repeat[second]["value"]).statistic
-            print(f"Spearman of the values, repeat {first} against repeat {second}: {rho:.3f}")
+    for first, second in combinations(repeats, 2):
+        rho = spearmanr(per_repeat[first]["value"], per_repeat[second]["value"]).statistic
+        print(f"Spearman of the values, repeat {first} against repeat {second}: {rho:.3f}")
 
 
 if __name__ == "__main__":
