@@ -33,13 +33,20 @@ die() { log "error: $*"; exit 1; }
 pid_of() { cat "$DIR/run/$1.pid" 2>/dev/null || true; }
 alive() { local pid; pid=$(pid_of "$1"); [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; }
 
+# die_with_log DAEMON MESSAGE: fail with the end of DAEMON's log, so that a CI log shows the cause.
+die_with_log() {
+    local file=$DIR/log/$1.log
+    [[ -s $file ]] && { log "last lines of $file:"; tail -n 20 "$file" >&2; }
+    die "$2; see $file"
+}
+
 # wait_for SECONDS DAEMON COMMAND...: poll COMMAND every 0.2 s while DAEMON runs.
 wait_for() {
     local deadline=$((SECONDS + $1)) daemon=$2
     shift 2
     until "$@" >/dev/null 2>&1; do
-        alive "$daemon" || die "$daemon exited while starting; see $DIR/log/$daemon.log"
-        ((SECONDS < deadline)) || die "timed out waiting for $daemon ($*); see $DIR/log/$daemon.log"
+        alive "$daemon" || die_with_log "$daemon" "$daemon exited while starting"
+        ((SECONDS < deadline)) || die_with_log "$daemon" "timed out waiting for $daemon ($*)"
         sleep 0.2
     done
 }
@@ -66,7 +73,7 @@ install_packages() {
     [[ -z $own_policy ]] || rm -f "$policy"
 }
 
-# write_config OUT: write slurm.conf, gres.conf and slurmdbd.conf into the folder OUT.
+# write_config OUT: write slurm.conf, cgroup.conf, gres.conf and slurmdbd.conf into the folder OUT.
 write_config() {
     local out=$1 mem_mb cpus
     cpus=$(nproc)
@@ -109,6 +116,13 @@ GresTypes=gpu
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb Gres=gpu:standin:$GPUS State=UNKNOWN
 PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
+    # slurmd 22.05 loads a cgroup plugin even with proctrack/linuxproc and task/none, and autodetection picks
+    # cgroup/v2 wherever /sys/fs/cgroup is a cgroup2 mount; that plugin needs systemd's dbus and a delegated,
+    # non-hybrid hierarchy at start. The v1 plugin does nothing until a cgroup task or proctrack plugin asks.
+    cat >"$out/cgroup.conf" <<EOF
+$MARKER
+CgroupPlugin=cgroup/v1
+EOF
     cat >"$out/gres.conf" <<EOF
 $MARKER
 NodeName=$NODE Name=gpu Type=standin File=$DIR/dev/gpu[0-$((GPUS - 1))]
@@ -137,7 +151,7 @@ EOF
 install_config() {
     local f
     mkdir -p "$ETC"
-    for f in slurm.conf gres.conf; do
+    for f in slurm.conf cgroup.conf gres.conf; do
         if [[ -e $ETC/$f ]] && ! grep -qF "$MARKER" "$ETC/$f"; then
             die "$ETC/$f exists and was not written by this script; refusing to overwrite a real cluster's config"
         fi
@@ -267,7 +281,7 @@ cmd_down() {
     [[ -d $DIR/run ]] || { log "not running"; return 0; }
     stop_daemons
     local f
-    for f in slurm.conf gres.conf; do
+    for f in slurm.conf cgroup.conf gres.conf; do
         if grep -qsF "$MARKER" "$ETC/$f"; then rm -f "$ETC/$f"; fi
     done
     log "down"

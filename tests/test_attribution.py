@@ -16,6 +16,7 @@ from diffcredit.attribution import contributor_totals, detached_params, ensemble
 from diffcredit.attribution.ensembles import AveragedEnsemble, ablation_table, encode, members_without
 from diffcredit.attribution.projection import StreamedProjection
 from diffcredit.contributors import ContributorData, load_digits
+from diffcredit.families import family_of
 from diffcredit.models import build_model, make_scheduler
 from diffcredit.sampling import generate
 from diffcredit.seeds import derive_seed
@@ -139,7 +140,8 @@ def test_trak_and_dtrak_features_are_projected_autograd_gradients(all_digits, ne
 def test_journey_trak_features_are_autograd_gradients_along_the_sampling_trajectory(new_model) -> None:
     model = new_model()
     space = trak.FeatureSpace.build(model, (1, 8, 8), projection_dim=16, timesteps=3, seed=2, schedule=SCHEDULE)
-    states, times = space.trajectories(2, seed=5, inference_steps=5)
+    pixel = family_of(None, (1, 8, 8), schedule=SCHEDULE)
+    states, times = trak.sampling_trajectories(pixel, model, 2, steps=3, seed=5, inference_steps=5)
     assert states.shape == (2, 3, 1, 8, 8) and times.tolist() == [80, 40, 0]  # DDIM's 5 steps: 80, 60, 40, 20, 0
     # the first kept state is the starting noise of item i, from (seed, i)
     start = torch.randn(

@@ -449,18 +449,175 @@ def test_a_unet_that_does_not_fit_the_latents_is_refused_before_the_autoencoder_
 
 
 def test_evaluate_refuses_the_baselines_a_family_cannot_run_naming_the_family_and_what_works():
+    from diffcredit.attribution.trak import METHODS as TRAK_METHODS
     from diffcredit.families import PIXEL_ONLY_BASELINES, check_evaluation_baselines, unsupported_baselines
 
     with pytest.raises(ValueError) as refused:
         check_evaluation_baselines("text_lora", ["dtrak", "embedding_similarity_mean", "add_one_in", "inrun"])
     message = str(refused.value)
-    assert "evaluation.baselines dtrak, embedding_similarity_mean, inrun cannot work in the 'text_lora'" in message
-    assert "Remove them: evaluation.baselines: [add_one_in] (or set baselines.similarity.target: heldout" in message
-    assert "the TRAK family differentiates the full model as a pixel UNet" in message
-    assert "add_one_in, aesthetic_mean, aesthetic_max and embedding_distance work in every family" in message
-    everything = [*PIXEL_ONLY_BASELINES, "pixel_similarity_max", "add_one_in", "embedding_distance"]
+    assert "evaluation.baselines inrun cannot work in the 'text_lora' model family" in message
+    assert "Remove them: evaluation.baselines: [dtrak, embedding_similarity_mean, add_one_in]." in message
+    assert "In-Run Data Shapley replays the full model's pixel training" in message
+    assert "The TRAK family, the similarity baselines, add_one_in, aesthetic_mean" in message
+    with pytest.raises(ValueError) as heldout:  # a conditional family's held-out images have no captions
+        check_evaluation_baselines("text_lora", ["journey_trak", "add_one_in"], trak_target="heldout")
+    assert "journey_trak cannot work in the 'text_lora' model family (TRAK's held-out targets have no captions" in (
+        str(heldout.value)
+    )
+    assert "[add_one_in] (or set baselines.trak.target: generated)" in str(heldout.value)
+    everything = [*PIXEL_ONLY_BASELINES, *TRAK_METHODS, "pixel_similarity_max", "add_one_in", "embedding_distance"]
     check_evaluation_baselines("pixel", everything)  # the pixel family runs every baseline
-    check_evaluation_baselines("latent", ["pixel_similarity_max", "add_one_in"], similarity_target="heldout")
-    assert set(unsupported_baselines("latent", everything)) == {*PIXEL_ONLY_BASELINES, "pixel_similarity_max"}
+    check_evaluation_baselines("latent", [*TRAK_METHODS, "pixel_similarity_max"], trak_target="heldout")
+    assert set(unsupported_baselines("latent", everything)) == set(PIXEL_ONLY_BASELINES)
+    assert set(unsupported_baselines("text_lora", everything, trak_target="heldout")) == {
+        *PIXEL_ONLY_BASELINES,
+        *TRAK_METHODS,
+    }
     with pytest.raises(ValueError, match="unknown model family 'lora'"):
         unsupported_baselines("lora", ["dtrak"])
+
+
+# --- the TRAK family and the similarity baselines in every family -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def latent_spec(tmp_path_factory, glyphs):
+    """A prepared latent family (a tiny autoencoder trained 2 steps) as the workflow names it."""
+    from diffcredit.families import prepare_family
+
+    folder = tmp_path_factory.mktemp("latent")
+    model = {
+        "family": "latent",
+        "unet": {},
+        "schedule": {"num_train_timesteps": 20},
+        "latent": {"steps": 2, "batch_size": 8, "latent_channels": 2},
+    }
+    prepare_family(model, folder, data=glyphs[0], seed=0, device="cpu", log=lambda _: None)
+    return {"model": model, "directory": str(folder)}
+
+
+def _projected_gradient(space, loss, params):
+    """φ by hand: torch.autograd's gradient of `loss` w.r.t. `params` (name -> tensor), through the space's P."""
+    grads = torch.autograd.grad(loss, list(params.values()))
+    return space.projection.project({name: g[None] for name, g in zip(params, grads, strict=True)})[0]
+
+
+def test_latent_trak_features_are_gradients_on_the_latents_and_copies_of_the_targets_rank_first(glyphs, latent_spec):
+    from diffcredit.attribution import trak
+    from diffcredit.families import family_of
+    from diffcredit.training import denoising_target
+
+    data = glyphs[0]
+    latent = family_of(latent_spec, data.images.shape[1:])
+    model = latent.build(seed=0)
+    first = data.contributors[0]
+    copies = data.images[np.asarray(data.contributors) == first]  # the targets: one contributor's own images
+    settings = {"projection_dim": 32, "timesteps": 3, "seed": 1, "batch_size": 4}
+    features = trak.compute_features(model, data, copies, output="loss", family=latent, **settings)
+    assert features["train"].shape == (len(data), 32) and features["targets"].shape == (len(copies), 32)
+    # a target is encoded as the training latents were cached: a copy's feature is its item's
+    torch.testing.assert_close(features["targets"], features["train"][: len(copies)], rtol=1e-3, atol=1e-5)
+    space = trak.FeatureSpace.build(model, (2, 4, 4), schedule=latent.schedule, **settings)
+    clean = torch.from_numpy(latent.inputs(data)[1]).expand(3, -1, -1, -1)
+    noisy = space.scheduler.add_noise(clean, space.noise, space.timesteps)
+    target = denoising_target(space.scheduler, clean, space.noise, space.timesteps)
+    loss = (model(noisy, space.timesteps).sample - target).pow(2).mean()
+    expected = _projected_gradient(space, loss, dict(model.named_parameters()))
+    torch.testing.assert_close(features["train"][1], expected, rtol=1e-4, atol=1e-5)
+    scores = trak.score_features("trak", features, data, lam=1e-3)
+    assert scores.idxmax() == first and scores[first] == pytest.approx(1.0, abs=0.05)
+
+
+def test_text_lora_trak_features_are_lora_gradients_under_each_items_caption(text_family, glyphs, base):
+    from diffcredit.attribution import detached_params, trak
+    from diffcredit.training import denoising_target
+
+    data, captions = glyphs
+    unet = text_family.build(seed=0)
+    _randomise_lora(unet)
+    settings = {"projection_dim": 16, "timesteps": 2, "seed": 0}
+    features = trak.compute_features(unet, data, None, output="loss", family=text_family, batch_size=5, **settings)
+    space = trak.FeatureSpace.build(unet, (1, 8, 8), schedule=text_family.schedule, **settings)
+    params = {name: p for name, p in unet.named_parameters() if name in detached_params(unet)}
+    assert params and all("lora" in name for name in params)  # the adapter only, as it is what a coalition trains
+    for i in (0, 2, 5):  # items of the three captions
+        clean = torch.from_numpy(data.images[i]).expand(2, -1, -1, -1)
+        states = tc.encode_prompts(base, [captions[i]]).expand(2, -1, -1)
+        noisy = space.scheduler.add_noise(clean, space.noise, space.timesteps)
+        prediction = unet(noisy, space.timesteps, encoder_hidden_states=states).sample
+        loss = (prediction - denoising_target(space.scheduler, clean, space.noise, space.timesteps)).pow(2).mean()
+        torch.testing.assert_close(features["train"][i], _projected_gradient(space, loss, params), rtol=1e-4, atol=1e-6)
+    recaptioned = TextLoraFamily(base, _captions(data, [captions[-1]] * len(data)), rank=4)
+    other = trak.compute_features(unet, data, None, output="loss", family=recaptioned, **settings)
+    same = np.asarray(captions) == captions[-1]
+    torch.testing.assert_close(other["train"][same], features["train"][same], rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(other["train"][~same], features["train"][~same])  # the caption changes the gradient
+
+
+def test_journey_trajectories_follow_the_familys_sampler_in_its_latents(glyphs, latent_spec):
+    from diffcredit.attribution import trak
+    from diffcredit.families import family_of
+
+    latent = family_of(latent_spec, glyphs[0].images.shape[1:])
+    model = latent.build(seed=0)
+    states, times = trak.sampling_trajectories(latent, model, 3, steps=2, seed=4, inference_steps=4, device="cpu")
+    assert states.shape == (3, 2, 2, 4, 4) and times.tolist() == [15, 0]  # DDIM's 4 of 20 steps: 15, 10, 5, 0
+    kept = []
+    sampling = {"seed": 4, "inference_steps": 4, "sampler": "ddim", "device": "cpu"}
+    latent.generate(model, 3, **sampling, on_step=lambda i, t, x: kept.append(x.clone()))
+    torch.testing.assert_close(states[:, 0], kept[0])  # the starting noise
+    torch.testing.assert_close(states[:, 1], kept[3])  # the state before the last step
+    with pytest.raises(ValueError, match="inference_steps=1 gives fewer sampling steps than the 2 feature timesteps"):
+        trak.sampling_trajectories(latent, model, 3, steps=2, seed=4, inference_steps=1)
+
+
+def test_trak_and_similarity_stages_run_in_a_latent_and_a_text_lora_family(tmp_path, glyphs, base, latent_spec):
+    from diffcredit.attribution import similarity, trak
+    from diffcredit.families import family_of, prepare_family
+
+    data = glyphs[0]
+    data.save(tmp_path / "train.npz")
+    data.save(tmp_path / "heldout.npz")
+    tc.save_base(base, tmp_path / "staged")
+    text_model = {"family": "text_lora", "text_lora": {"base": str(tmp_path / "staged"), "prompt": "a glyph"}}
+    prepare_family(text_model, tmp_path / "text", data=data, seed=0, log=lambda _: None)
+    specs = {"latent": latent_spec, "text_lora": {"model": text_model, "directory": str(tmp_path / "text")}}
+    sampling = {"seed": 0, "inference_steps": 3, "sampler": "ddim"}
+    for name, spec in specs.items():
+        family = family_of(spec, data.images.shape[1:])
+        family.save(family.build(seed=0), tmp_path / name / "model")
+        options = {"model": str(tmp_path / name / "model"), "train_data": str(tmp_path / "train.npz"), **sampling}
+        trak.write_features(
+            output="loss",
+            out=str(tmp_path / name / "f.npz"),
+            family=spec,
+            n_targets=3,
+            n_trajectories=2,
+            projection_dim=8,
+            timesteps=2,
+            log=lambda _: None,
+            **options,
+        )
+        with np.load(tmp_path / name / "f.npz") as stored:
+            assert stored["train"].shape == (len(data), 8) and stored["targets"].shape == (3, 8)
+            assert stored["journey"].shape == (2, 8) and np.isfinite(stored["journey"]).all()
+        targets = similarity.targets_for(
+            target="generated",
+            family=family,
+            model=family.load(tmp_path / name / "model"),
+            heldout_data=str(tmp_path / "heldout.npz"),
+            n_targets=3,
+            **sampling,
+        )
+        assert targets.shape == (3, 1, 8, 8) and targets.min() >= -1 and targets.max() <= 1  # decoded pixels
+    with pytest.raises(ValueError, match=r"set baselines\.trak\.target: generated"):
+        trak.write_features(
+            output="loss",
+            out=str(tmp_path / "h.npz"),
+            family=specs["text_lora"],
+            target="heldout",
+            heldout_data=str(tmp_path / "heldout.npz"),
+            log=lambda _: None,
+            **options,
+        )
+    assert not (tmp_path / "h.npz").exists()

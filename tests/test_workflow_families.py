@@ -84,19 +84,24 @@ def test_each_family_stand_in_runs_end_to_end_with_efficient_values(tmp_path, fa
         assert pruned["parameters_after"] <= 0.5 * pruned["parameters_before"]  # prune.ratio: the LoRA share kept
         assert (run / "models" / "recovered" / "pytorch_lora_weights.safetensors").is_file()
     assert (run / "figures" / "samples.png").is_file()
+    # the baselines that read the full model's gradients and generations, through the family
+    baselines = [f"results/tiny-{family}/baselines/{method}/values.csv" for method in ("dtrak", "pixel_similarity_max")]
+    snakemake(workdir, "--cores", "2", *baselines, "--configfile", str(CONFIGS / f"tiny-{family}.yaml"), timeout=300)
+    for path in baselines:
+        scores = pd.read_csv(workdir / path)
+        assert len(scores) == 12 and scores["value"].notna().all() and scores["value"].nunique() > 1
 
 
 def test_evaluate_refuses_baselines_the_family_cannot_run_before_any_job(tmp_path):
     workdir = workflow_copy(tmp_path)
     stage_glyphs(workdir, "glyphs8.npz", "--size", "8", "--variants", "1")
     config = ("--configfile", str(CONFIGS / "tiny-latent.yaml"))
-    result = snakemake(workdir, "-n", "evaluate", *config, check=False)
+    refused = ("--config", "evaluation={baselines: [dtrak, inrun, add_one_in]}")
+    result = snakemake(workdir, "-n", "evaluate", *config, *refused, check=False)
     assert result.returncode != 0
-    assert (
-        "evaluation.baselines dtrak, pixel_similarity_mean, embedding_similarity_mean cannot work in the 'latent' "
-        "model family" in result.stdout + result.stderr
-    )
-    allowed = ("--config", "evaluation={baselines: [add_one_in, embedding_distance]}")
-    assert planned_jobs(snakemake(workdir, "-n", "evaluate", *config, *allowed).stdout)["baseline_add_one_in"] == 1
+    assert "evaluation.baselines inrun cannot work in the 'latent' model family" in result.stdout + result.stderr
+    allowed = ("--config", "evaluation={baselines: [dtrak, pixel_similarity_mean, add_one_in]}")
+    jobs = planned_jobs(snakemake(workdir, "-n", "evaluate", *config, *allowed).stdout)
+    assert jobs["baseline_add_one_in"] == 1 and jobs["trak_features"] == 1 and jobs["baseline_similarity"] == 1
     jobs = planned_jobs(snakemake(workdir, "-n", "baselines", *config).stdout)  # only those the family can run
-    assert jobs["baseline_add_one_in"] == 1 and jobs["baseline_heuristic"] == 1 and "trak_features" not in jobs
+    assert jobs["trak_features"] == 2 and jobs["baseline_trak"] == 6 and "baseline_inrun" not in jobs

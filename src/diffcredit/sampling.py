@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,7 @@ def generate(
     precision: str = "fp32",
     log_every: int | None = 0,
     clip: bool = True,
+    on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> np.ndarray:
     """Generate ``n`` images, float32 ``[n, C, H, W]`` in ``[-1, 1]`` (with ``clip=False``, latents: unclipped, see
     :func:`make_sampler`).
@@ -98,6 +99,7 @@ def generate(
     ``precision="bf16"`` its forward passes run under bfloat16 autocast on CUDA (the solver's arithmetic stays fp32).
     ``batch_size`` images are denoised together: on a GPU, as many as memory allows. ``log_every``: log progress to
     the ``diffcredit.sampling`` logger every this many model evaluations of a batch (None: about ten times; 0: never).
+    ``on_step(i, t, sample)`` sees each batch's state before its ``i``-th denoising step (Journey-TRAK's trajectories).
     """
     if n < 0 or batch_size < 1 or inference_steps < 1:
         raise ValueError(
@@ -130,6 +132,8 @@ def generate(
         noise = {"generator": generators} if stochastic else {}
         with torch.inference_mode():
             for i, t in enumerate(scheduler.timesteps, 1):
+                if on_step is not None:
+                    on_step(i - 1, t, sample)
                 with forward_precision:
                     prediction = model(scheduler.scale_model_input(sample, t), t).sample
                 sample = scheduler.step(prediction.float(), t, sample, **noise).prev_sample

@@ -17,6 +17,7 @@ rule trak_features:
         model=rules.train_full.output.model,
         train=rules.prepare_data.output.train,
         heldout=rules.prepare_data.output.heldout,
+        family=FAMILY_INPUT,
     output:
         f"{RUN}/baselines/trak_features/{{trak_output}}.npz",
     log:
@@ -32,6 +33,7 @@ rule trak_features:
         gpu=1,
     params:
         settings=trak_feature_settings(),
+        family=FAMILY,
         inference_steps=config["utility"]["inference_steps"],
         sampler=config["utility"]["sampler"],
         schedule=config["model"]["schedule"],
@@ -101,6 +103,7 @@ rule baseline_similarity:
         train=rules.prepare_data.output.train,
         heldout=rules.prepare_data.output.heldout,
         reference=rules.reference.output[0],
+        family=FAMILY_INPUT,
     output:
         f"{RUN}/baselines/{{similarity}}/values.csv",
     log:
@@ -116,6 +119,7 @@ rule baseline_similarity:
         gpu=1,
     params:
         settings=baseline_settings("similarity"),
+        family=FAMILY,
         inference_steps=config["utility"]["inference_steps"],
         sampler=config["utility"]["sampler"],
         schedule=config["model"]["schedule"],

@@ -314,7 +314,7 @@ def ranking_values(wildcards):
     check_evaluation_baselines(
         config["model"]["family"],
         config["evaluation"]["baselines"],
-        similarity_target=baseline_settings("similarity")["target"],
+        trak_target=baseline_settings("trak")["target"],
     )
     return RANKINGS
 
@@ -403,7 +403,7 @@ def baseline_values():
     if heuristic_predictor() is None:
         methods = [m for m in methods if not m.startswith("aesthetic")]
     unsupported = unsupported_baselines(
-        config["model"]["family"], methods, similarity_target=baseline_settings("similarity")["target"]
+        config["model"]["family"], methods, trak_target=baseline_settings("trak")["target"]
     )
     methods = [m for m in methods if m not in unsupported]
     return expand(f"{RUN}/baselines/{{method}}/values.csv", method=methods)

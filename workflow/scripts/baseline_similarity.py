@@ -10,14 +10,18 @@ log_to_stderr()  # the package's progress lines (rate, ETA) go to the rule log
 
 from diffcredit import stages
 from diffcredit.attribution import similarity
+from diffcredit.contributors import ContributorData
 
 stages.set_threads(snakemake.threads)
+family = stages.model_family(
+    ContributorData.load(snakemake.input.train), snakemake.params.family, schedule=snakemake.params.schedule
+)
 targets = similarity.targets_for(
-    model=snakemake.input.model,
+    family=family,
+    model=family.load(snakemake.input.model),
     heldout_data=snakemake.input.heldout,
     inference_steps=snakemake.params.inference_steps,
     sampler=snakemake.params.sampler,
-    schedule=snakemake.params.schedule,
     seed=snakemake.params.seed,
     **snakemake.params.settings,
 )

@@ -17,6 +17,7 @@ trak.write_features(
     model=snakemake.input.model,
     train_data=snakemake.input.train,
     heldout_data=snakemake.input.heldout,
+    family=snakemake.params.family,
     out=snakemake.output[0],
     inference_steps=snakemake.params.inference_steps,
     sampler=snakemake.params.sampler,

@@ -32,9 +32,17 @@ from diffcredit.io import write_atomic
 Params = dict[str, torch.Tensor]
 
 
-def model_output(model: nn.Module, params: Params, noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """The model's prediction with ``params`` swapped in (buffers are the model's own)."""
-    return functional_call(model, params, (noisy, timesteps)).sample
+def model_output(
+    model: nn.Module,
+    params: Params,
+    noisy: torch.Tensor,
+    timesteps: torch.Tensor,
+    conditions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The model's prediction with ``params`` swapped in (buffers are the model's own); ``conditions``: a
+    conditional UNet's ``encoder_hidden_states``."""
+    extra = {} if conditions is None else {"encoder_hidden_states": conditions}
+    return functional_call(model, params, (noisy, timesteps), extra).sample
 
 
 def detached_params(model: nn.Module) -> Params:

@@ -12,13 +12,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from diffcredit.attribution import save_values
 from diffcredit.contributors import ContributorData
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from diffcredit.families import Family
 
 SPACES = ("pixel", "embedding")
 METHODS = tuple(f"{space}_similarity_{how}" for space in SPACES for how in ("mean", "max"))
@@ -82,28 +87,25 @@ def write_values(
 def targets_for(
     *,
     target: str,
-    model: str,
+    family: Family,
+    model: nn.Module,
     heldout_data: str,
     n_targets: int,
     seed: int,
     inference_steps: int,
     sampler: str,
-    schedule: dict[str, Any] | None,
 ) -> np.ndarray:
-    """The images the similarity baselines compare with: the full model's generations (the run's generation noise)
-    or the first `n_targets` held-out real images."""
-    from diffcredit.models import load_model
-    from diffcredit.sampling import generate
+    """The pixel images the baselines compare with: the full `model`'s generations in its `family` (the run's
+    generation noise, as the coalitions sample) or the first `n_targets` held-out real images."""
     from diffcredit.seeds import derive_seed
 
     if target == "generated":
-        return generate(
-            load_model(model),
+        return family.generate(
+            model,
             n_targets,
             seed=derive_seed(seed, "generation-noise"),
             inference_steps=inference_steps,
             sampler=sampler,
-            schedule=schedule,
         )
     if target == "heldout":
         return ContributorData.load(heldout_data).images[:n_targets]

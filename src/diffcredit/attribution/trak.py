@@ -43,12 +43,17 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from diffcredit.attribution import Params, contributor_totals, detached_params, model_output, save_values
 from diffcredit.attribution.projection import StreamedProjection
 from diffcredit.contributors import ContributorData
+from diffcredit.families import Family, family_of
 from diffcredit.models import make_scheduler
 from diffcredit.seeds import derive_seed
 from diffcredit.training import denoising_target, select_device
 
 OUTPUTS = ("loss", "squared_norm")
 TARGETS = ("generated", "heldout")
+HELDOUT_CONDITIONING = (
+    "TRAK target 'heldout' needs each held-out image's caption to condition the UNet on, and a conditional model "
+    "family keeps captions of its training items only: set baselines.trak.target: generated"
+)
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,6 @@ class FeatureSpace:
     noise: torch.Tensor  # [S, C, H, W]
     projection: StreamedProjection
     scheduler: Any
-    schedule: dict | None
     batch_size: int
 
     @classmethod
@@ -115,28 +119,32 @@ class FeatureSpace:
             noise,
             StreamedProjection(sizes, projection_dim, derive_seed(seed, "trak-projection"), projection),
             scheduler,
-            schedule,
             batch_size,
         )
 
-    def image_features(self, images: np.ndarray, output: str) -> torch.Tensor:
-        """φ of every image (float32 [N, C, H, W]) for output function `output`: float32 [N, k]."""
+    def image_features(self, inputs: np.ndarray, output: str, conditions: torch.Tensor | None = None) -> torch.Tensor:
+        """φ of every input (float32 [N, ...], what the UNet denoises) for output function `output`: float32 [N, k].
+        `conditions` [N, L, D]: each input's ``encoder_hidden_states`` for a conditional UNet."""
         if output not in OUTPUTS:
             raise ValueError(f"unknown output function {output!r}; use one of {', '.join(OUTPUTS)}")
         steps, noise, scheduler = self.timesteps, self.noise, self.scheduler
 
-        def f(p: Params, clean: torch.Tensor) -> torch.Tensor:  # clean: one image [C, H, W]
-            clean = clean.expand(len(steps), *clean.shape)
-            prediction = model_output(self.model, p, scheduler.add_noise(clean, noise, steps), steps)
+        def f(p: Params, clean: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+            clean = clean.expand(len(steps), *clean.shape)  # one input, at every feature timestep
+            prediction = model_output(
+                self.model, p, scheduler.add_noise(clean, noise, steps), steps, _repeat(condition, len(steps))
+            )
             if output == "squared_norm":
                 return prediction.pow(2).mean()
             return (prediction - denoising_target(scheduler, clean, noise, steps)).pow(2).mean()
 
-        return self._features(f, torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)))
+        return self._features(f, torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32)), conditions)
 
-    def trajectory_features(self, states: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
-        """Journey-TRAK φ of trajectories: `states` [M, S, C, H, W] are the sampler's states at timesteps `times`
-        [S]; float32 [M, k]."""
+    def trajectory_features(
+        self, states: torch.Tensor, times: torch.Tensor, conditions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Journey-TRAK φ of trajectories: `states` [M, S, ...] are the sampler's states at timesteps `times` [S]
+        (`conditions` [M, L, D]: each trajectory's conditioning); float32 [M, k]."""
         if self.scheduler.config.prediction_type != "epsilon":
             raise ValueError(
                 "Journey-TRAK scores trajectory states against the shared noise: it needs an epsilon-"
@@ -144,50 +152,64 @@ class FeatureSpace:
             )
         if states.shape[1] != len(self.noise):
             raise ValueError(f"{states.shape[1]} states per trajectory but {len(self.noise)} feature timesteps")
-        noise = self.noise
+        noise, times = self.noise, times.to(self.noise.device)
 
-        def f(p: Params, state: torch.Tensor) -> torch.Tensor:  # state: [S, C, H, W]
-            return (model_output(self.model, p, state, times) - noise).pow(2).mean()
+        def f(p: Params, state: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+            prediction = model_output(self.model, p, state, times, _repeat(condition, len(times)))
+            return (prediction - noise).pow(2).mean()
 
-        return self._features(f, states)
+        return self._features(f, states, conditions)
 
-    def _features(self, f: Callable, inputs: torch.Tensor) -> torch.Tensor:
-        per_item_grad = vmap(grad(f), in_dims=(None, 0))  # per-item gradients [b, ...] of every tensor
+    def _features(self, f: Callable, inputs: torch.Tensor, conditions: torch.Tensor | None) -> torch.Tensor:
+        columns = [inputs]
+        if conditions is not None:
+            if len(conditions) != len(inputs):
+                raise ValueError(f"{len(conditions)} conditionings for {len(inputs)} inputs: give one per input")
+            columns.append(torch.as_tensor(conditions, dtype=torch.float32))
+        per_item_grad = vmap(grad(f), in_dims=(None, *[0] * len(columns)))  # per-item gradients of every tensor
         rows = []
         with sdpa_kernel(SDPBackend.MATH):  # torch.func cannot differentiate the fused CPU attention kernels
-            for batch in inputs.split(self.batch_size):
-                rows.append(self.projection.project(per_item_grad(self.params, batch.to(self.noise.device))))
+            for batch in zip(*(column.split(self.batch_size) for column in columns), strict=True):
+                gradients = per_item_grad(self.params, *(part.to(self.noise.device) for part in batch))
+                rows.append(self.projection.project(gradients))
         return torch.cat(rows) if rows else torch.zeros((0, self.projection.dim))
 
-    def trajectories(
-        self, n: int, *, seed: int, sampler: str = "ddim", inference_steps: int = 50
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample `n` images with `sampler`, keeping the state at S evenly spaced sampling steps: states
-        [n, S, C, H, W] and their timesteps [S]. The starting noise of item i comes from ``(seed, i)``."""
-        from diffcredit.sampling import SAMPLERS, make_sampler
 
-        steps = len(self.noise)
-        if inference_steps < steps:
-            raise ValueError(
-                f"inference_steps={inference_steps} gives fewer sampling steps than the {steps} feature timesteps"
-            )
-        scheduler = make_sampler(sampler, self.schedule)
-        scheduler.set_timesteps(inference_steps)
-        kept = torch.linspace(0, inference_steps - 1, steps).round().long().tolist()
-        device = self.noise.device
-        seeds = np.random.SeedSequence(seed).generate_state(n, dtype=np.uint64)
-        shape = tuple(self.noise.shape[1:])
-        sample = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-        sample = sample.to(device) * scheduler.init_noise_sigma
-        fresh_noise = {"generator": torch.Generator().manual_seed(seed)} if SAMPLERS[sampler][2] else {}
-        states = []
-        with torch.no_grad():
-            for i, t in enumerate(scheduler.timesteps):
-                if i in kept:
-                    states.append(sample.clone())
-                prediction = self.model(scheduler.scale_model_input(sample, t), t).sample
-                sample = scheduler.step(prediction, t, sample, **fresh_noise).prev_sample
-        return torch.stack(states, dim=1), scheduler.timesteps[kept].to(device)
+def _repeat(condition: torch.Tensor | None, times: int) -> torch.Tensor | None:
+    """One item's conditioning [L, D], once per timestep [S, L, D] (None: unconditional)."""
+    return None if condition is None else condition.expand(times, *condition.shape)
+
+
+def sampling_trajectories(
+    family: Family,
+    model: nn.Module,
+    n: int,
+    *,
+    steps: int,
+    seed: int,
+    sampler: str = "ddim",
+    inference_steps: int = 50,
+    device: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample `n` images of `model` as ``family.generate`` does (starting noise of item i from ``(seed, i)``),
+    keeping the sampler's state at `steps` evenly spaced sampling steps: states [n, steps, ...] and their
+    timesteps [steps]."""
+    if inference_steps < steps:
+        raise ValueError(
+            f"inference_steps={inference_steps} gives fewer sampling steps than the {steps} feature timesteps"
+        )
+    kept = torch.linspace(0, inference_steps - 1, steps).round().long().tolist()
+    states: dict[int, list[np.ndarray]] = {i: [] for i in kept}  # step -> that state of each batch, in order
+    times: dict[int, int] = {}
+
+    def keep(i: int, t: torch.Tensor, sample: torch.Tensor) -> None:
+        if i in states:
+            states[i].append(sample.cpu().numpy().copy())  # out of inference mode: autograd may use it
+            times[i] = int(t)
+
+    family.generate(model, n, seed=seed, sampler=sampler, inference_steps=inference_steps, device=device, on_step=keep)
+    trajectories = np.stack([np.concatenate(states[i]) for i in kept], axis=1)
+    return torch.from_numpy(trajectories), torch.tensor([times[i] for i in kept])
 
 
 def item_scores(
@@ -229,26 +251,28 @@ def contributor_scores(
     aggregate_by: str = "sum",
     **settings,
 ) -> pd.Series:
-    """Score of each contributor by `method` (a key of :data:`METHODS`) for `targets` (float32 [M, C, H, W]).
+    """Score of each contributor by `method` (a key of :data:`METHODS`) for `targets` (pixel images, float32
+    [M, C, H, W]).
 
-    `settings` are :func:`compute_features`'s (projection_dim, timesteps, n_trajectories, sampler, inference_steps,
-    and :meth:`FeatureSpace.build`'s schedule, batch_size, projection, device). Journey-TRAK ignores `targets`: it
-    samples `n_trajectories` trajectories of `model` itself.
+    `settings` are :func:`compute_features`'s (family, target_conditions, projection_dim, timesteps,
+    n_trajectories, sampler, inference_steps, and :meth:`FeatureSpace.build`'s batch_size, projection, device).
+    Journey-TRAK ignores `targets`: it samples `n_trajectories` trajectories of `model` itself.
     """
     spec = _method(method)
-    features = compute_features(
-        model, data.images, targets, output=spec.output, journey=spec.journey, seed=seed, **settings
-    )
+    features = compute_features(model, data, targets, output=spec.output, journey=spec.journey, seed=seed, **settings)
     return score_features(method, features, data, lam=lam, aggregate_by=aggregate_by)
 
 
 def compute_features(
     model: nn.Module,
-    images: np.ndarray,
+    data: ContributorData,
     targets: np.ndarray | None,
     *,
     output: str,
     journey: bool = False,
+    family: Family | None = None,
+    schedule: dict | None = None,
+    target_conditions: torch.Tensor | None = None,
     projection_dim: int = 256,
     timesteps: int = 10,
     seed: int,
@@ -257,25 +281,44 @@ def compute_features(
     inference_steps: int = 50,
     **space,
 ) -> dict[str, torch.Tensor]:
-    """``train`` [N, k], ``targets`` [M, k] (when targets are given) and ``journey`` [M', k] (when asked)."""
+    """``train`` [N, k], ``targets`` [M, k] (when targets are given) and ``journey`` [M', k] (when asked).
+
+    The features live where `family`'s UNet denoises (None: the pixel family of `schedule`): the training items
+    are its inputs under their own conditioning, the pixel `targets` are encoded the family's way and conditioned
+    by `target_conditions` (:meth:`Family.generation_conditions` for its generations), and the trajectories are
+    the family's own sampling, each under its prompt."""
+    images = data.images
     if targets is not None:
         targets = np.asarray(targets, dtype=np.float32)
         if len(targets) == 0 or targets.shape[1:] != images.shape[1:]:
             raise ValueError(f"targets of shape {targets.shape} do not match the training images {images.shape[1:]}")
+    if family is None:
+        family = family_of(None, tuple(images.shape[1:]), schedule=schedule)
+    inputs = family.inputs(data)
     fs = FeatureSpace.build(
-        model, images.shape[1:], projection_dim=projection_dim, timesteps=timesteps, seed=seed, **space
+        model,
+        inputs.shape[1:],
+        projection_dim=projection_dim,
+        timesteps=timesteps,
+        seed=seed,
+        schedule=family.schedule,
+        **space,
     )
-    features = {"train": fs.image_features(images, output)}
+    features = {"train": fs.image_features(inputs, output, family.conditions(data))}
     if targets is not None:
-        features["targets"] = fs.image_features(targets, output)
+        features["targets"] = fs.image_features(family.encode(targets), output, target_conditions)
     if journey:
-        states, times = fs.trajectories(
+        states, times = sampling_trajectories(
+            family,
+            model,
             n_trajectories,
+            steps=timesteps,
             seed=derive_seed(seed, "journey-trajectories"),
             sampler=sampler,
             inference_steps=inference_steps,
+            device=space.get("device"),
         )
-        features["journey"] = fs.trajectory_features(states, times)
+        features["journey"] = fs.trajectory_features(states, times, family.generation_conditions(n_trajectories))
     return features
 
 
@@ -308,6 +351,7 @@ def write_features(
     out: str,
     target: str = "generated",
     heldout_data: str | None = None,
+    family: dict | None = None,
     n_targets: int = 256,
     n_trajectories: int = 64,
     inference_steps: int = 50,
@@ -324,30 +368,39 @@ def write_features(
 
     `target`: ``generated`` (`n_targets` samples of `model` under the run's generation noise, as the coalitions use)
     or ``heldout`` (the first `n_targets` held-out real images). The ``loss`` features also hold those of
-    `n_trajectories` sampling trajectories of `model` (Journey-TRAK's targets, on the same projection).
+    `n_trajectories` sampling trajectories of `model` (Journey-TRAK's targets, on the same projection). `family`:
+    the run's model family (:func:`diffcredit.stages.model_family`; None: pixel, of `schedule`).
     """
     from diffcredit.attribution.similarity import targets_for
     from diffcredit.io import save_npz
-    from diffcredit.models import load_model
+    from diffcredit.stages import model_family
 
     if target not in TARGETS:
         raise ValueError(f"unknown TRAK target {target!r}: choose one of {', '.join(TARGETS)}")
     if target == "heldout" and heldout_data is None:
         raise ValueError("TRAK target 'heldout' needs heldout_data (the held-out real images)")
     tic = time.perf_counter()
-    full = load_model(model)
+    data = ContributorData.load(train_data)
+    kind = model_family(data, family, schedule=schedule)
+    if target == "heldout" and kind.conditional:
+        raise ValueError(HELDOUT_CONDITIONING)
+    full = kind.load(model)
     # The generated targets and Journey-TRAK's trajectories come from the same sampler under the same seed.
-    generation = {"seed": seed, "inference_steps": inference_steps, "sampler": sampler, "schedule": schedule}
-    targets = targets_for(target=target, model=model, heldout_data=heldout_data, n_targets=n_targets, **generation)
+    generation = {"seed": seed, "inference_steps": inference_steps, "sampler": sampler}
+    targets = targets_for(
+        target=target, family=kind, model=full, heldout_data=heldout_data, n_targets=n_targets, **generation
+    )
     device = select_device("auto")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     features = compute_features(
         full,
-        ContributorData.load(train_data).images,
+        data,
         targets,
         output=output,
         journey=output == "loss",
+        family=kind,
+        target_conditions=kind.generation_conditions(len(targets)) if target == "generated" else None,
         projection_dim=projection_dim,
         timesteps=timesteps,
         n_trajectories=n_trajectories,

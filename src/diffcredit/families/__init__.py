@@ -53,6 +53,7 @@ class Family:
     prepare_options: tuple[str, ...] = ()
     open_options: tuple[str, ...] = ()
     clip_samples = True  # the model denoises pixels, whose range [-1, 1] the samplers keep (sampling.make_sampler)
+    conditional = False  # whether the UNet attends to each item's conditioning (see conditions)
 
     def __init__(self, unet_config: dict[str, Any], schedule: dict[str, Any] | None = None) -> None:
         self.unet_config = dict(unet_config)
@@ -94,6 +95,18 @@ class Family:
     def inputs(self, data: ContributorData) -> np.ndarray:
         """What the UNet is trained on for ``data``'s items."""
         return data.images
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """What the UNet denoises for pixel ``images`` that are not training items (an attribution's targets)."""
+        return images
+
+    def conditions(self, data: ContributorData):
+        """Each of ``data``'s items' conditioning of the UNet (``encoder_hidden_states``), None if unconditional."""
+        return None
+
+    def generation_conditions(self, n: int):
+        """The conditioning of the first ``n`` images :meth:`generate` makes, None if unconditional."""
+        return None
 
     def fit(self, model, data: ContributorData, *, steps: int, batch_size: int, lr: float, seed: int, **training):
         """Train ``model`` in place on ``data``'s items (``training``: the rest of :func:`diffcredit.training.train`)."""
@@ -310,6 +323,11 @@ class LatentFamily(Family):
 
         return load_latents(self.latents, data.item_ids)[0]
 
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        from diffcredit.families.autoencoder import encode
+
+        return encode(self.autoencoder, images) * np.float32(self.scaling_factor)
+
     def generate(self, model, n: int, *, seed: int, **sampling) -> np.ndarray:
         from diffcredit.families.autoencoder import decode
 
@@ -333,6 +351,7 @@ class TextLoraFamily(Family):
 
     name = "text_lora"
     prepare_options = ("base", "captions", "prompt", "steps", "batch_size", "lr")
+    conditional = True
     open_options = ("rank", "prompts", "guidance_scale")
 
     def __init__(
@@ -482,6 +501,29 @@ class TextLoraFamily(Family):
         from diffcredit.families.autoencoder import load_latents
 
         return load_latents(self.latents, data.item_ids)[0]
+
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        if self.base.autoencoder is None:
+            return images
+        from diffcredit.families.autoencoder import encode
+
+        return encode(self.base.autoencoder, images) * np.float32(self.base.scaling_factor)
+
+    def conditions(self, data: ContributorData):
+        """The text encoder's states of each item's caption, float32 [N, L, D]."""
+        from diffcredit.families.text_conditioning import check_captions
+
+        return self._states(check_captions(data.item_ids, self.captions, None))
+
+    def generation_conditions(self, n: int):
+        """The states of the prompt of each generated image (image ``i``: ``prompts[i % len(prompts)]``)."""
+        return self._states([self.prompts[i % len(self.prompts)] for i in range(n)])
+
+    def _states(self, captions: Sequence[str]):
+        from diffcredit.families.text_conditioning import PromptTable
+
+        table = PromptTable.build(self.base, captions)
+        return table.embeddings[table.codes]
 
     def fit(self, model, data: ContributorData, *, steps: int, batch_size: int, lr: float, seed: int, **training):
         from diffcredit.families.text_conditioning import ConditionedUNet, PromptTable, check_captions
@@ -650,57 +692,47 @@ def _read_captions(captions: str | None, item_ids: np.ndarray) -> dict[str, str]
     return dict(zip(table["item"], table["caption"], strict=True))
 
 
-# The attribution baselines of `snakemake evaluate` that need the full model to be a pixel-space UNet2DModel on the
-# images, and why; the others (add-one-in, which measures coalitions through the family, and the heuristics, which read
-# only the data and the reference) work in every family, as do the SFT, fine-tune, LOO, Banzhaf, multi-fidelity and
-# counterfactual rankings.
+# The attribution baselines of `snakemake evaluate` that need the full model to be a pixel-space UNet2DModel trained on
+# the images, and why. The others work in every family: the TRAK family and the similarity baselines take the targets
+# and trajectories of the family's own sampling (TRAK: in its latents, under each image's conditioning), add-one-in
+# measures coalitions through the family and the heuristics read only the data and the reference; so do the SFT,
+# fine-tune, LOO, Banzhaf, multi-fidelity and counterfactual rankings.
 PIXEL_ONLY_BASELINES = {
-    **dict.fromkeys(
-        ("trak", "dtrak", "journey_trak", "relative_influence", "renormalized_influence", "gradient_similarity"),
-        "the TRAK family differentiates the full model as a pixel UNet",
-    ),
     **dict.fromkeys(("inrun", "inrun_first_order"), "In-Run Data Shapley replays the full model's pixel training"),
     **dict.fromkeys(("ensembles", "ensembles_contrast"), "the encoded ensembles train pixel UNets"),
 }
-SIMILARITY_BASELINES = (
-    "pixel_similarity_mean",
-    "pixel_similarity_max",
-    "embedding_similarity_mean",
-    "embedding_similarity_max",
-)
-SIMILARITY_REASON = "the similarity baselines generate their targets with the full model as a pixel UNet"
+HELDOUT_TRAK_REASON = "TRAK's held-out targets have no captions to condition the UNet on"
 
 
-def unsupported_baselines(family: str, methods: Sequence[str], *, similarity_target: str = "generated") -> dict:
-    """The methods of ``methods`` that cannot work in ``family`` (method -> why); none in the pixel family. The
-    similarity baselines work everywhere when they compare with held-out images (``similarity_target: heldout``)."""
-    family_class(family)
+def unsupported_baselines(family: str, methods: Sequence[str], *, trak_target: str = "generated") -> dict:
+    """The methods of ``methods`` that cannot work in ``family`` (method -> why); none in the pixel family. In a
+    conditional family the TRAK family needs its generated targets (``trak_target: generated``)."""
+    cls = family_class(family)
     if family == "pixel":
         return {}
     reasons = dict(PIXEL_ONLY_BASELINES)
-    if similarity_target == "generated":
-        reasons.update(dict.fromkeys(SIMILARITY_BASELINES, SIMILARITY_REASON))
+    if cls.conditional and trak_target == "heldout":
+        from diffcredit.attribution.trak import METHODS as TRAK_METHODS  # torch: only on this path
+
+        reasons.update(dict.fromkeys(TRAK_METHODS, HELDOUT_TRAK_REASON))
     return {method: reasons[method] for method in methods if method in reasons}
 
 
-def check_evaluation_baselines(family: str, methods: Sequence[str], *, similarity_target: str = "generated") -> None:
+def check_evaluation_baselines(family: str, methods: Sequence[str], *, trak_target: str = "generated") -> None:
     """Refuse, before anything trains, the ``evaluation.baselines`` that cannot work in ``family``, naming the family,
     why, and what to use instead."""
-    refused = unsupported_baselines(family, methods, similarity_target=similarity_target)
+    refused = unsupported_baselines(family, methods, trak_target=trak_target)
     if not refused:
         return
     kept = [method for method in methods if method not in refused]
     why = "; ".join(sorted(set(refused.values())))
-    hint = (
-        " (or set baselines.similarity.target: heldout to compare with held-out images)"
-        if any(method in SIMILARITY_BASELINES for method in refused)
-        else ""
-    )
+    hint = " (or set baselines.trak.target: generated)" if HELDOUT_TRAK_REASON in refused.values() else ""
     raise ValueError(
         f"snakemake evaluate: evaluation.baselines {', '.join(refused)} cannot work in the {family!r} model family "
-        f"({why}). Remove them: evaluation.baselines: [{', '.join(kept)}]{hint}. add_one_in, aesthetic_mean, "
-        "aesthetic_max and embedding_distance work in every family, as do the Shapley, leave-one-out, Banzhaf and "
-        "multi-fidelity rankings and the counterfactual, whose retraining from scratch runs in the family"
+        f"({why}). Remove them: evaluation.baselines: [{', '.join(kept)}]{hint}. The TRAK family, the similarity "
+        "baselines, add_one_in, aesthetic_mean, aesthetic_max and embedding_distance work in every family, as do the "
+        "Shapley, leave-one-out, Banzhaf and multi-fidelity rankings and the counterfactual, whose retraining from "
+        "scratch runs in the family"
     )
 
 

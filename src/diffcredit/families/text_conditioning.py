@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -310,9 +310,11 @@ def generate(
     sampler: str = DEFAULT_SAMPLER,
     batch_size: int = 64,
     device: str | None = None,
+    on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> np.ndarray:
     """``n`` images (float32 ``[n, C, H, W]`` in ``[-1, 1]``) of ``unet``; image ``i`` is prompted with
-    ``prompts[i % len(prompts)]`` and starts from the noise of item ``i`` of :func:`diffcredit.sampling.generate`.
+    ``prompts[i % len(prompts)]`` and starts from the noise of item ``i`` of :func:`diffcredit.sampling.generate`
+    (``on_step``: as there).
 
     ``guidance_scale`` > 1 applies classifier-free guidance against the empty prompt. Latents are decoded by the
     pipeline's autoencoder (after dividing by its scaling factor).
@@ -349,7 +351,9 @@ def generate(
         sample = sample * scheduler.init_noise_sigma
         noise = {"generator": generators} if stochastic else {}
         with torch.inference_mode():
-            for t in scheduler.timesteps:
+            for i, t in enumerate(scheduler.timesteps):
+                if on_step is not None:
+                    on_step(i, t, sample)
                 model_input = scheduler.scale_model_input(sample, t)
                 if guided:
                     model_input = torch.cat([model_input, model_input])
