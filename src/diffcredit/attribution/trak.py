@@ -11,6 +11,11 @@ loss features for the training items but takes the targets' features along their
 state x_{t_s} at S evenly spaced sampling steps, each scored with the loss against ε_s, as the SFT-Shapley authors'
 baseline code does.
 
+x is what the model family's UNet denoises (:mod:`diffcredit.families`): the image, or its latent (targets are
+encoded as the training latents were cached), with ε_θ under the item's conditioning (a caption's text states; the
+targets': their prompts) and θ the LoRA's parameters only in the text family. Trajectories are the family's own
+sampling (``Family.generate``'s ``on_step``).
+
 Scores, with F [N, k] the training features, φ_T one target's feature and λ = lam · tr(FᵀF)/k (a ridge relative to
 the mean eigenvalue, so `lam` means the same for any model or k):
 
