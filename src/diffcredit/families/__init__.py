@@ -324,9 +324,9 @@ class LatentFamily(Family):
         return load_latents(self.latents, data.item_ids)[0]
 
     def encode(self, images: np.ndarray) -> np.ndarray:
-        from diffcredit.families.autoencoder import encode
+        from diffcredit.families.autoencoder import scaled_latents
 
-        return encode(self.autoencoder, images) * np.float32(self.scaling_factor)
+        return scaled_latents(self.autoencoder, images, self.scaling_factor)
 
     def generate(self, model, n: int, *, seed: int, **sampling) -> np.ndarray:
         from diffcredit.families.autoencoder import decode
@@ -505,9 +505,9 @@ class TextLoraFamily(Family):
     def encode(self, images: np.ndarray) -> np.ndarray:
         if self.base.autoencoder is None:
             return images
-        from diffcredit.families.autoencoder import encode
+        from diffcredit.families.autoencoder import scaled_latents
 
-        return encode(self.base.autoencoder, images) * np.float32(self.base.scaling_factor)
+        return scaled_latents(self.base.autoencoder, images, self.base.scaling_factor)
 
     def conditions(self, data: ContributorData):
         """The text encoder's states of each item's caption, float32 [N, L, D]."""

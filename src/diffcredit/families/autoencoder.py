@@ -184,6 +184,12 @@ def encode(model, images: np.ndarray, *, batch_size: int = 256, device: str | No
     return np.concatenate(out) if out else np.zeros((0,), dtype=np.float32)
 
 
+def scaled_latents(model, images: np.ndarray, factor: float, *, device: str | None = None) -> np.ndarray:
+    """What a latent UNet denoises for ``images`` that are not cached: their latents times the scaling factor, as
+    :func:`load_latents` serves the cached ones."""
+    return encode(model, images, device=device) * np.float32(factor)
+
+
 @torch.inference_mode()
 def decode(
     model, latents: np.ndarray | torch.Tensor, *, batch_size: int = 256, device: str | None = None
