@@ -420,11 +420,20 @@ def test_inrun_credits_only_the_items_of_the_batches(all_digits, new_model) -> N
     assert np.count_nonzero(observer.first) == 2 and np.count_nonzero(observer.second) == 2
 
 
+def test_inrun_validation_batch_at_least_the_set_is_all_of_it(all_digits, new_model) -> None:
+    run = {"steps": 1, "batch_size": 2, "lr": 0.1, "optimizer": "sgd", "seed": 5, "schedule": SCHEDULE, "log_every": 0}
+    everything = inrun.item_scores(new_model(), all_digits[:4], all_digits[50:53], validation_batch_size=None, **run)
+    oversized = inrun.item_scores(new_model(), all_digits[:4], all_digits[50:53], validation_batch_size=128, **run)
+    assert oversized.validation_batch_size is None
+    np.testing.assert_array_equal(oversized.first, everything.first)
+    np.testing.assert_array_equal(oversized.second, everything.second)
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
         ({"order": 3}, "order=3: In-Run Data Shapley is implemented to order 1 or 2"),
-        ({"validation_batch_size": 3}, r"validation_batch_size=3: choose 1..2 or None"),
+        ({"validation_batch_size": 0}, r"validation_batch_size=0: choose at least 1, or None \(all\)"),
     ],
 )
 def test_inrun_refuses_bad_settings(all_digits, options: dict, message: str) -> None:

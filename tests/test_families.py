@@ -6,6 +6,7 @@ import copy
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -453,26 +454,17 @@ def test_evaluate_refuses_the_baselines_a_family_cannot_run_naming_the_family_an
     from diffcredit.families import PIXEL_ONLY_BASELINES, check_evaluation_baselines, unsupported_baselines
 
     with pytest.raises(ValueError) as refused:
-        check_evaluation_baselines("text_lora", ["dtrak", "embedding_similarity_mean", "add_one_in", "inrun"])
+        check_evaluation_baselines("text_lora", ["dtrak", "ensembles", "add_one_in", "inrun"])
     message = str(refused.value)
-    assert "evaluation.baselines inrun cannot work in the 'text_lora' model family" in message
-    assert "Remove them: evaluation.baselines: [dtrak, embedding_similarity_mean, add_one_in]." in message
-    assert "In-Run Data Shapley replays the full model's pixel training" in message
-    assert "The TRAK family, the similarity baselines, add_one_in, aesthetic_mean" in message
-    with pytest.raises(ValueError) as heldout:  # a conditional family's held-out images have no captions
-        check_evaluation_baselines("text_lora", ["journey_trak", "add_one_in"], trak_target="heldout")
-    assert "journey_trak cannot work in the 'text_lora' model family (TRAK's held-out targets have no captions" in (
-        str(heldout.value)
-    )
-    assert "[add_one_in] (or set baselines.trak.target: generated)" in str(heldout.value)
-    everything = [*PIXEL_ONLY_BASELINES, *TRAK_METHODS, "pixel_similarity_max", "add_one_in", "embedding_distance"]
+    assert "evaluation.baselines ensembles cannot work in the 'text_lora' model family" in message
+    assert "Remove them: evaluation.baselines: [dtrak, add_one_in, inrun]." in message
+    assert "the encoded ensembles train pixel UNets" in message
+    assert "The TRAK family, In-Run Data Shapley, the similarity baselines, add_one_in, aesthetic_mean" in message
+    everything = [*PIXEL_ONLY_BASELINES, *TRAK_METHODS, "inrun", "pixel_similarity_max", "add_one_in"]
     check_evaluation_baselines("pixel", everything)  # the pixel family runs every baseline
-    check_evaluation_baselines("latent", [*TRAK_METHODS, "pixel_similarity_max"], trak_target="heldout")
+    check_evaluation_baselines("text_lora", [*TRAK_METHODS, "inrun", "inrun_first_order", "embedding_distance"])
     assert set(unsupported_baselines("latent", everything)) == set(PIXEL_ONLY_BASELINES)
-    assert set(unsupported_baselines("text_lora", everything, trak_target="heldout")) == {
-        *PIXEL_ONLY_BASELINES,
-        *TRAK_METHODS,
-    }
+    assert set(unsupported_baselines("text_lora", everything)) == set(PIXEL_ONLY_BASELINES)
     with pytest.raises(ValueError, match="unknown model family 'lora'"):
         unsupported_baselines("lora", ["dtrak"])
 
@@ -610,14 +602,125 @@ def test_trak_and_similarity_stages_run_in_a_latent_and_a_text_lora_family(tmp_p
             **sampling,
         )
         assert targets.shape == (3, 1, 8, 8) and targets.min() >= -1 and targets.max() <= 1  # decoded pixels
-    with pytest.raises(ValueError, match=r"set baselines\.trak\.target: generated"):
-        trak.write_features(
-            output="loss",
-            out=str(tmp_path / "h.npz"),
-            family=specs["text_lora"],
-            target="heldout",
-            heldout_data=str(tmp_path / "heldout.npz"),
-            log=lambda _: None,
-            **options,
-        )
-    assert not (tmp_path / "h.npz").exists()
+    trak.write_features(  # held-out targets of a conditional family, each under its caption
+        output="squared_norm",
+        out=str(tmp_path / "h.npz"),
+        family=specs["text_lora"],
+        target="heldout",
+        heldout_data=str(tmp_path / "heldout.npz"),
+        n_targets=3,
+        projection_dim=8,
+        timesteps=2,
+        log=lambda _: None,
+        **options,
+    )
+    with np.load(tmp_path / "h.npz") as stored:
+        assert stored["targets"].shape == (3, 8) and np.isfinite(stored["targets"]).all()
+
+
+# --- In-Run Data Shapley in every family ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def heldout_glyphs():
+    """Held-out items of a font no contributor of `glyphs` owns, with the same letters (the tokenizer's words)."""
+    return load_glyphs({"dejavu-sansmono": CONTRIBUTOR_FONTS["dejavu-sansmono"]}, letters="AOX", size=8, seed=1)[0]
+
+
+@pytest.fixture(scope="module")
+def text_spec(tmp_path_factory, glyphs, heldout_glyphs, base):
+    """A prepared text-LoRA family on the staged `base`, captions read from the glyph ids, held-out items captioned."""
+    from diffcredit.families import prepare_family
+
+    folder = tmp_path_factory.mktemp("text")
+    tc.save_base(base, folder / "staged")
+    model = {"family": "text_lora", "text_lora": {"base": str(folder / "staged"), "captions": "glyphs", "rank": 2}}
+    prepare_family(model, folder / "family", data=glyphs[0], heldout=heldout_glyphs, seed=0, log=lambda _: None)
+    return {"model": model, "directory": str(folder / "family")}
+
+
+def test_the_text_family_captions_the_held_out_items_its_source_can_caption(
+    tmp_path, glyphs, heldout_glyphs, text_spec
+):
+    from diffcredit.families import _heldout_captions, family_of
+
+    family = family_of(text_spec, glyphs[0].images.shape[1:])
+    assert family.heldout_captions == dict(
+        zip(heldout_glyphs.item_ids, captions_of(heldout_glyphs.item_ids), strict=True)
+    )
+    assert family.prompts == [caption("A"), caption("O"), caption("X")]  # the held-out captions add no prompt
+    by_caption = family.conditions(heldout_glyphs)
+    torch.testing.assert_close(by_caption, family.conditions(glyphs[0])[: len(heldout_glyphs)])  # same letters
+    reference = ContributorData(heldout_glyphs.images[:2], ["ref", "ref"], ["img0", "dejavu-sansmono-A0"])
+    assert _heldout_captions("glyphs", None, reference.item_ids) == {"dejavu-sansmono-A0": caption("A")}
+    assert _heldout_captions(None, "a glyph", reference.item_ids) == {
+        "img0": "a glyph",
+        "dejavu-sansmono-A0": "a glyph",
+    }
+    with pytest.raises(ValueError, match=r"1 of 2 items have no caption, e\.g\. \['img0'\]; add them to the captions"):
+        family.conditions(reference)
+
+
+@pytest.mark.parametrize(("name", "lr"), [("latent", 5e-4), ("text_lora", 0.05)])  # a loss change well above fp32's
+def test_inrun_in_each_family_sums_to_its_validation_loss_change_over_the_trained_weights(
+    name, lr, glyphs, heldout_glyphs, latent_spec, text_spec, tmp_path
+):
+    """Σφ over a short SGD run of the family's own training (latents; the LoRA under each item's caption) equals the
+    change of the validation loss where that UNet denoises, to second order; the text family credits its LoRA only."""
+    from diffcredit.attribution import inrun
+    from diffcredit.families import family_of
+
+    data = glyphs[0]
+    heldout_glyphs.save(tmp_path / "heldout.npz")
+    family = family_of({"latent": latent_spec, "text_lora": text_spec}[name], data.images.shape[1:])
+    model = family.build(seed=0)
+    if name == "text_lora":
+        _randomise_lora(model)  # B = 0 would leave A without gradient
+    observer = inrun.observer_for(family, data, str(tmp_path / "heldout.npz"), seed=0, validation_batch_size=None)
+    assert observer.val.shape[1:] == family.inputs(data).shape[1:]  # validated where the UNet denoises
+    assert (observer.val_conditions is None) == (name == "latent")
+    before = float(observer.validation_loss(model))
+    options = {"steps": 3, "batch_size": 6, "lr": lr, "optimizer": "sgd", "grad_clip": None, "log_every": 0}
+    family.fit(model, data, seed=1, observer=observer, device="cpu", **options)
+    measured = before - float(observer.validation_loss(model))
+    assert observer.steps == 3 and abs(measured) > 1e-5
+    total = (observer.first + observer.second).sum()
+    assert total == pytest.approx(measured, rel=5e-3)
+    assert abs(total - measured) < 0.5 * abs(observer.first.sum() - measured)  # the second order helps
+    names, _ = inrun._trainable(model)
+    assert (name == "text_lora") == all("lora" in n for n in names)
+
+
+def test_train_full_accumulates_inrun_in_the_text_family_and_the_replay_reproduces_it(
+    tmp_path, glyphs, heldout_glyphs, text_spec
+):
+    from diffcredit import stages
+    from diffcredit.attribution import inrun
+
+    glyphs[0].save(tmp_path / "train.npz")
+    heldout_glyphs.save(tmp_path / "heldout.npz")
+    recipe = {"seed": 0, "steps": 2, "batch_size": 4, "lr": 1e-2, "optimizer": "sgd", "family": text_spec}
+    options = {"order": 2, "validation_batch_size": 4}
+    stages.train_full(
+        train_data=str(tmp_path / "train.npz"),
+        out=str(tmp_path / "full"),
+        stats_out=str(tmp_path / "full.json"),
+        inrun={"heldout_data": str(tmp_path / "heldout.npz"), "out": str(tmp_path / "inrun.csv"), **options}
+        | {"first_order_out": None},
+        **recipe,
+    )
+    values = pd.read_csv(tmp_path / "inrun.csv").set_index("contributor")
+    assert list(values.index) == glyphs[0].contributor_ids and (values["steps"] == 2).all()
+    assert (values["second_order"] != 0).all()
+    logged = []
+    replayed = inrun.replay_values(
+        train_data=str(tmp_path / "train.npz"),
+        heldout_data=str(tmp_path / "heldout.npz"),
+        full_model=str(tmp_path / "full"),
+        out=str(tmp_path / "replay.csv"),
+        log=logged.append,
+        **options,
+        **recipe,
+    )
+    np.testing.assert_allclose(replayed["value"], values["value"], rtol=1e-12)
+    assert logged[0] == "replayed run ends 0 (max abs weight difference) from the saved full model"

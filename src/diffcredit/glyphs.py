@@ -54,15 +54,19 @@ def caption(letter: str) -> str:
     return f"the letter {letter}"
 
 
+def is_glyph_id(item) -> bool:
+    """Whether ``item`` is named as :func:`load_glyphs` names a glyph: ``<font>-<letter><variant>``."""
+    font, _, rest = str(item).rpartition("-")
+    return bool(font) and rest[:1].isalpha() and rest[1:].isdigit()
+
+
 def captions_of(item_ids) -> np.ndarray:
-    """The captions of glyph items, read from their ids (``<font>-<letter><variant>``, as :func:`load_glyphs` names
-    them)."""
+    """The captions of glyph items, read from their ids (see :func:`is_glyph_id`)."""
     letters = []
     for item in item_ids:
-        font, _, rest = str(item).rpartition("-")
-        if not font or not rest[:1].isalpha() or not rest[1:].isdigit():
+        if not is_glyph_id(item):
             raise ValueError(f"item id {item!r} is not a glyph's (<font>-<letter><variant>); give captions instead")
-        letters.append(rest[0])
+        letters.append(str(item).rpartition("-")[2][0])
     return np.array([caption(letter) for letter in letters])
 
 

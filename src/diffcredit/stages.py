@@ -59,12 +59,15 @@ def prepare_data(
     write_manifest(train, contributors_out)
 
 
-def prepare_family(*, train_data: str, out: str, model: dict, seed: int, log=print) -> None:
+def prepare_family(
+    *, train_data: str, out: str, model: dict, seed: int, heldout_data: str | None = None, log=print
+) -> None:
     """Make what the model family needs besides the data, once (see :func:`diffcredit.families.prepare_family`)."""
     from diffcredit.families import prepare_family as prepare
 
+    heldout = ContributorData.load(heldout_data) if heldout_data is not None else None
     with atomic_dir(out) as staging:
-        prepare(model, staging, data=ContributorData.load(train_data), seed=seed, log=log)
+        prepare(model, staging, data=ContributorData.load(train_data), heldout=heldout, seed=seed, log=log)
 
 
 def model_family(data: ContributorData, family: dict | None, *, unet: dict | None = None, schedule: dict | None = None):
@@ -80,15 +83,16 @@ def train_full(
     train_data: str,
     out: str,
     stats_out: str,
-    unet: dict,
-    schedule: dict,
     seed: int,
+    unet: dict | None = None,
+    schedule: dict | None = None,
     inrun: dict | None = None,
     family: dict | None = None,
     **training,
 ) -> None:
-    """Train the full model (the grand coalition) from scratch; with `inrun` (heldout_data, out, first_order_out,
-    order, validation_batch_size), accumulate In-Run Data Shapley during this very run."""
+    """Train the full model (the grand coalition) from scratch, in the run's `family` (None: pixel, of `unet` and
+    `schedule`); with `inrun` (heldout_data, out, first_order_out, order, validation_batch_size), accumulate In-Run
+    Data Shapley during this very run."""
     from diffcredit.attribution import inrun as in_run
 
     data = ContributorData.load(train_data)
@@ -96,13 +100,11 @@ def train_full(
     model = kind.build(seed=derive_seed(seed, "full-init"))
     observer = None
     if inrun:
-        if kind.name != "pixel":
-            raise ValueError(f"In-Run Data Shapley during training needs the pixel family, not {kind.name!r}")
         observer = in_run.observer_for(
+            kind,
             data,
             inrun["heldout_data"],
             seed=seed,
-            schedule=schedule,
             order=inrun["order"],
             validation_batch_size=inrun["validation_batch_size"],
         )

@@ -74,6 +74,7 @@ if not INRUN_IN_TRAIN_FULL:
             model=rules.train_full.output.model,
             train=rules.prepare_data.output.train,
             heldout=rules.prepare_data.output.heldout,
+            family=FAMILY_INPUT,
         output:
             **INRUN_VALUES,
         log:
@@ -92,6 +93,7 @@ if not INRUN_IN_TRAIN_FULL:
             settings=inrun_settings(),
             unet=config["model"]["unet"],
             schedule=config["model"]["schedule"],
+            family=FAMILY,
             seed=config["seed"],
         script:
             "../scripts/baseline_inrun.py"

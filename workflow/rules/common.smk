@@ -311,11 +311,7 @@ def ranking_jobs():
 
 def ranking_values(wildcards):
     # evaluate refuses the baselines that cannot work on the run's model family while it builds the DAG, before any job
-    check_evaluation_baselines(
-        config["model"]["family"],
-        config["evaluation"]["baselines"],
-        trak_target=baseline_settings("trak")["target"],
-    )
+    check_evaluation_baselines(config["model"]["family"], config["evaluation"]["baselines"])
     return RANKINGS
 
 
@@ -402,9 +398,7 @@ def baseline_values():
     methods = [*TRAK_FAMILY, *INRUN_METHODS, *SIMILARITY, *HEURISTICS, "add_one_in", *ENSEMBLE_METHODS]
     if heuristic_predictor() is None:
         methods = [m for m in methods if not m.startswith("aesthetic")]
-    unsupported = unsupported_baselines(
-        config["model"]["family"], methods, trak_target=baseline_settings("trak")["target"]
-    )
+    unsupported = unsupported_baselines(config["model"]["family"], methods)
     methods = [m for m in methods if m not in unsupported]
     return expand(f"{RUN}/baselines/{{method}}/values.csv", method=methods)
 

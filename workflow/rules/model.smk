@@ -1,10 +1,12 @@
 # With baselines.inrun.during: train_full, this run also accumulates In-Run Data Shapley (validated on the held-out
 # or reference images) and writes its values.
 # Once per run, what the model family needs besides the data: a latent family's autoencoder and cached latents, a text
-# family's captions and base model (trained here for the stand-ins). The pixel family has no such job.
+# family's captions (of the held-out items too, where the source has them) and base model (trained here for the
+# stand-ins). The pixel family has no such job.
 rule prepare_family:
     input:
         train=rules.prepare_data.output.train,
+        heldout=rules.prepare_data.output.heldout,
     output:
         directory(f"{RUN}/family"),
     log:

@@ -20,6 +20,7 @@ inrun.replay_values(
     first_order_out=snakemake.output.inrun_first_order,
     unet=snakemake.params.unet,
     schedule=snakemake.params.schedule,
+    family=snakemake.params.family,
     seed=snakemake.params.seed,
     **snakemake.params.settings,
     **snakemake.params.training,

@@ -13,6 +13,7 @@ from diffcredit import stages
 stages.set_threads(snakemake.threads)
 stages.prepare_family(
     train_data=snakemake.input.train,
+    heldout_data=snakemake.input.heldout,
     out=snakemake.output[0],
     model=dict(snakemake.params.model),
     seed=snakemake.params.seed,

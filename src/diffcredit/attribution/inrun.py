@@ -27,7 +27,10 @@ mode AD and vmap draw other masks) and restores it, so the training forward pass
 loss is taken in eval mode (no dropout), as the quantity being credited.
 
 Validation objective: the mean denoising loss of the held-out images (FID's reference; or the user's reference set),
-each with one (t, ε) drawn once for the whole run, so it is one fixed function of w.
+each with one (t, ε) drawn once for the whole run, so it is one fixed function of w. It is taken where the UNet
+trains (:func:`observer_for`): a latent family's on the images' latents, a text family's under each held-out image's
+caption, whose run trains the LoRA alone (so g and H_val are over the LoRA's parameters only, the base being
+frozen).
 
 Optimiser: exact under SGD (``train.optimizer: sgd``); under Adam the update is a preconditioned, momentum-averaged
 gradient, and the same formula with η = lr/|B| is only a proxy (the values keep their sign and relative order only
@@ -55,6 +58,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffcredit.attribution import Params, contributor_totals, detached_params, model_output, save_values
 from diffcredit.contributors import ContributorData
+from diffcredit.families import Family
 from diffcredit.models import make_scheduler
 from diffcredit.seeds import derive_seed
 from diffcredit.training import denoising_target
@@ -78,6 +82,7 @@ class InRunShapley:
         order: int = 2,
         validation_batch_size: int | None = None,
         schedule: dict[str, Any] | None = None,
+        validation_conditions: torch.Tensor | None = None,
     ) -> None:
         if order not in ORDERS:
             raise ValueError(f"order={order}: In-Run Data Shapley is implemented to order 1 or 2")
@@ -85,9 +90,16 @@ class InRunShapley:
         n_val = len(validation_images)
         if n_val == 0:
             raise ValueError("In-Run Data Shapley needs validation images (the held-out or reference set)")
-        if validation_batch_size is not None and not 1 <= validation_batch_size <= n_val:
-            raise ValueError(f"validation_batch_size={validation_batch_size}: choose 1..{n_val} or None (all)")
-        self.order, self.validation_batch_size = order, validation_batch_size
+        if validation_batch_size is not None and validation_batch_size < 1:
+            raise ValueError(f"validation_batch_size={validation_batch_size}: choose at least 1, or None (all)")
+        if validation_conditions is not None and len(validation_conditions) != n_val:
+            raise ValueError(f"{len(validation_conditions)} validation conditionings for {n_val} validation images")
+        self.val_conditions = validation_conditions
+        # A batch as large as the validation set is all of it (as the TRAK targets are "the first n_targets").
+        self.order = order
+        self.validation_batch_size = (
+            None if validation_batch_size is None or validation_batch_size >= n_val else validation_batch_size
+        )
         self.scheduler = make_scheduler("ddpm", schedule)
         generator = torch.Generator().manual_seed(derive_seed(seed, "inrun-validation"))
         self.val = torch.from_numpy(validation_images)
@@ -100,7 +112,7 @@ class InRunShapley:
     @classmethod
     def for_run(cls, n_items: int, validation_images: np.ndarray, *, seed: int, **options: Any) -> InRunShapley:
         """The observer of a training run seeded `seed` (its validation draws derive from it); `options` as
-        the constructor's (order, validation_batch_size, schedule)."""
+        the constructor's (order, validation_batch_size, schedule, validation_conditions)."""
         return cls(n_items, validation_images, seed=derive_seed(seed, "inrun"), **options)
 
     def validation_loss(
@@ -117,12 +129,14 @@ class InRunShapley:
             model.train(was_training)
 
     def _validation_batch(self, chosen: Any, device: torch.device) -> tuple:
-        """L_val's data: the `chosen` validation images with their fixed (t, ε) on `device`, and the schedule."""
+        """L_val's data: the `chosen` validation images with their fixed (t, ε) on `device`, the schedule and the
+        images' conditioning (None: unconditional)."""
         return (
             self.val[chosen].to(device),
             self.val_timesteps[chosen].to(device),
             self.val_noise[chosen].to(device),
             self.scheduler,
+            self.val_conditions[chosen].to(device) if self.val_conditions is not None else None,
         )
 
     def __call__(
@@ -193,9 +207,11 @@ def denoising_losses(
     timesteps: torch.Tensor,
     noise: torch.Tensor,
     scheduler: DDPMScheduler,
+    conditions: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-item denoising loss ℓ(w, z) [B] at the given (t, ε): the training loss before the batch mean."""
-    prediction = model_output(model, params, scheduler.add_noise(clean, noise, timesteps), timesteps)
+    """Per-item denoising loss ℓ(w, z) [B] at the given (t, ε) (under ``conditions``, a conditional UNet's
+    ``encoder_hidden_states``): the training loss before the batch mean."""
+    prediction = model_output(model, params, scheduler.add_noise(clean, noise, timesteps), timesteps, conditions)
     return _item_losses(prediction, clean, timesteps, noise, scheduler)
 
 
@@ -226,13 +242,14 @@ class ValidationGradient:
         timesteps: torch.Tensor,
         noise: torch.Tensor,
         scheduler: DDPMScheduler,
+        conditions: torch.Tensor | None = None,
         *,
         curvature: bool,
     ) -> None:
         self.names, self.weights = _trainable(model)
         with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no double backward
             params = dict(zip(self.names, self.weights, strict=True))
-            loss = denoising_losses(model, params, clean, timesteps, noise, scheduler).mean()
+            loss = denoising_losses(model, params, clean, timesteps, noise, scheduler, conditions).mean()
             self.grads = torch.autograd.grad(loss, self.weights, create_graph=curvature)
         self.grad = {name: g.detach() for name, g in zip(self.names, self.grads, strict=True)}
 
@@ -297,10 +314,21 @@ def item_scores(
     return observer
 
 
-def observer_for(train_data: ContributorData, validation_data: str, *, seed: int, **options: Any) -> InRunShapley:
-    """The observer the workflow's training of the full model carries (validated on `validation_data`); `options`
-    as :class:`InRunShapley`'s (schedule, order, validation_batch_size)."""
-    return InRunShapley.for_run(len(train_data), ContributorData.load(validation_data).images, seed=seed, **options)
+def observer_for(
+    family: Family, train_data: ContributorData, validation_data: str, *, seed: int, **options: Any
+) -> InRunShapley:
+    """The observer the workflow's training of the full model in `family` carries, validated on `validation_data`
+    where the family's UNet trains (its latents, under each image's caption) with the family's schedule; `options`
+    as :class:`InRunShapley`'s (order, validation_batch_size)."""
+    validation = ContributorData.load(validation_data)
+    return InRunShapley.for_run(
+        len(train_data),
+        family.encode(validation.images),
+        seed=seed,
+        schedule=family.schedule,
+        validation_conditions=family.conditions(validation),
+        **options,
+    )
 
 
 def _observer_options(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -334,26 +362,28 @@ def replay_values(
     full_model: str,
     out: str,
     first_order_out: str | None = None,
-    unet: dict,
-    schedule: dict,
+    unet: dict | None = None,
+    schedule: dict | None = None,
+    family: dict | None = None,
     seed: int,
     log: Callable[[str], None] = print,
     **settings,
 ) -> pd.DataFrame:
     """In-Run Data Shapley of the full model's training run, replayed: the same initial weights, seed and recipe as
-    :func:`diffcredit.stages.train_full`, so the run is the one that produced `full_model` (checked and logged).
-    `settings`: the observer's options (order, validation_batch_size) and the training's, as for :func:`item_scores`."""
-    from diffcredit.models import build_model, load_model, unet_config_for
-    from diffcredit.training import train
+    :func:`diffcredit.stages.train_full` in the run's `family` (None: pixel, of `unet` and `schedule`), so the run is
+    the one that produced `full_model` (checked and logged). `settings`: the observer's options (order,
+    validation_batch_size) and the training's, as for :func:`item_scores`."""
+    from diffcredit.stages import model_family
 
     tic = time.perf_counter()
     data = ContributorData.load(train_data)
-    model = build_model(unet_config_for(data.images.shape, unet), seed=derive_seed(seed, "full-init"))
+    kind = model_family(data, family, unet=unet, schedule=schedule)
+    model = kind.build(seed=derive_seed(seed, "full-init"))
     options, training = _observer_options(settings)
-    observer = observer_for(data, heldout_data, seed=seed, schedule=schedule, **options)
-    train(model, data.images, schedule=schedule, seed=derive_seed(seed, "full-train"), observer=observer, **training)
-    saved = load_model(full_model).state_dict()
-    gap = max(float((tensor.cpu() - saved[name]).abs().max()) for name, tensor in model.state_dict().items())
+    observer = observer_for(kind, data, heldout_data, seed=seed, **options)
+    kind.fit(model, data, seed=derive_seed(seed, "full-train"), observer=observer, **training)
+    saved = kind.load(full_model).state_dict()
+    gap = max(float((tensor.cpu() - saved[name].cpu()).abs().max()) for name, tensor in model.state_dict().items())
     log(f"replayed run ends {gap:.3g} (max abs weight difference) from the saved full model")
     seconds = time.perf_counter() - tic
     log(f"In-Run Data Shapley over {observer.steps} steps: {seconds:.1f} s")

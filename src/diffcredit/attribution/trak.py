@@ -55,10 +55,6 @@ from diffcredit.training import denoising_target, select_device
 
 OUTPUTS = ("loss", "squared_norm")
 TARGETS = ("generated", "heldout")
-HELDOUT_CONDITIONING = (
-    "TRAK target 'heldout' needs each held-out image's caption to condition the UNet on, and a conditional model "
-    "family keeps captions of its training items only: set baselines.trak.target: generated"
-)
 
 
 @dataclass(frozen=True)
@@ -387,8 +383,6 @@ def write_features(
     tic = time.perf_counter()
     data = ContributorData.load(train_data)
     kind = model_family(data, family, schedule=schedule)
-    if target == "heldout" and kind.conditional:
-        raise ValueError(HELDOUT_CONDITIONING)
     full = kind.load(model)
     # The generated targets and Journey-TRAK's trajectories come from the same sampler under the same seed.
     generation = {"seed": seed, "inference_steps": inference_steps, "sampler": sampler}
@@ -405,7 +399,7 @@ def write_features(
         output=output,
         journey=output == "loss",
         family=kind,
-        target_conditions=kind.generation_conditions(len(targets)) if target == "generated" else None,
+        target_conditions=_target_conditions(kind, target, heldout_data, len(targets)),
         projection_dim=projection_dim,
         timesteps=timesteps,
         n_trajectories=n_trajectories,
@@ -425,6 +419,15 @@ def write_features(
         peak_gpu_bytes=np.int64(peak),
         **{name: value.cpu().numpy() for name, value in features.items()},
     )
+
+
+def _target_conditions(family: Family, target: str, heldout_data: str | None, n: int) -> torch.Tensor | None:
+    """The conditioning of the `n` targets: the generation prompts' or the held-out images' captions (None:
+    unconditional)."""
+    if target == "generated":
+        return family.generation_conditions(n)
+    conditions = family.conditions(ContributorData.load(heldout_data))
+    return conditions[:n] if conditions is not None else None
 
 
 def write_values(

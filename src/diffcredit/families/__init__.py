@@ -38,6 +38,7 @@ from diffcredit.contributors import ContributorData
 # the folder can be prepared in a temporary place and moved
 TRAINED_AUTOENCODER = "autoencoder"
 STANDIN_BASE = "base"
+HELDOUT_CAPTIONS = "heldout_captions.tsv"
 
 
 class Family:
@@ -342,6 +343,8 @@ class TextLoraFamily(Family):
         base: the base pipeline (:func:`.text_conditioning.load_base`); its schedule is the family's.
         captions: one caption per training item (item id -> text), as :func:`.text_conditioning.check_captions`
             returns them; for one shared prompt, that prompt for every item.
+        heldout_captions: the held-out (or reference) items' captions, where the caption source has them: the
+            conditioning of In-Run Data Shapley's validation loss and of TRAK's held-out targets.
         rank: the rank of a fresh LoRA (:meth:`build`).
         prompts: the generation prompts, image ``i`` prompted with ``prompts[i % len(prompts)]`` (default: the
             distinct captions, sorted).
@@ -351,6 +354,7 @@ class TextLoraFamily(Family):
 
     name = "text_lora"
     prepare_options = ("base", "captions", "prompt", "steps", "batch_size", "lr")
+    takes_heldout = True  # prepare captions the held-out items too, where the caption source has them
     conditional = True
     open_options = ("rank", "prompts", "guidance_scale")
 
@@ -359,6 +363,7 @@ class TextLoraFamily(Family):
         base,
         captions: dict[str, str],
         *,
+        heldout_captions: dict[str, str] | None = None,
         rank: int,
         prompts: Sequence[str] | None = None,
         guidance_scale: float = 1.0,
@@ -369,6 +374,7 @@ class TextLoraFamily(Family):
         super().__init__(dict(base.unet.config), base.schedule)
         self.base = base
         self.captions = dict(captions)
+        self.heldout_captions = dict(heldout_captions or {})
         self.rank = int(rank)
         self.prompts = list(prompts) if prompts else sorted(set(self.captions.values()))
         self.guidance_scale = float(guidance_scale)
@@ -382,6 +388,7 @@ class TextLoraFamily(Family):
         data: ContributorData,
         seed: int,
         log=print,
+        heldout: ContributorData | None = None,
         base: str | None = None,
         captions: str | None = None,
         prompt: str | None = None,
@@ -391,7 +398,8 @@ class TextLoraFamily(Family):
         device: str | None = None,
     ) -> dict:
         """Check the captions (``captions``: a TSV ``item``, ``caption``; ``glyphs``: read from glyph item ids; or
-        one shared ``prompt``) and write them to ``captions.tsv``; load the staged ``base`` folder (validating its
+        one shared ``prompt``) and write them to ``captions.tsv``, those of the ``heldout`` items the source
+        captions to ``heldout_captions.tsv``; load the staged ``base`` folder (validating its
         components) or pre-train the stand-in base on glyphs of fonts no contributor owns; cache the items' latents
         if the base has a vae."""
         import pandas as pd
@@ -404,6 +412,12 @@ class TextLoraFamily(Family):
         texts = tc.check_captions(data.item_ids, _read_captions(captions, data.item_ids), prompt)
         write_table(pd.DataFrame({"item": data.item_ids, "caption": texts}), directory / "captions.tsv")
         summary: dict[str, Any] = {"family": cls.name, "n_captions": len(set(texts))}
+        if heldout is not None:
+            known = _heldout_captions(captions, prompt, heldout.item_ids)
+            write_table(
+                pd.DataFrame({"item": list(known), "caption": list(known.values())}), directory / HELDOUT_CAPTIONS
+            )
+            summary["heldout_captioned"] = f"{len(known)} of {len(heldout)}"
         if base is None:
             from diffcredit.glyphs import BASE_FONTS, load_glyphs
 
@@ -472,12 +486,20 @@ class TextLoraFamily(Family):
         if unet:
             raise ValueError("model.unet comes from the base model in the text_lora family; leave it empty")
         summary = _read_summary(directory, cls.name)
-        table = pd.read_csv(Path(directory) / "captions.tsv", sep="\t", dtype=str, keep_default_na=False)
+
+        def captions(name: str) -> dict[str, str]:
+            path = Path(directory) / name
+            if not path.exists():  # a folder prepared without held-out items
+                return {}
+            table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+            return dict(zip(table["item"], table["caption"], strict=True))
+
         latents = Path(directory) / "latents.npz" if "autoencoder_digest" in summary else None
         base = summary["base"] or Path(directory) / STANDIN_BASE
         return cls(
             load_base(base, device or "cpu"),
-            dict(zip(table["item"], table["caption"], strict=True)),
+            captions("captions.tsv"),
+            heldout_captions=captions(HELDOUT_CAPTIONS),
             rank=rank,
             prompts=prompts,
             guidance_scale=guidance_scale,
@@ -510,10 +532,10 @@ class TextLoraFamily(Family):
         return scaled_latents(self.base.autoencoder, images, self.base.scaling_factor)
 
     def conditions(self, data: ContributorData):
-        """The text encoder's states of each item's caption, float32 [N, L, D]."""
+        """The text encoder's states of each item's caption (a training or a held-out item's), float32 [N, L, D]."""
         from diffcredit.families.text_conditioning import check_captions
 
-        return self._states(check_captions(data.item_ids, self.captions, None))
+        return self._states(check_captions(data.item_ids, {**self.heldout_captions, **self.captions}, None))
 
     def generation_conditions(self, n: int):
         """The states of the prompt of each generated image (image ``i``: ``prompts[i % len(prompts)]``)."""
@@ -531,6 +553,12 @@ class TextLoraFamily(Family):
 
         captions = check_captions(data.item_ids, self.captions, None)
         conditioned = ConditionedUNet(model, PromptTable.build(self.base, captions))
+        watcher = training.pop("observer", None)  # In-Run Data Shapley's, which sees the conditioned UNet
+
+        def observe(model, index, *batch):
+            conditioned.observe(model, index)
+            return watcher(model, index, *batch) if watcher is not None else None
+
         return train(
             conditioned,
             self.inputs(data),
@@ -539,7 +567,7 @@ class TextLoraFamily(Family):
             lr=lr,
             seed=seed,
             schedule=self.schedule,
-            observer=conditioned.observe,
+            observer=observe,
             **training,
         )
 
@@ -600,15 +628,25 @@ FAMILIES: dict[str, type[Family]] = {"pixel": Family, "latent": LatentFamily, "t
 
 
 def prepare_family(
-    model: dict, directory: str | Path, *, data: ContributorData, seed: int, device: str | None = None, log=print
+    model: dict,
+    directory: str | Path,
+    *,
+    data: ContributorData,
+    seed: int,
+    heldout: ContributorData | None = None,
+    device: str | None = None,
+    log=print,
 ) -> dict:
-    """Prepare the family of the config's ``model`` section (``family`` and its ``model.<family>`` options)."""
+    """Prepare the family of the config's ``model`` section (``family`` and its ``model.<family>`` options) for the
+    training ``data`` (and the ``heldout`` items, which a text family captions)."""
     cls = family_class(model.get("family", "pixel"))
     options = _options(model, cls, cls.prepare_options)
     if cls.name != "pixel":
         options["device"] = device
     if getattr(cls, "takes_unet", False):
         options["unet"] = model.get("unet")
+    if getattr(cls, "takes_heldout", False):
+        options["heldout"] = heldout
     return cls.prepare(directory, data=data, seed=seed, log=log, **options)
 
 
@@ -673,6 +711,19 @@ def _weights_file(folder: str | Path) -> Path:
     return found[0]
 
 
+def _heldout_captions(captions: str | None, prompt: str | None, item_ids: np.ndarray) -> dict[str, str]:
+    """The captions the source of the training items' (``captions`` or the shared ``prompt``) has for the held-out
+    items ``item_ids``; items it does not caption (say, a reference that is not glyphs) are left out."""
+    if prompt is not None:
+        return dict.fromkeys(map(str, item_ids), prompt)
+    if captions == "glyphs":
+        from diffcredit.glyphs import is_glyph_id
+
+        item_ids = [item for item in map(str, item_ids) if is_glyph_id(item)]
+    known = _read_captions(captions, np.asarray(item_ids, dtype=str))
+    return {str(item): known[str(item)] for item in item_ids if str(known.get(str(item), "")).strip()}
+
+
 def _read_captions(captions: str | None, item_ids: np.ndarray) -> dict[str, str] | None:
     """Item id -> caption from a TSV (``item``, ``caption``), or from glyph item ids (``glyphs``)."""
     if captions is None:
@@ -694,45 +745,35 @@ def _read_captions(captions: str | None, item_ids: np.ndarray) -> dict[str, str]
 
 # The attribution baselines of `snakemake evaluate` that need the full model to be a pixel-space UNet2DModel trained on
 # the images, and why. The others work in every family: the TRAK family and the similarity baselines take the targets
-# and trajectories of the family's own sampling (TRAK: in its latents, under each image's conditioning), add-one-in
-# measures coalitions through the family and the heuristics read only the data and the reference; so do the SFT,
-# fine-tune, LOO, Banzhaf, multi-fidelity and counterfactual rankings.
-PIXEL_ONLY_BASELINES = {
-    **dict.fromkeys(("inrun", "inrun_first_order"), "In-Run Data Shapley replays the full model's pixel training"),
-    **dict.fromkeys(("ensembles", "ensembles_contrast"), "the encoded ensembles train pixel UNets"),
-}
-HELDOUT_TRAK_REASON = "TRAK's held-out targets have no captions to condition the UNet on"
+# and trajectories of the family's own sampling (TRAK: in its latents, under each image's conditioning), In-Run Data
+# Shapley observes the family's own training run, add-one-in measures coalitions through the family and the
+# heuristics read only the data and the reference; so do the SFT, fine-tune, LOO, Banzhaf, multi-fidelity and
+# counterfactual rankings.
+PIXEL_ONLY_BASELINES = dict.fromkeys(("ensembles", "ensembles_contrast"), "the encoded ensembles train pixel UNets")
 
 
-def unsupported_baselines(family: str, methods: Sequence[str], *, trak_target: str = "generated") -> dict:
-    """The methods of ``methods`` that cannot work in ``family`` (method -> why); none in the pixel family. In a
-    conditional family the TRAK family needs its generated targets (``trak_target: generated``)."""
-    cls = family_class(family)
+def unsupported_baselines(family: str, methods: Sequence[str]) -> dict:
+    """The methods of ``methods`` that cannot work in ``family`` (method -> why); none in the pixel family."""
+    family_class(family)
     if family == "pixel":
         return {}
-    reasons = dict(PIXEL_ONLY_BASELINES)
-    if cls.conditional and trak_target == "heldout":
-        from diffcredit.attribution.trak import METHODS as TRAK_METHODS  # torch: only on this path
-
-        reasons.update(dict.fromkeys(TRAK_METHODS, HELDOUT_TRAK_REASON))
-    return {method: reasons[method] for method in methods if method in reasons}
+    return {method: PIXEL_ONLY_BASELINES[method] for method in methods if method in PIXEL_ONLY_BASELINES}
 
 
-def check_evaluation_baselines(family: str, methods: Sequence[str], *, trak_target: str = "generated") -> None:
+def check_evaluation_baselines(family: str, methods: Sequence[str]) -> None:
     """Refuse, before anything trains, the ``evaluation.baselines`` that cannot work in ``family``, naming the family,
     why, and what to use instead."""
-    refused = unsupported_baselines(family, methods, trak_target=trak_target)
+    refused = unsupported_baselines(family, methods)
     if not refused:
         return
     kept = [method for method in methods if method not in refused]
     why = "; ".join(sorted(set(refused.values())))
-    hint = " (or set baselines.trak.target: generated)" if HELDOUT_TRAK_REASON in refused.values() else ""
     raise ValueError(
         f"snakemake evaluate: evaluation.baselines {', '.join(refused)} cannot work in the {family!r} model family "
-        f"({why}). Remove them: evaluation.baselines: [{', '.join(kept)}]{hint}. The TRAK family, the similarity "
-        "baselines, add_one_in, aesthetic_mean, aesthetic_max and embedding_distance work in every family, as do the "
-        "Shapley, leave-one-out, Banzhaf and multi-fidelity rankings and the counterfactual, whose retraining from "
-        "scratch runs in the family"
+        f"({why}). Remove them: evaluation.baselines: [{', '.join(kept)}]. The TRAK family, In-Run Data Shapley, the "
+        "similarity baselines, add_one_in, aesthetic_mean, aesthetic_max and embedding_distance work in every family, "
+        "as do the Shapley, leave-one-out, Banzhaf and multi-fidelity rankings and the counterfactual, whose "
+        "retraining from scratch runs in the family"
     )
 
 

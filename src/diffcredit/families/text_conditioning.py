@@ -262,10 +262,16 @@ class ConditionedUNet(nn.Module):
     def observe(self, model, index: torch.Tensor, *_) -> None:
         self._batch = index
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor):
-        if self._batch is None or len(self._batch) != len(sample):
-            raise RuntimeError("ConditionedUNet needs its batch's item indices: pass observer=model.observe to train")
-        return self.unet(sample, timestep, encoder_hidden_states=self.embeddings[self.codes[self._batch]])
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None):
+        """The UNet under the observed batch's captions, or under ``encoder_hidden_states`` when given (inputs that
+        are not training items: In-Run Data Shapley's validation images)."""
+        if encoder_hidden_states is None:
+            if self._batch is None or len(self._batch) != len(sample):
+                raise RuntimeError(
+                    "ConditionedUNet needs its batch's item indices: pass observer=model.observe to train"
+                )
+            encoder_hidden_states = self.embeddings[self.codes[self._batch]]
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states)
 
 
 def pretrain(
