@@ -1,11 +1,12 @@
-"""Fidelity and cost of sparsified fine-tuning against retraining from scratch, on the digits setup (~100 min).
+"""Fidelity and cost of sparsified fine-tuning against retraining from scratch, on a benchmark preset.
 
-    .venv/bin/python benchmarks/fidelity.py [--cores 2] [--report-only]
+    .venv/bin/python benchmarks/fidelity.py [--preset digits|latent] [--cores 2] [--report-only]
 
-Runs `snakemake evaluate` with config/presets/benchmark.yaml (results in results/benchmark/), then writes the
-evaluation report's figures to benchmarks/results.json and the section "Fidelity and cost against retraining" of
-benchmarks/RESULTS.md, next to the targets they are held to. The headline LDS is the paper's definition (per-seed
-Spearman averaged over the seeds; results.json `lds_<ranking>`), every method with its wall time and peak memory;
+`digits` (~100 min): `snakemake evaluate` with config/presets/benchmark.yaml (results in results/benchmark/);
+`latent`: the latent family's stand-in, config/presets/latent-glyphs.yaml overlaid by benchmark-latent.yaml (results in
+results/benchmark-latent/). Then writes the evaluation report's figures to the preset's JSON in benchmarks/ and its
+section of benchmarks/RESULTS.md, next to the targets they are held to. The headline LDS is the paper's definition
+(per-seed Spearman averaged over the seeds; JSON `lds_<ranking>`), every method with its wall time and peak memory;
 the seed-averaged Spearman is kept as `lds_seed_averaged_<ranking>`. Finished jobs are reused: rerunning after an
 interruption continues where it stopped; --report-only rewrites the files from the existing report.
 """
@@ -18,14 +19,32 @@ import math
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from machine import machine_description, package_versions, replace_section
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESET = ROOT / "config" / "presets" / "benchmark.yaml"
-RUN = ROOT / "results" / "benchmark"
-SECTION = "Fidelity and cost against retraining"
+PRESETS = ROOT / "config" / "presets"
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    configfiles: tuple[str, ...]  # presets over config/config.yaml, in order
+    run: str  # the presets' `name`: the run folder under results/
+    section: str  # its section of benchmarks/RESULTS.md
+    figures: str  # its JSON in benchmarks/
+
+
+BENCHMARKS = {
+    "digits": Benchmark(("benchmark.yaml",), "benchmark", "Fidelity and cost against retraining", "results.json"),
+    "latent": Benchmark(
+        ("latent-glyphs.yaml", "benchmark-latent.yaml"),
+        "benchmark-latent",
+        "Fidelity and cost against retraining: latent family",
+        "results-latent.json",
+    ),
+}
 # key -> (target, which way it must go), set against the paper's figures at GPU scale (issue 5).
 TARGETS = {
     "sft_cost_ratio": (10.0, "min"),
@@ -36,7 +55,7 @@ TARGETS = {
 }
 
 
-def run_workflow(cores: int) -> float:
+def run_workflow(benchmark: Benchmark, cores: int) -> float:
     """Run the benchmark's `snakemake evaluate`; return its wall seconds."""
     command = [
         sys.executable,
@@ -47,7 +66,7 @@ def run_workflow(cores: int) -> float:
         str(cores),
         "--configfile",
         str(ROOT / "config" / "config.yaml"),
-        str(PRESET),
+        *(str(PRESETS / name) for name in benchmark.configfiles),
     ]
     tic = time.perf_counter()
     subprocess.run(command, cwd=ROOT, check=True)
@@ -99,13 +118,14 @@ def verdict(key: str, value: float | None) -> str:
     return f"{sign} {target:g}: {'met' if met else f'missed by {abs(value - target):.3g}'}"
 
 
-def markdown(out: dict) -> str:
+def markdown(out: dict, name: str) -> str:
     def number(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.3g}"
 
     def whole(value: float | None) -> str:
         return "n/a" if value is None else f"{value:,.0f}"
 
+    benchmark = BENCHMARKS[name]
     cost = out["seconds_per_coalition"]
     rows = [
         ("retrain / sft seconds per coalition", "sft_cost_ratio"),
@@ -120,7 +140,9 @@ def markdown(out: dict) -> str:
         ("orchestration overhead / coalition compute", "overhead_fraction"),
     ]
     lines = [
-        f"Command: `.venv/bin/python benchmarks/fidelity.py` (config/presets/benchmark.yaml). Machine: {out['machine']}. "
+        f"Command: `.venv/bin/python benchmarks/fidelity.py --preset {name}` "
+        f"({' over '.join(f'config/presets/{file}' for file in reversed(benchmark.configfiles))}). "
+        f"Machine: {out['machine']}. "
         f"Date: {out['date']}. Workflow wall time: {number(out['workflow_wall_seconds'])} s. Packages: "
         + ", ".join(f"{name} {version}" for name, version in out["packages"].items())
         + ".",
@@ -181,7 +203,7 @@ def markdown(out: dict) -> str:
         ]
     lines += [
         "",
-        "Budget-matched comparison (results/benchmark/evaluation/budget.png): LDS against compute, values "
+        f"Budget-matched comparison (results/{benchmark.run}/evaluation/budget.png): LDS against compute, values "
         "from growing prefixes of each mode's coalitions (retrain: the agreement coalitions):",
         "",
         "| mode | coalitions | compute (s) | LDS | over seeds |",
@@ -211,15 +233,17 @@ def markdown(out: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(BENCHMARKS), default="digits")
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--report-only", action="store_true", help="do not run the workflow; report what exists")
     args = parser.parse_args(argv)
-    wall = None if args.report_only else run_workflow(args.cores)
-    report = json.loads((RUN / "evaluation" / "report.json").read_text())
+    benchmark = BENCHMARKS[args.preset]
+    wall = None if args.report_only else run_workflow(benchmark, args.cores)
+    report = json.loads((ROOT / "results" / benchmark.run / "evaluation" / "report.json").read_text())
     out = results(report, wall)
-    (ROOT / "benchmarks" / "results.json").write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
-    replace_section(ROOT / "benchmarks" / "RESULTS.md", SECTION, markdown(out))
-    print(markdown(out))
+    (ROOT / "benchmarks" / benchmark.figures).write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
+    replace_section(ROOT / "benchmarks" / "RESULTS.md", benchmark.section, markdown(out, args.preset))
+    print(markdown(out, args.preset))
 
 
 if __name__ == "__main__":

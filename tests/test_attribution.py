@@ -503,7 +503,9 @@ def test_ablation_drops_exactly_the_members_that_saw_the_contributor(new_model) 
     members = [new_model(seed=s) for s in range(4)]
     codes = encode(["a", "b", "c"], 4, seed=0)
     options = {"seed": 1, "inference_steps": 3, "schedule": SCHEDULE}
-    table = ablation_table(members, codes, MeanPixel(), n_samples=3, log=lambda message: None, **options)
+    table = ablation_table(
+        members, codes, MeanPixel(), generate=lambda model: generate(model, 3, **options), log=lambda message: None
+    )
     assert list(table.index) == ["a", "b", "c"] and (table["members_left"] == 2).all()
 
     def utility(chosen: list[int]) -> float:
@@ -519,7 +521,7 @@ def test_ablation_drops_exactly_the_members_that_saw_the_contributor(new_model) 
         assert ensembles.members_with(codes, contributor) == seen and len(seen) == len(unseen)
         assert table.loc[contributor, "contrast"] == pytest.approx(utility(seen) - utility(unseen), abs=1e-7)
     with pytest.raises(ValueError, match="3 members given but the codes have 4 columns"):
-        ablation_table(members[:3], codes, MeanPixel(), n_samples=3, **options)
+        ablation_table(members[:3], codes, MeanPixel(), generate=lambda model: generate(model, 3, **options))
 
 
 def test_codes_round_trip_through_the_workflow_file(tmp_path) -> None:

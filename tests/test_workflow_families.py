@@ -84,8 +84,9 @@ def test_each_family_stand_in_runs_end_to_end_with_efficient_values(tmp_path, fa
         assert pruned["parameters_after"] <= 0.5 * pruned["parameters_before"]  # prune.ratio: the LoRA share kept
         assert (run / "models" / "recovered" / "pytorch_lora_weights.safetensors").is_file()
     assert (run / "figures" / "samples.png").is_file()
-    # the baselines that read the full model's gradients and generations, and replay its training, through the family
-    methods = ("dtrak", "pixel_similarity_max", "inrun")
+    # the baselines that read the full model's gradients and generations, replay its training, and retrain members
+    # from scratch, through the family
+    methods = ("dtrak", "pixel_similarity_max", "inrun", "ensembles", "ensembles_contrast")
     baselines = [f"results/tiny-{family}/baselines/{method}/values.csv" for method in methods]
     snakemake(workdir, "--cores", "2", *baselines, "--configfile", str(CONFIGS / f"tiny-{family}.yaml"), timeout=300)
     for path in baselines:
@@ -93,18 +94,14 @@ def test_each_family_stand_in_runs_end_to_end_with_efficient_values(tmp_path, fa
         assert len(scores) == 12 and scores["value"].notna().all() and scores["value"].nunique() > 1
 
 
-def test_evaluate_refuses_baselines_the_family_cannot_run_before_any_job(tmp_path):
+def test_evaluate_plans_every_baseline_in_a_family(tmp_path):
     workdir = workflow_copy(tmp_path)
     stage_glyphs(workdir, "glyphs8.npz", "--size", "8", "--variants", "1")
     config = ("--configfile", str(CONFIGS / "tiny-latent.yaml"))
-    refused = ("--config", "evaluation={baselines: [dtrak, ensembles, add_one_in]}")
-    result = snakemake(workdir, "-n", "evaluate", *config, *refused, check=False)
-    assert result.returncode != 0
-    assert "evaluation.baselines ensembles cannot work in the 'latent' model family" in result.stdout + result.stderr
-    allowed = ("--config", "evaluation={baselines: [dtrak, pixel_similarity_mean, add_one_in, inrun]}")
-    jobs = planned_jobs(snakemake(workdir, "-n", "evaluate", *config, *allowed).stdout)
+    chosen = ("--config", "evaluation={baselines: [dtrak, ensembles, pixel_similarity_mean, add_one_in, inrun]}")
+    jobs = planned_jobs(snakemake(workdir, "-n", "evaluate", *config, *chosen).stdout)
     assert jobs["baseline_add_one_in"] == 1 and jobs["trak_features"] == 1 and jobs["baseline_similarity"] == 1
-    assert jobs["baseline_inrun"] == 1
-    jobs = planned_jobs(snakemake(workdir, "-n", "baselines", *config).stdout)  # only those the family can run
+    assert jobs["baseline_inrun"] == 1 and jobs["ensemble_member"] == 6 and jobs["baseline_ensembles"] == 1
+    jobs = planned_jobs(snakemake(workdir, "-n", "baselines", *config).stdout)
     assert jobs["trak_features"] == 2 and jobs["baseline_trak"] == 6 and jobs["baseline_inrun"] == 1
-    assert "ensemble_member" not in jobs
+    assert jobs["ensemble_member"] == 6

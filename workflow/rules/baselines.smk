@@ -209,6 +209,7 @@ rule ensemble_member:
     input:
         codes=rules.ensemble_codes.output[0],
         train=rules.prepare_data.output.train,
+        family=FAMILY_INPUT,
     output:
         directory(f"{RUN}/baselines/ensembles/members/m{{member}}"),
     log:
@@ -226,6 +227,7 @@ rule ensemble_member:
         training=ensemble_training(),
         unet=config["model"]["unet"],
         schedule=config["model"]["schedule"],
+        family=FAMILY,
         seed=config["seed"],
     script:
         "../scripts/baseline_ensemble_member.py"
@@ -236,7 +238,9 @@ rule baseline_ensembles:
     input:
         codes=rules.ensemble_codes.output[0],
         members=ensemble_members,
+        train=rules.prepare_data.output.train,
         reference=rules.reference.output[0],
+        family=FAMILY_INPUT,
     output:
         ensembles=f"{RUN}/baselines/ensembles/values.csv",
         contrast=f"{RUN}/baselines/ensembles_contrast/values.csv",
@@ -256,6 +260,7 @@ rule baseline_ensembles:
         property=config["utility"]["property"],
         property_options=config["utility"]["property_options"],
         schedule=config["model"]["schedule"],
+        family=FAMILY,
         seed=config["seed"],
     script:
         "../scripts/baseline_ensembles.py"

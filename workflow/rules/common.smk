@@ -5,7 +5,6 @@ from functools import lru_cache
 from diffcredit import rounds, stages
 from diffcredit.contributors import contributor_ids
 from diffcredit.estimators import REGISTRY
-from diffcredit.families import check_evaluation_baselines, unsupported_baselines
 
 RUN = f"results/{config['name']}"
 ENV = "../../envs/diffcredit.yaml"
@@ -309,12 +308,6 @@ def ranking_jobs():
     return jobs
 
 
-def ranking_values(wildcards):
-    # evaluate refuses the baselines that cannot work on the run's model family while it builds the DAG, before any job
-    check_evaluation_baselines(config["model"]["family"], config["evaluation"]["baselines"])
-    return RANKINGS
-
-
 # Attribution baselines (baselines.smk); their settings are config["baselines"] (defaults: the schema).
 # The TRAK family: method -> the output function of its training features (diffcredit.attribution.trak.METHODS).
 TRAK_FAMILY = {
@@ -393,13 +386,10 @@ def generation_settings():
 
 
 def baseline_values():
-    """Every baseline's values (`snakemake baselines`) that the model family can run; the aesthetic heuristics only
-    with a predictor."""
+    """Every baseline's values (`snakemake baselines`); the aesthetic heuristics only with a predictor."""
     methods = [*TRAK_FAMILY, *INRUN_METHODS, *SIMILARITY, *HEURISTICS, "add_one_in", *ENSEMBLE_METHODS]
     if heuristic_predictor() is None:
         methods = [m for m in methods if not m.startswith("aesthetic")]
-    unsupported = unsupported_baselines(config["model"]["family"], methods)
-    methods = [m for m in methods if m not in unsupported]
     return expand(f"{RUN}/baselines/{{method}}/values.csv", method=methods)
 
 

@@ -4,7 +4,7 @@
 
 rule counterfactual:
     input:
-        unpack(ranking_values),
+        **RANKINGS,
         train=rules.prepare_data.output.train,
         reference=rules.reference.output[0],
         family=FAMILY_INPUT,
@@ -59,7 +59,7 @@ rule multifidelity:
 
 rule evaluation_report:
     input:
-        unpack(ranking_values),
+        **RANKINGS,
         contributors=rules.prepare_data.output.contributors,
         lds_plan=f"{RUN}/plans/lds.tsv",
         lds_retrain=f"{RUN}/retrain/lds/utilities.tsv",

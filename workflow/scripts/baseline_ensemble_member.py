@@ -18,6 +18,7 @@ ensembles.train_member(
     train_data=snakemake.input.train,
     unet=snakemake.params.unet,
     schedule=snakemake.params.schedule,
+    family=snakemake.params.family,
     out=snakemake.output[0],
     seed=snakemake.params.seed,
     **snakemake.params.training,

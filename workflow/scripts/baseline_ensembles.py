@@ -15,12 +15,14 @@ stages.set_threads(snakemake.threads)
 ensembles.write_values(
     codes=snakemake.input.codes,
     members=list(snakemake.input.members),
+    train_data=snakemake.input.train,
     reference=snakemake.input.reference,
     property=snakemake.params.property,
     property_options=dict(snakemake.params.property_options),
     out=snakemake.output.ensembles,
     contrast_out=snakemake.output.contrast,
     schedule=snakemake.params.schedule,
+    family=snakemake.params.family,
     seed=snakemake.params.seed,
     **snakemake.params.generation,
 )

@@ -22,18 +22,15 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
-from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
 from diffcredit.attribution import save_values
 from diffcredit.contributors import ContributorData, validate_contributor_id
 from diffcredit.properties import Property, oriented
-from diffcredit.sampling import DEFAULT_INFERENCE_STEPS, DEFAULT_SAMPLER, generate
 from diffcredit.seeds import derive_seed
 
 MAX_DRAWS = 1000
@@ -85,8 +82,9 @@ def members_without(codes: pd.DataFrame, contributor: str) -> list[int]:
 class AveragedEnsemble(nn.Module):
     """Members behind one model interface: the prediction is the mean of the members' predictions.
 
-    Quacks like a ``UNet2DModel`` for :func:`diffcredit.sampling.generate` (``config``, ``forward(x, t).sample``), so
-    the ensemble samples through the same seeded sampler, with the same noise, as any single model.
+    Quacks like its members (``config``, ``forward(x, t, ...).sample``: a ``UNet2DModel``, or a LoRA-adapted
+    ``UNet2DConditionModel`` given ``encoder_hidden_states``), so the ensemble samples through its family's seeded
+    sampler, with the same noise, as any single model.
     """
 
     def __init__(self, members: Sequence[nn.Module]) -> None:
@@ -99,13 +97,9 @@ class AveragedEnsemble(nn.Module):
     def config(self):
         return self.members[0].config
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> UNet2DOutput:
-        return UNet2DOutput(sample=torch.stack([m(sample, timestep).sample for m in self.members]).mean(0))
-
-
-def contributor_scores(members: Sequence[nn.Module], codes: pd.DataFrame, prop: Property, **options) -> pd.Series:
-    """Ablation value of each contributor of `codes`; `options` as for :func:`ablation_table`."""
-    return ablation_table(members, codes, prop, **options)["value"]
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *args, **kwargs):
+        outputs = [member(sample, timestep, *args, **kwargs) for member in self.members]
+        return type(outputs[0])(sample=torch.stack([output.sample for output in outputs]).mean(0))
 
 
 def ablation_table(
@@ -113,34 +107,20 @@ def ablation_table(
     codes: pd.DataFrame,
     prop: Property,
     *,
-    n_samples: int,
-    seed: int,
-    inference_steps: int = DEFAULT_INFERENCE_STEPS,
-    sampler: str = DEFAULT_SAMPLER,
-    schedule: dict[str, Any] | None = None,
-    device: str | None = None,
+    generate: Callable[[nn.Module], np.ndarray],
     log: Callable[[str], None] = print,
 ) -> pd.DataFrame:
     """Ablation value of each contributor of `codes` (see the module docstring); `members[m]` is member m.
 
-    Returns a table indexed by contributor with ``value``, the size-matched ``contrast``, the oriented utilities
-    behind them (``utility_full``, ``utility_ablated``, ``utility_with``) and ``members_left``. Every generation uses
-    the same noise (`seed`).
+    `generate` makes the images of a model (an :class:`AveragedEnsemble`) from the same noise at every call. Returns a
+    table indexed by contributor with ``value``, the size-matched ``contrast``, the oriented utilities behind them
+    (``utility_full``, ``utility_ablated``, ``utility_with``) and ``members_left``.
     """
     if len(members) != codes.shape[1]:
         raise ValueError(f"{len(members)} members given but the codes have {codes.shape[1]} columns")
 
     def utility(chosen: Sequence[int]) -> float:
-        images = generate(
-            AveragedEnsemble([members[m] for m in chosen]),
-            n_samples,
-            seed=seed,
-            inference_steps=inference_steps,
-            sampler=sampler,
-            schedule=schedule,
-            device=device,
-        )
-        return oriented(prop(images), prop.higher_is_better)
+        return oriented(prop(generate(AveragedEnsemble([members[m] for m in chosen]))), prop.higher_is_better)
 
     full = utility(range(len(members)))
     rows = {}
@@ -175,51 +155,69 @@ def read_codes(path: str | Path) -> pd.DataFrame:
     return codes.astype(bool)
 
 
-def train_member(*, codes: str, member: int, train_data: str, unet: dict, out: str, seed: int, **training) -> None:
-    """Train ensemble member `member` from scratch on its contributors' items and save it.
+def train_member(
+    *,
+    codes: str,
+    member: int,
+    train_data: str,
+    out: str,
+    seed: int,
+    family: dict | None = None,
+    unet: dict | None = None,
+    schedule: dict | None = None,
+    **training,
+) -> None:
+    """Train ensemble member `member` from scratch in the run's `family` (None: pixel, of `unet` and `schedule`) on its
+    contributors' items, as the retraining of a coalition does (the text family: a LoRA from scratch), and save it.
 
-    `unet` overrides the default architecture as for the full model; `training` goes to
-    :func:`diffcredit.training.train` (steps, batch_size, lr, schedule, ...).
+    `training` goes to the family's fit (steps, batch_size, lr, ...).
     """
-    from diffcredit.models import build_model, save_model, unet_config_for
-    from diffcredit.training import train
+    from diffcredit.stages import model_family
 
-    data = ContributorData.load(train_data).subset(member_contributors(read_codes(codes), member))
-    model = build_model(unet_config_for(data.images.shape, unet), seed=derive_seed(seed, "ensemble-init", member))
-    train(model, data.images, seed=derive_seed(seed, "ensemble-train", member), **training)
-    save_model(model, out)
+    data = ContributorData.load(train_data)
+    kind = model_family(data, family, unet=unet, schedule=schedule)
+    model = kind.build(seed=derive_seed(seed, "ensemble-init", member))
+    subset = data.subset(member_contributors(read_codes(codes), member))
+    kind.fit(model, subset, seed=derive_seed(seed, "ensemble-train", member), **training)
+    kind.save(model, out)
 
 
 def write_values(
     *,
     codes: str,
     members: Sequence[str],
+    train_data: str,
     reference: str,
     property: str,
     property_options: dict,
     out: str,
     contrast_out: str | None = None,
     seed: int,
+    family: dict | None = None,
+    schedule: dict | None = None,
+    n_samples: int,
     log: Callable[[str], None] = print,
-    **generation,
+    **sampling,
 ) -> pd.DataFrame:
     """The workflow's ensemble stage: load the members, ablate each contributor, write values.csv (and the
     size-matched contrast's to `contrast_out`).
 
-    `members` are the member model folders in member order; `generation` holds n_samples, inference_steps, sampler,
-    schedule. Noise is the run's generation noise, as for the coalitions.
+    `members` are the member model folders in member order, generated through the run's `family` (as for
+    :func:`train_member`; `train_data` gives its image shape); `sampling` holds inference_steps and sampler. Noise
+    is the run's generation noise, as for the coalitions.
     """
-    from diffcredit.models import load_model
     from diffcredit.properties import load_property
+    from diffcredit.stages import model_family
 
+    kind = model_family(ContributorData.load(train_data), family, schedule=schedule)
+    noise = derive_seed(seed, "generation-noise")
     tic = time.perf_counter()
     table = ablation_table(
-        [load_model(path) for path in members],
+        [kind.load(path) for path in members],
         read_codes(codes),
         load_property(property, reference, **property_options),
-        seed=derive_seed(seed, "generation-noise"),
+        generate=lambda model: kind.generate(model, n_samples, seed=noise, **sampling),
         log=log,
-        **generation,
     )
     seconds = time.perf_counter() - tic
     log(f"ensemble ablations: {seconds:.1f} s")

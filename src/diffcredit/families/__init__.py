@@ -743,40 +743,6 @@ def _read_captions(captions: str | None, item_ids: np.ndarray) -> dict[str, str]
     return dict(zip(table["item"], table["caption"], strict=True))
 
 
-# The attribution baselines of `snakemake evaluate` that need the full model to be a pixel-space UNet2DModel trained on
-# the images, and why. The others work in every family: the TRAK family and the similarity baselines take the targets
-# and trajectories of the family's own sampling (TRAK: in its latents, under each image's conditioning), In-Run Data
-# Shapley observes the family's own training run, add-one-in measures coalitions through the family and the
-# heuristics read only the data and the reference; so do the SFT, fine-tune, LOO, Banzhaf, multi-fidelity and
-# counterfactual rankings.
-PIXEL_ONLY_BASELINES = dict.fromkeys(("ensembles", "ensembles_contrast"), "the encoded ensembles train pixel UNets")
-
-
-def unsupported_baselines(family: str, methods: Sequence[str]) -> dict:
-    """The methods of ``methods`` that cannot work in ``family`` (method -> why); none in the pixel family."""
-    family_class(family)
-    if family == "pixel":
-        return {}
-    return {method: PIXEL_ONLY_BASELINES[method] for method in methods if method in PIXEL_ONLY_BASELINES}
-
-
-def check_evaluation_baselines(family: str, methods: Sequence[str]) -> None:
-    """Refuse, before anything trains, the ``evaluation.baselines`` that cannot work in ``family``, naming the family,
-    why, and what to use instead."""
-    refused = unsupported_baselines(family, methods)
-    if not refused:
-        return
-    kept = [method for method in methods if method not in refused]
-    why = "; ".join(sorted(set(refused.values())))
-    raise ValueError(
-        f"snakemake evaluate: evaluation.baselines {', '.join(refused)} cannot work in the {family!r} model family "
-        f"({why}). Remove them: evaluation.baselines: [{', '.join(kept)}]. The TRAK family, In-Run Data Shapley, the "
-        "similarity baselines, add_one_in, aesthetic_mean, aesthetic_max and embedding_distance work in every family, "
-        "as do the Shapley, leave-one-out, Banzhaf and multi-fidelity rankings and the counterfactual, whose "
-        "retraining from scratch runs in the family"
-    )
-
-
 def family_class(name: str) -> type[Family]:
     """The class of ``model.family`` ``name``."""
     if name not in FAMILIES:
