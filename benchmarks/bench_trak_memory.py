@@ -5,6 +5,7 @@ items (torch.func, as the baselines do), then project them block by block. Peak 
 projection (``ru_maxrss``), so the projection's own share is the difference.
 
     .venv/bin/python benchmarks/bench_trak_memory.py config/presets/cifar20.yaml --dims 256 1024 --items 2
+    .venv/bin/python benchmarks/bench_trak_memory.py config/presets/celebahq-ldm.yaml --shape 3 64 64 --share 0.01
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 import yaml
 
 
-def measure(preset: str, dim: int, items: int, timesteps: int, share: float) -> dict:
+def measure(preset: str, dim: int, items: int, timesteps: int, share: float, item_shape: list[int] | None) -> dict:
     import numpy as np
     import torch
 
@@ -30,9 +31,10 @@ def measure(preset: str, dim: int, items: int, timesteps: int, share: float) -> 
     torch.set_num_threads(1)
     with open(preset) as handle:
         config = yaml.safe_load(handle)
-    # the preset's images: 8x8 grey digits for the embedded data, else 32x32 RGB (the CIFAR presets)
+    # what the preset's UNet denoises: --shape (a latent family's latents, set by its staged autoencoder), else 8x8
+    # grey digits for the embedded data and 32x32 RGB for the CIFAR presets
     digits = config.get("data", {}).get("source", "digits") == "digits"
-    shape = (items, 1, 8, 8) if digits else (items, 3, 32, 32)
+    shape = (items, *item_shape) if item_shape else (items, 1, 8, 8) if digits else (items, 3, 32, 32)
     model = build_model(unet_config_for(shape, config.get("model", {}).get("unet", {})), seed=0)
     space = FeatureSpace.build(
         model, shape[1:], projection_dim=dim, timesteps=timesteps, seed=0, batch_size=items, device="cpu"
@@ -91,10 +93,13 @@ def main() -> None:
         default=1.0,
         help="project only the first tensors, this share of the parameters (peak memory is the same; time scales)",
     )
+    parser.add_argument(
+        "--shape", type=int, nargs=3, metavar=("C", "H", "W"), help="what the UNet denoises (latent presets' latents)"
+    )
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.preset, args.dims[0], args.items, args.timesteps, args.share)))
+        print(json.dumps(measure(args.preset, args.dims[0], args.items, args.timesteps, args.share, args.shape)))
         return
     for dim in args.dims:
         out = subprocess.run(
@@ -111,6 +116,7 @@ def main() -> None:
                 str(args.timesteps),
                 "--share",
                 str(args.share),
+                *(["--shape", *map(str, args.shape)] if args.shape else []),
             ],
             capture_output=True,
             text=True,

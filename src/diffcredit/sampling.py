@@ -90,6 +90,7 @@ def generate(
     log_every: int | None = 0,
     clip: bool = True,
     on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    predict: Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor] | None = None,
 ) -> np.ndarray:
     """Generate ``n`` images, float32 ``[n, C, H, W]`` in ``[-1, 1]`` (with ``clip=False``, latents: unclipped, see
     :func:`make_sampler`).
@@ -100,6 +101,8 @@ def generate(
     ``batch_size`` images are denoised together: on a GPU, as many as memory allows. ``log_every``: log progress to
     the ``diffcredit.sampling`` logger every this many model evaluations of a batch (None: about ten times; 0: never).
     ``on_step(i, t, sample)`` sees each batch's state before its ``i``-th denoising step (Journey-TRAK's trajectories).
+    ``predict(model_input, t, items)`` replaces ``model(model_input, t).sample`` for the batch of images ``items``
+    (a conditional family's UNet under each image's conditioning, see ``text_conditioning.generate``).
     """
     if n < 0 or batch_size < 1 or inference_steps < 1:
         raise ValueError(
@@ -122,6 +125,11 @@ def generate(
         unit="model evaluations",
         every=log_every,
     )
+    if predict is None:
+
+        def predict(model_input: torch.Tensor, t: torch.Tensor, items: slice) -> torch.Tensor:
+            return model(model_input, t).sample
+
     batches = []
     for batch, start in enumerate(starts):
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds[start : start + batch_size]]
@@ -135,7 +143,7 @@ def generate(
                 if on_step is not None:
                     on_step(i - 1, t, sample)
                 with forward_precision:
-                    prediction = model(scheduler.scale_model_input(sample, t), t).sample
+                    prediction = predict(scheduler.scale_model_input(sample, t), t, slice(start, start + len(sample)))
                 sample = scheduler.step(prediction.float(), t, sample, **noise).prev_sample
                 progress.update(batch * inference_steps + i)
         batches.append((sample.clamp(-1, 1) if clip else sample).float().cpu().numpy())

@@ -598,7 +598,6 @@ class TextLoraFamily(Family):
     def generate(self, model, n: int, *, seed: int, **sampling) -> np.ndarray:
         from diffcredit.families.text_conditioning import generate
 
-        sampling.pop("precision", None)  # fp32: the conditional sampler has no autocast
         return generate(self.base, model, self.prompts, n, seed=seed, guidance_scale=self.guidance_scale, **sampling)
 
     def save(self, model, directory: str | Path, raw: dict | None = None) -> None:

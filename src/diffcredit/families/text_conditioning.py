@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from diffcredit.io import atomic_dir
-from diffcredit.sampling import DEFAULT_INFERENCE_STEPS, DEFAULT_SAMPLER
 
 REQUIRED = ("unet", "text_encoder", "tokenizer", "scheduler")
 SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
@@ -312,67 +311,55 @@ def generate(
     *,
     seed: int,
     guidance_scale: float = 1.0,
-    inference_steps: int = DEFAULT_INFERENCE_STEPS,
-    sampler: str = DEFAULT_SAMPLER,
     batch_size: int = 64,
     device: str | None = None,
-    on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    **sampling,
 ) -> np.ndarray:
     """``n`` images (float32 ``[n, C, H, W]`` in ``[-1, 1]``) of ``unet``; image ``i`` is prompted with
-    ``prompts[i % len(prompts)]`` and starts from the noise of item ``i`` of :func:`diffcredit.sampling.generate`
-    (``on_step``: as there).
+    ``prompts[i % len(prompts)]`` and starts from the noise of item ``i`` of :func:`diffcredit.sampling.generate`, whose
+    loop it runs (``sampling``: its inference_steps, sampler, precision, on_step, log_every).
 
     ``guidance_scale`` > 1 applies classifier-free guidance against the empty prompt. Latents are decoded by the
     pipeline's autoencoder (after dividing by its scaling factor).
     """
     from diffcredit.families.autoencoder import decode
-    from diffcredit.sampling import SAMPLERS, make_sampler
-    from diffcredit.training import prepare_device, select_device
+    from diffcredit.sampling import generate as sample
+    from diffcredit.training import select_device
 
-    if n < 0 or not prompts or batch_size < 1 or inference_steps < 1:
-        raise ValueError(
-            f"need n >= 0, prompts, batch_size >= 1, inference_steps >= 1; got {n}, {len(prompts)}, "
-            f"{batch_size}, {inference_steps}"
-        )
+    if n < 0 or not prompts:
+        raise ValueError(f"need n >= 0 and prompts; got {n}, {len(prompts)}")
     target = select_device(device or "auto")
-    prepare_device(target)
-    scheduler = make_sampler(sampler, pipeline.schedule, clip=pipeline.autoencoder is None)
-    stochastic = SAMPLERS[sampler][2]
-    unet.to(target).eval()
     pipeline.text_encoder.to(target)
     guided = guidance_scale != 1.0
     table = PromptTable.build(pipeline, [*prompts, ""] if guided else list(prompts))
     embeddings, empty = table.embeddings.to(target), table.embeddings[table.codes[-1]].to(target)
-    codes = table.codes[torch.arange(n) % len(prompts)]
-    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    seeds = np.random.SeedSequence(seed).generate_state(n, dtype=np.uint64)  # as sampling.generate: (seed, i) only
-    batches = []
-    for start in range(0, n, batch_size):
-        generators = [torch.Generator().manual_seed(int(s)) for s in seeds[start : start + batch_size]]
-        sample = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(target)
-        states = embeddings[codes[start : start + batch_size].to(target)]
-        if guided:
-            states = torch.cat([empty.expand_as(states), states])
-        scheduler.set_timesteps(inference_steps)
-        sample = sample * scheduler.init_noise_sigma
-        noise = {"generator": generators} if stochastic else {}
-        with torch.inference_mode():
-            for i, t in enumerate(scheduler.timesteps):
-                if on_step is not None:
-                    on_step(i, t, sample)
-                model_input = scheduler.scale_model_input(sample, t)
-                if guided:
-                    model_input = torch.cat([model_input, model_input])
-                prediction = unet(model_input, t, encoder_hidden_states=states).sample.float()
-                if guided:
-                    unconditional, conditional = prediction.chunk(2)
-                    prediction = unconditional + guidance_scale * (conditional - unconditional)
-                sample = scheduler.step(prediction, t, sample, **noise).prev_sample
-        if pipeline.autoencoder is not None:
-            batches.append(decode(pipeline.autoencoder, sample / pipeline.scaling_factor, device=str(target)))
-        else:
-            batches.append(sample.clamp(-1, 1).float().cpu().numpy())
-    return np.concatenate(batches) if batches else np.zeros((0, *shape), dtype=np.float32)
+    codes = table.codes[torch.arange(n) % len(prompts)].to(target)
+
+    def predict(model_input: torch.Tensor, t: torch.Tensor, items: slice) -> torch.Tensor:
+        states = embeddings[codes[items]]
+        if not guided:
+            return unet(model_input, t, encoder_hidden_states=states).sample
+        both = torch.cat([empty.expand_as(states), states])
+        unconditional, conditional = unet(
+            torch.cat([model_input, model_input]), t, encoder_hidden_states=both
+        ).sample.chunk(2)
+        return unconditional + guidance_scale * (conditional - unconditional)
+
+    latent = pipeline.autoencoder is not None
+    images = sample(
+        unet,
+        n,
+        seed=seed,
+        schedule=pipeline.schedule,
+        batch_size=batch_size,
+        device=str(target),
+        clip=not latent,
+        predict=predict,
+        **sampling,
+    )
+    if latent:
+        return decode(pipeline.autoencoder, images / pipeline.scaling_factor, batch_size=batch_size, device=str(target))
+    return images
 
 
 def _frozen(model):
