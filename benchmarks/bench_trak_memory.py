@@ -6,6 +6,7 @@ projection (``ru_maxrss``), so the projection's own share is the difference.
 
     .venv/bin/python benchmarks/bench_trak_memory.py config/presets/cifar20.yaml --dims 256 1024 --items 2
     .venv/bin/python benchmarks/bench_trak_memory.py config/presets/celebahq-ldm.yaml --shape 3 64 64 --share 0.01
+    .venv/bin/python benchmarks/bench_trak_memory.py config/presets/artbench-lora.yaml --shape 4 32 32
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import time
 
 import yaml
 
+SD1_STATES = (77, 768)  # CLIP ViT-L/14 text states of Stable Diffusion 1.x (miniSD): tokens x width
+
 
 def measure(preset: str, dim: int, items: int, timesteps: int, share: float, item_shape: list[int] | None) -> dict:
     import numpy as np
@@ -26,7 +29,7 @@ def measure(preset: str, dim: int, items: int, timesteps: int, share: float, ite
 
     from diffcredit.attribution.projection import StreamedProjection
     from diffcredit.attribution.trak import FeatureSpace
-    from diffcredit.models import build_model, count_parameters, unet_config_for
+    from diffcredit.models import build_model, unet_config_for
 
     torch.set_num_threads(1)
     with open(preset) as handle:
@@ -35,22 +38,41 @@ def measure(preset: str, dim: int, items: int, timesteps: int, share: float, ite
     # grey digits for the embedded data and 32x32 RGB for the CIFAR presets
     digits = config.get("data", {}).get("source", "digits") == "digits"
     shape = (items, *item_shape) if item_shape else (items, 1, 8, 8) if digits else (items, 3, 32, 32)
-    model = build_model(unet_config_for(shape, config.get("model", {}).get("unet", {})), seed=0)
+    model_config = config.get("model", {})
+    conditions = None
+    if model_config.get("family") == "text_lora":
+        # The staged base is not here: a UNet of Stable Diffusion 1.x's shape (miniSD's: diffusers' default
+        # UNet2DConditionModel with 768-wide CLIP states) with the preset's LoRA, whose parameters alone are TRAK's.
+        from diffusers import UNet2DConditionModel
+
+        from diffcredit.families.lora import add_lora
+
+        model = UNet2DConditionModel(
+            sample_size=shape[-1], in_channels=shape[1], out_channels=shape[1], cross_attention_dim=SD1_STATES[1]
+        )
+        add_lora(model, model_config["text_lora"]["rank"], seed=0)
+        conditions = torch.randn(items, *SD1_STATES, generator=torch.Generator().manual_seed(0))
+    else:
+        model = build_model(unet_config_for(shape, model_config.get("unet", {})), seed=0)
     space = FeatureSpace.build(
         model, shape[1:], projection_dim=dim, timesteps=timesteps, seed=0, batch_size=items, device="cpu"
     )
     images = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
     # The per-item gradients alone (what any TRAK implementation holds), then the projection on top of them.
     from torch.func import grad, vmap
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from diffcredit.attribution import model_output
 
-    def f(p, clean):
+    def f(p, clean, *condition):
         clean = clean.expand(len(space.timesteps), *clean.shape)
         noisy = space.scheduler.add_noise(clean, space.noise, space.timesteps)
-        return model_output(space.model, p, noisy, space.timesteps).pow(2).mean()
+        states = condition[0].expand(len(space.timesteps), *condition[0].shape) if condition else None
+        return model_output(space.model, p, noisy, space.timesteps, states).pow(2).mean()
 
-    grads = vmap(grad(f), in_dims=(None, 0))(space.params, torch.from_numpy(images))
+    columns = [torch.from_numpy(images), *([] if conditions is None else [conditions])]
+    with sdpa_kernel(SDPBackend.MATH):  # as the TRAK features: torch.func needs the unfused attention
+        grads = vmap(grad(f), in_dims=(None, *[0] * len(columns)))(space.params, *columns)
     # With share < 1, only the first tensors (that share of the parameters) are projected: the peak memory does not
     # depend on how many blocks stream past, only the time does.
     projection = space.projection
@@ -68,7 +90,7 @@ def measure(preset: str, dim: int, items: int, timesteps: int, share: float, ite
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     assert features.shape == (items, dim)
     return {
-        "parameters": count_parameters(model),
+        "parameters": sum(p.numel() for p in space.params.values()),  # those TRAK differentiates
         "dim": dim,
         "items": items,
         "peak_rss_before_projection": before,
