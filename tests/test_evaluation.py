@@ -356,6 +356,27 @@ def test_counterfactual_table_exact_small_case() -> None:
     assert table.loc["random", "change_pct"] == pytest.approx(0.0)
 
 
+def test_counterfactual_assembles_each_rankings_own_runs_in_their_order(tmp_path) -> None:
+    from diffcredit.fidelity import counterfactual
+
+    runs = {
+        "full": ([10.0, 12.0], ""),
+        "shapley": ([8.0, 9.0], "c1,c2"),
+        "random": ([11.0, 11.0], "c2,c0"),
+    }
+    paths = []
+    for name, (utilities, removed) in runs.items():  # as counterfactual_runs writes them, one file per job
+        paths.append(tmp_path / f"{name}.tsv")
+        rows = pd.DataFrame({"ranking": name, "repeat": [0, 1], "utility": utilities, "removed": removed})
+        rows.to_csv(paths[-1], sep="\t", index=False)
+    table = counterfactual(runs=[str(path) for path in paths], out=str(tmp_path / "counterfactual.tsv"))
+    assert list(table.index) == ["full", "shapley", "random"]
+    assert table.loc["shapley", "change"] == pytest.approx(-2.5) and table.loc["random", "change"] == pytest.approx(0)
+    assert table.loc["shapley", "removed"] == "c1,c2" and pd.isna(table.loc["full", "removed"])
+    written = pd.read_csv(tmp_path / "counterfactual.tsv", sep="\t").set_index("ranking")
+    pd.testing.assert_frame_equal(written, table, check_names=False)
+
+
 @pytest.mark.parametrize(
     ("removed", "message"),
     [({"full": [1.0]}, "rename the ranking called 'full'"), ({"loo": [np.nan]}, "'loo': no finite measurement")],
@@ -509,6 +530,8 @@ def test_evaluate_dry_run_plans_multifidelity_values_and_the_report(tmp_path) ->
     output = _evaluate(workflow_copy(tmp_path), "-n").stdout
     for rule in ("multifidelity", "counterfactual", "evaluation_report", "evaluate"):
         assert re.search(rf"^{rule}\s+1$", output, re.MULTILINE), f"{rule} is not planned once:\n{output[-3000:]}"
+    # the baseline, the 7 rankings and the random control retrain in jobs of their own
+    assert re.search(r"^counterfactual_runs\s+9$", output, re.MULTILINE), output[-3000:]
 
 
 @pytest.mark.slow
@@ -542,5 +565,10 @@ def test_evaluate_reports_every_method_per_alpha_with_costs_and_the_budget_compa
     assert curve.groupby(["alpha", "mode"])["seconds"].is_monotonic_increasing.all()
     mf = report["multifidelity"]
     assert (mf["n_retrained"], mf["n_seeds"]) == (6, 2) and np.isfinite(mf["beta"])
+    # one retraining job per counterfactual row: the baseline, every ranking, the random control
+    counterfactual = pd.read_csv(out / "counterfactual.tsv", sep="\t").set_index("ranking")
+    assert list(counterfactual.index) == ["full", *rankings, "random"]
+    assert (counterfactual["n_seeds"] == 2).all() and counterfactual["removed"].iloc[1:].str.len().gt(0).all()
+    assert len(list((out / "counterfactual").glob("*.tsv"))) == len(counterfactual)
     for figure in ("methods.png", "budget.png"):
         assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

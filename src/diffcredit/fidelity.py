@@ -19,10 +19,14 @@ from diffcredit.io import write_json, write_table
 from diffcredit.stages import utility_settings
 from diffcredit.utility import UtilityStore, evaluate_coalitions
 
+# The counterfactual's rows besides the rankings: the full-data baseline and the seeded random control.
+COUNTERFACTUAL_FULL, COUNTERFACTUAL_RANDOM = "full", "random"
 
-def counterfactual(
+
+def counterfactual_runs(
     *,
-    values: dict[str, str],
+    ranking: str,
+    values: str | None,
     train_data: str,
     reference: str,
     fraction: float,
@@ -32,20 +36,25 @@ def counterfactual(
     out: str,
     log=print,
 ) -> pd.DataFrame:
-    """Retrain without the top `fraction` of contributors of each ranking (and of a seeded random ranking).
+    """Retrain without the top `fraction` of one ranking's contributors, once per training seed: one job per ranking,
+    so a cluster runs them side by side (the shared `store` measures each removal set once).
 
-    The table has one row per ranking after a ``full`` baseline: the utility's mean over training seeds, its interval
-    and its change against the baseline (negative: removing those contributors hurt), and the removed contributors.
+    `values` is the ranking's values table; `ranking` ``full`` (nothing removed) and ``random`` (a seeded random
+    ranking) take none. Writes ``ranking``, ``repeat``, ``utility`` and ``removed`` rows.
     """
-    from diffcredit.evaluation import counterfactual_removals, counterfactual_table, random_ranking
+    from diffcredit.evaluation import counterfactual_removals, random_ranking
 
     data = ContributorData.load(train_data)
     everyone = data.contributor_ids
-    rankings = {name: _values(path) for name, path in values.items()}
-    rankings["random"] = random_ranking(everyone, seed=settings["seed"])
-    removed = {name: counterfactual_removals(scores, fraction) for name, scores in rankings.items()}
-    kept = {"full": everyone} | {name: [c for c in everyone if c not in gone] for name, gone in removed.items()}
-    plan = pd.DataFrame({"coalition": list(kept), "members": [",".join(m) for m in kept.values()]})
+    if ranking == COUNTERFACTUAL_FULL:
+        removed: tuple[str, ...] = ()
+    else:
+        scores = (
+            random_ranking(everyone, seed=settings["seed"]) if ranking == COUNTERFACTUAL_RANDOM else _values(values)
+        )
+        removed = counterfactual_removals(scores, fraction)
+    kept = [c for c in everyone if c not in removed]
+    plan = pd.DataFrame({"coalition": [ranking], "members": [",".join(kept)]})
     measured = evaluate_coalitions(
         plan,
         repeats=repeats,
@@ -56,9 +65,24 @@ def counterfactual(
         reference_dir=reference,
         log=log,
     )
-    runs = measured.pivot(index="coalition", columns="repeat", values="utility")
-    table = counterfactual_table(runs.loc["full"].to_numpy(), {name: runs.loc[name].to_numpy() for name in removed})
-    table["removed"] = pd.Series({name: ",".join(gone) for name, gone in removed.items()})
+    runs = measured[["repeat", "utility"]].assign(ranking=ranking, removed=",".join(removed))
+    write_table(runs[["ranking", "repeat", "utility", "removed"]], out)
+    return runs
+
+
+def counterfactual(*, runs: list[str], out: str) -> pd.DataFrame:
+    """The counterfactual table (:func:`diffcredit.evaluation.counterfactual_table`) from each ranking's
+    :func:`counterfactual_runs`: the property after each removal against the full-data baseline, with the removed
+    contributors."""
+    from diffcredit.evaluation import counterfactual_table
+
+    measured = pd.concat([pd.read_csv(path, sep="\t", dtype={"removed": str}) for path in runs])
+    utilities = measured.pivot(index="ranking", columns="repeat", values="utility")
+    names = [name for name in dict.fromkeys(measured["ranking"]) if name != COUNTERFACTUAL_FULL]
+    table = counterfactual_table(
+        utilities.loc[COUNTERFACTUAL_FULL].to_numpy(), {name: utilities.loc[name].to_numpy() for name in names}
+    )
+    table["removed"] = measured.drop_duplicates("ranking").set_index("ranking")["removed"].reindex(names)
     write_table(table.reset_index(), out)
     return table
 

@@ -287,6 +287,21 @@ if MULTIFIDELITY:
     RANKINGS["multifidelity_shapley"] = f"{RUN}/evaluation/multifidelity/values.csv"
 
 
+# The counterfactual's rows: the full-data baseline, every ranking, and the seeded random control.
+from diffcredit.fidelity import COUNTERFACTUAL_FULL, COUNTERFACTUAL_RANDOM
+
+COUNTERFACTUAL_ROWS = [COUNTERFACTUAL_FULL, *RANKINGS, COUNTERFACTUAL_RANDOM]
+
+
+wildcard_constraints:
+    ranking="|".join(COUNTERFACTUAL_ROWS),
+
+
+def counterfactual_values(wildcards):
+    """The values a counterfactual row removes the top of: none for the baseline and the random control."""
+    return RANKINGS.get(wildcards.ranking, [])
+
+
 def ranking_jobs():
     """Per ranking, the jobs (benchmark-file globs under {RUN}/benchmarks) whose wall time and peak memory it costs."""
     jobs = {

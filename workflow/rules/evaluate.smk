@@ -2,18 +2,20 @@
 # per alpha, the budget-matched comparison, multi-fidelity values, counterfactuals, every method's cost.
 
 
-rule counterfactual:
+# One job per ranking (and the full-data baseline and the random control): each retrains without its top contributors
+# over the training seeds, so a cluster runs them side by side; the shared store measures a removal set once.
+rule counterfactual_runs:
     input:
-        **RANKINGS,
+        values=counterfactual_values,
         train=rules.prepare_data.output.train,
         reference=rules.reference.output[0],
         family=FAMILY_INPUT,
     output:
-        f"{RUN}/evaluation/counterfactual.tsv",
+        f"{RUN}/evaluation/counterfactual/{{ranking}}.tsv",
     log:
-        f"{RUN}/logs/evaluation/counterfactual.log",
+        f"{RUN}/logs/evaluation/counterfactual/{{ranking}}.log",
     benchmark:
-        f"{RUN}/benchmarks/evaluation/counterfactual.tsv"
+        f"{RUN}/benchmarks/evaluation/counterfactual/{{ranking}}.tsv"
     conda:
         ENV
     threads: 1
@@ -26,12 +28,28 @@ rule counterfactual:
         repeats=config["evaluation"]["seeds"],
         settings=settings_of("retrain"),
         store=f"{RUN}/retrain/store",
-        rankings=list(RANKINGS),
+    script:
+        "../scripts/counterfactual_runs.py"
+
+
+rule counterfactual:
+    input:
+        expand(f"{RUN}/evaluation/counterfactual/{{ranking}}.tsv", ranking=COUNTERFACTUAL_ROWS),
+    output:
+        f"{RUN}/evaluation/counterfactual.tsv",
+    log:
+        f"{RUN}/logs/evaluation/counterfactual.log",
+    benchmark:
+        f"{RUN}/benchmarks/evaluation/counterfactual.tsv"
+    conda:
+        ENV
+    resources:
+        runtime=minutes(10),
+        mem_mb=memory(2000),
     script:
         "../scripts/counterfactual.py"
 
 
-# Values of the retraining game from every sft coalition plus the retrained prefix (diffcredit.multifidelity).
 rule multifidelity:
     input:
         contributors=rules.prepare_data.output.contributors,

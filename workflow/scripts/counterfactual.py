@@ -1,23 +1,9 @@
-"""Retrain without each ranking's top contributors (and a random control) and measure the property."""
+"""The counterfactual table: the property after each ranking's removal against the full-data baseline."""
 
 import sys
 
 sys.stderr = sys.stdout = open(snakemake.log[0], "w", buffering=1)
 
-from diffcredit.progress import log_to_stderr
+from diffcredit import fidelity
 
-log_to_stderr()  # the package's progress lines (rate, ETA) go to the rule log
-
-from diffcredit import fidelity, stages
-
-stages.set_threads(snakemake.threads)
-fidelity.counterfactual(
-    values={name: snakemake.input[name] for name in snakemake.params.rankings},
-    train_data=snakemake.input.train,
-    reference=snakemake.input.reference,
-    fraction=snakemake.params.fraction,
-    repeats=snakemake.params.repeats,
-    settings=dict(snakemake.params.settings),
-    store=snakemake.params.store,
-    out=snakemake.output[0],
-)
+fidelity.counterfactual(runs=list(snakemake.input), out=snakemake.output[0])
