@@ -1,11 +1,13 @@
 """Fidelity and cost of sparsified fine-tuning against retraining from scratch, on a benchmark preset.
 
-    .venv/bin/python benchmarks/fidelity.py [--preset digits|latent] [--cores 2] [--report-only]
+    .venv/bin/python benchmarks/fidelity.py [--preset digits|latent|marketplace] [--cores 2] [--report-only]
 
 `digits` (~100 min): `snakemake evaluate` with config/presets/benchmark.yaml (results in results/benchmark/);
 `latent`: the latent family's stand-in, config/presets/latent-glyphs.yaml overlaid by benchmark-latent.yaml (results in
-results/benchmark-latent/). Then writes the evaluation report's figures to the preset's JSON in benchmarks/ and its
-section of benchmarks/RESULTS.md, next to the targets they are held to. The headline LDS is the paper's definition
+results/benchmark-latent/); `marketplace`: marketplace.yaml overlaid by benchmark-marketplace.yaml, each ranking
+held against the planted contributors' known answer (results in results/benchmark-marketplace/). Then writes the
+evaluation report's figures to the preset's JSON in benchmarks/ and its section of benchmarks/RESULTS.md, next to the
+targets they are held to. The headline LDS is the paper's definition
 (per-seed Spearman averaged over the seeds; JSON `lds_<ranking>`), every method with its wall time and peak memory;
 the seed-averaged Spearman is kept as `lds_seed_averaged_<ranking>`. Finished jobs are reused: rerunning after an
 interruption continues where it stopped; --report-only rewrites the files from the existing report.
@@ -34,6 +36,7 @@ class Benchmark:
     run: str  # the presets' `name`: the run folder under results/
     section: str  # its section of benchmarks/RESULTS.md
     figures: str  # its JSON in benchmarks/
+    planted: bool = False  # the marketplace: report each ranking against the answer known by construction
 
 
 BENCHMARKS = {
@@ -43,6 +46,13 @@ BENCHMARKS = {
         "benchmark-latent",
         "Fidelity and cost against retraining: latent family",
         "results-latent.json",
+    ),
+    "marketplace": Benchmark(
+        ("marketplace.yaml", "benchmark-marketplace.yaml"),
+        "benchmark-marketplace",
+        "Fidelity and cost against retraining: marketplace",
+        "results-marketplace.json",
+        planted=True,
     ),
 }
 # key -> (target, which way it must go), set against the paper's figures at GPU scale (issue 5).
@@ -98,6 +108,7 @@ def results(report: dict, wall_seconds: float | None) -> dict:
         "budget_curve",
         "setup_seconds",
         "counterfactual",
+        "contributors",
     ):
         out[key] = report.get(key)
     out["workflow_wall_seconds"] = wall_seconds
@@ -228,7 +239,55 @@ def markdown(out: dict, name: str) -> str:
             + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for k, v in row.items() if k != "ranking")
             + " |"
         )
+    if benchmark.planted:
+        lines += ["", *planted_tables(out["contributors"])]
     return "\n".join(lines)
+
+
+def planted_tables(contributors: dict[str, list[dict]]) -> list[str]:
+    """Each ranking's rank of every marketplace contributor and whether it gives the answer known by construction;
+    then value and interval for the rankings that have intervals."""
+    import pandas as pd
+
+    from diffcredit.contributors import MARKETPLACE_DUPLICATE, marketplace_expectations
+
+    tables = {name: pd.DataFrame(rows).set_index("contributor") for name, rows in contributors.items()}
+    names = list(next(iter(tables.values())).index)
+    copy, original = MARKETPLACE_DUPLICATE
+
+    def verdict(held: bool | None) -> str:
+        return "n/a" if held is None else ("yes" if held else "**no**")
+
+    lines = [
+        "Planted contributors (`diffcredit.contributors.load_marketplace`): each ranking's rank of every contributor "
+        "(1 = highest), whether every corrupted contributor ranks below every clean one, and whether the duplicate "
+        f"`{copy}` equals `{original}` within their intervals (n/a: the ranking has no intervals):",
+        "",
+        "| ranking | " + " | ".join(names) + f" | corrupted below clean | {copy} = {original} |",
+        "| --- " * (len(names) + 3) + "|",
+    ]
+    for name, table in tables.items():
+        held = marketplace_expectations(table)
+        lines.append(
+            f"| {name} | "
+            + " | ".join(str(int(table.at[c, "rank"])) for c in names)
+            + f" | {verdict(held['corrupted_below_clean'])} | {verdict(held['duplicate_equal'])} |"
+        )
+    with_intervals = {name: t for name, t in tables.items() if t[["ci_low", "ci_high"]].notna().all().all()}
+    lines += [
+        "",
+        "Values and 95% intervals of the rankings that have intervals:",
+        "",
+        "| contributor | " + " | ".join(with_intervals) + " |",
+        "| --- " * (len(with_intervals) + 1) + "|",
+    ]
+    for c in names:
+        cells = (
+            f"{t.at[c, 'value']:+.3g} [{t.at[c, 'ci_low']:+.3g}, {t.at[c, 'ci_high']:+.3g}]"
+            for t in with_intervals.values()
+        )
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:

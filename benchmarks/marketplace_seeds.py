@@ -16,12 +16,9 @@ import pandas as pd
 from scipy.stats import spearmanr
 
 from diffcredit.coalitions import read_coalitions
-from diffcredit.contributors import MARKETPLACE_CLASSES
+from diffcredit.contributors import MARKETPLACE_DUPLICATE, marketplace_expectations
 from diffcredit.payout import payout
 from diffcredit.shapley import aggregate
-
-CORRUPTED = ("noisy3", "blurred1", "glyphs", "noise")  # degraded or off-distribution uploads
-DUPLICATE = ("dup2", "digit2")  # an exact copy and its original
 
 
 def main(run: Path, budget: float, estimator: str = "kernelshap", mode: str = "sft") -> None:
@@ -54,15 +51,12 @@ def main(run: Path, budget: float, estimator: str = "kernelshap", mode: str = "s
             + " | ".join(cell(per_repeat[r], name, interval=False) for r in repeats)
             + " |"
         )
-    clean = [f"digit{label}" for label in MARKETPLACE_CLASSES]
     print()
     for label, table in [("all repeats", values)] + [(f"repeat {r}", per_repeat[r]) for r in repeats]:
-        below = table.loc[list(CORRUPTED), "value"].max() < table.loc[clean, "value"].min()
-        copy, original = (table.loc[name] for name in DUPLICATE)
-        equal = copy.ci_low <= original.ci_high and original.ci_low <= copy.ci_high
+        held = marketplace_expectations(table)
         print(
-            f"{label}: every corrupted below every clean: {below}; {DUPLICATE[0]} = {DUPLICATE[1]} within "
-            f"intervals: {equal}"
+            f"{label}: every corrupted below every clean: {held['corrupted_below_clean']}; "
+            f"{MARKETPLACE_DUPLICATE[0]} = {MARKETPLACE_DUPLICATE[1]} within intervals: {held['duplicate_equal']}"
         )
     for first, second in combinations(repeats, 2):
         rho = spearmanr(per_repeat[first]["value"], per_repeat[second]["value"]).statistic

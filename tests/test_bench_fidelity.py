@@ -25,7 +25,7 @@ def fidelity():
     return module
 
 
-@pytest.mark.parametrize("name", ["digits", "latent"])
+@pytest.mark.parametrize("name", ["digits", "latent", "marketplace"])
 def test_each_fidelity_benchmark_plans_its_evaluation_in_its_run_folder(tmp_path, fidelity, name):
     benchmark = fidelity.BENCHMARKS[name]
     presets = [f"config/presets/{file}" for file in benchmark.configfiles]
@@ -34,3 +34,25 @@ def test_each_fidelity_benchmark_plans_its_evaluation_in_its_run_folder(tmp_path
     assert jobs["evaluation_report"] == 1 and jobs["counterfactual"] == 1
     assert f"results/{benchmark.run}/evaluation/report.json" in result.stdout
     assert jobs.get("prepare_family", 0) == (name == "latent")
+
+
+def test_the_marketplace_report_ranks_every_planted_contributor_per_ranking(fidelity):
+    clean = [f"digit{label}" for label in range(5)]
+    planted = ["dup2", "few4", "noisy3", "blurred1", "glyphs", "noise"]
+    shapley = [
+        {"contributor": c, "value": v, "ci_low": v - 1, "ci_high": v + 1}
+        for c, v in zip(clean + planted, [10, 9, 8, 7, 6, 8, 3, 1, 0, -1, -2], strict=True)
+    ]
+    # A ranking without intervals that puts the noise contributor first.
+    similarity = [
+        {"contributor": c, "value": float(i), "ci_low": None, "ci_high": None} for i, c in enumerate(clean + planted)
+    ]
+    for table in (shapley, similarity):
+        values = [row["value"] for row in table]
+        for row in table:
+            row["rank"] = 1 + sum(v > row["value"] for v in values)
+    lines = fidelity.planted_tables({"sft_shapley": shapley, "pixel_similarity_max": similarity})
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in lines if line.startswith("| ")}
+    assert rows["sft_shapley"].endswith("| 1 | 2 | 3 | 5 | 6 | 3 | 7 | 8 | 9 | 10 | 11 | yes | yes |")
+    assert rows["pixel_similarity_max"].endswith("| 11 | 10 | 9 | 8 | 7 | 6 | 5 | 4 | 3 | 2 | 1 | **no** | n/a |")
+    assert rows["noise"] == "| noise | -2 [-3, -1] |"  # only the ranking with intervals has a value column

@@ -9,6 +9,8 @@ from PIL import Image
 
 from diffcredit.contributors import (
     HELDOUT,
+    MARKETPLACE_CLEAN,
+    MARKETPLACE_CORRUPTED,
     REFERENCE_OWNER,
     TRUSTED,
     UNTRUSTED_NOTE,
@@ -22,6 +24,7 @@ from diffcredit.contributors import (
     load_marketplace,
     load_reference,
     load_source,
+    marketplace_expectations,
     split_heldout,
     validate_contributor_id,
     write_manifest,
@@ -378,3 +381,22 @@ def test_prepare_data_with_a_reference_trains_on_every_item_and_logs_the_yardsti
         prepare_data(
             source="digits", path=None, manifest=None, heldout_fraction=0.2, seed=0, marketplace=True, **outputs
         )
+
+
+def _market_values(**overrides: tuple[float, float, float]) -> pd.DataFrame:
+    """Hand-made values of the marketplace's contributors: clean ones at 10 ± 1, corrupted ones at 0 ± 1."""
+    rows = {c: (10.0, 9.0, 11.0) for c in (*MARKETPLACE_CLEAN, "dup2", "few4")}
+    rows.update({c: (0.0, -1.0, 1.0) for c in MARKETPLACE_CORRUPTED})
+    rows.update(overrides)
+    return pd.DataFrame(rows, index=["value", "ci_low", "ci_high"]).T
+
+
+def test_marketplace_expectations_hold_fail_and_name_what_is_missing():
+    assert marketplace_expectations(_market_values()) == {"corrupted_below_clean": True, "duplicate_equal": True}
+    # The noise contributor above one clean class, and a duplicate whose interval misses its original's.
+    wrong = marketplace_expectations(_market_values(noise=(10.5, 10.0, 11.0), dup2=(5.0, 4.0, 6.0)))
+    assert wrong == {"corrupted_below_clean": False, "duplicate_equal": False}
+    no_intervals = _market_values()[["value"]]
+    assert marketplace_expectations(no_intervals)["duplicate_equal"] is None
+    with pytest.raises(ValueError, match="no value for glyphs, noise"):
+        marketplace_expectations(_market_values().drop(["glyphs", "noise"]))

@@ -354,6 +354,11 @@ def test_counterfactual_table_exact_small_case() -> None:
     assert (shapley["mean"], shapley["change"], shapley["change_pct"]) == pytest.approx((8.5, -2.5, -2.5 / 11 * 100))
     assert np.isnan(table.loc["random", ["std", "ci_low", "ci_high"]].astype(float)).all()
     assert table.loc["random", "change_pct"] == pytest.approx(0.0)
+    # The change's interval pairs seed s of a ranking with seed s of the baseline: differences -2 and -3.
+    paired = stats.t.ppf(0.975, 1) * math.sqrt(0.5) / math.sqrt(2)
+    assert shapley[["change_low", "change_high"]].tolist() == pytest.approx([-2.5 - paired, -2.5 + paired])
+    assert table.loc["full", ["change_low", "change_high"]].tolist() == [0.0, 0.0]
+    assert np.isnan(table.loc["random", ["change_low", "change_high"]].astype(float)).all()  # one pair only
 
 
 def test_counterfactual_assembles_each_rankings_own_runs_in_their_order(tmp_path) -> None:
@@ -549,8 +554,9 @@ def test_evaluate_reports_every_method_per_alpha_with_costs_and_the_budget_compa
         "dtrak",
         "pixel_similarity_mean",
     ]
+    reported = [*rankings, "retrain_shapley"]  # the report's own, from the retrained agreement coalitions
     assert report["lds_alpha"] == 0.5 and set(report["lds_by_alpha"]) == {"0.25", "0.5"}
-    for name in rankings:
+    for name in reported:
         row = report["lds"][name]
         assert report[f"lds_{name}"] == row["value"]  # the headline is the paper's per-seed LDS
         assert report[f"lds_seed_averaged_{name}"] == row["seed_averaged"]
@@ -558,7 +564,14 @@ def test_evaluate_reports_every_method_per_alpha_with_costs_and_the_budget_compa
     table = pd.read_csv(out / "lds.tsv", sep="\t")
     assert sorted(table.groupby("alpha")["n_subsets"].first().items()) == [(0.25, 4), (0.5, 4)]
     methods = pd.read_csv(out / "methods.tsv", sep="\t").set_index("ranking")
-    assert set(methods.index) == set(rankings)
+    assert set(methods.index) == set(reported)
+    everyone = pd.read_csv(workdir / "results" / "tiny" / "data" / "contributors.tsv", sep="\t")["contributor"]
+    for name in reported:  # each ranking's value, interval where it has one, and rank, for every contributor
+        rows = pd.DataFrame(report["contributors"][name]).set_index("contributor")
+        assert sorted(rows.index) == sorted(everyone) and rows["rank"].min() == 1
+        assert (rows["rank"] == rows["value"].rank(ascending=False, method="min")).all()
+    retrained = pd.DataFrame(report["contributors"]["retrain_shapley"])
+    assert (retrained["ci_low"] <= retrained["value"]).all() and (retrained["value"] <= retrained["ci_high"]).all()
     assert (methods["wall_seconds"] > 0).all() and (methods["peak_rss_mb"] > 0).all()
     curve = pd.read_csv(out / "budget.tsv", sep="\t")
     assert set(curve["mode"]) == {"sft", "finetune", "retrain", "multifidelity"}
@@ -570,6 +583,8 @@ def test_evaluate_reports_every_method_per_alpha_with_costs_and_the_budget_compa
     assert counterfactual.index[0] == "full" and counterfactual.index[-1] == "random"
     assert sorted(counterfactual.index[1:-1]) == sorted(rankings)
     assert (counterfactual["n_seeds"] == 2).all() and counterfactual["removed"].iloc[1:].str.len().gt(0).all()
+    assert (counterfactual["change_low"] <= counterfactual["change"]).all()
+    assert (counterfactual["change"] <= counterfactual["change_high"]).all()
     assert len(list((out / "counterfactual").glob("*.tsv"))) == len(counterfactual)
     for figure in ("methods.png", "budget.png"):
         assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -238,6 +238,31 @@ def test_the_conditioned_unet_attends_to_each_items_caption(base, glyphs):
         conditioned(torch.randn(3, 1, 8, 8), torch.tensor([5, 5, 5]))
 
 
+def test_caption_dropout_shows_the_empty_prompt_to_a_seeded_share_of_the_items(base, glyphs):
+    _, captions = glyphs
+    table = tc.PromptTable.build(base, captions, extra=[""])
+    empty = table.code_of("")
+    assert table.distinct[empty] == "" and empty not in set(table.codes.tolist())  # encoded, owned by no item
+
+    def observed(seed: int) -> torch.Tensor:
+        conditioned = tc.ConditionedUNet(base.unet, table, caption_dropout=0.25, seed=seed)
+        batches = []
+        for _ in range(40):
+            conditioned.observe(conditioned, torch.arange(len(captions)))
+            batches.append(conditioned._batch)
+        return torch.stack(batches)
+
+    seen = observed(seed=0)
+    kept = seen != empty
+    assert torch.equal(seen[kept], table.codes.expand_as(seen)[kept])  # an item shown a caption is shown its own
+    assert (~kept).float().mean().item() == pytest.approx(0.25, abs=0.03)
+    assert torch.equal(observed(seed=0), seen) and not torch.equal(observed(seed=1), seen)
+    with pytest.raises(ValueError, match=r"build it with extra=\[''\]"):
+        tc.ConditionedUNet(base.unet, tc.PromptTable.build(base, captions), caption_dropout=0.1)
+    with pytest.raises(ValueError, match=r"caption_dropout must lie in \[0, 1\)"):
+        tc.ConditionedUNet(base.unet, table, caption_dropout=1.0)
+
+
 # --- LoRA -------------------------------------------------------------------------------------------------------
 
 

@@ -399,6 +399,30 @@ def image_digests(images: np.ndarray) -> list[str]:
 
 
 MARKETPLACE_CLASSES = (0, 1, 2, 3, 4)
+MARKETPLACE_CLEAN = tuple(f"digit{label}" for label in MARKETPLACE_CLASSES)
+MARKETPLACE_CORRUPTED = ("noisy3", "blurred1", "glyphs", "noise")  # degraded or off-distribution uploads
+MARKETPLACE_DUPLICATE = ("dup2", "digit2")  # an exact copy and its original
+
+
+def marketplace_expectations(values: pd.DataFrame) -> dict[str, bool | None]:
+    """Whether a valuation of :func:`load_marketplace`'s contributors gives the answer known by construction.
+
+    ``values``: indexed by contributor, with ``value`` and, for rankings that have them, ``ci_low``/``ci_high``.
+    ``corrupted_below_clean``: every corrupted contributor below every clean one; ``duplicate_equal``: ``dup2``'s
+    and ``digit2``'s intervals overlap (None for a ranking without intervals).
+    """
+    missing = sorted({*MARKETPLACE_CLEAN, *MARKETPLACE_CORRUPTED, *MARKETPLACE_DUPLICATE} - set(values.index))
+    if missing:
+        raise ValueError(f"not a marketplace valuation: no value for {', '.join(missing)}")
+    below = bool(
+        values.loc[list(MARKETPLACE_CORRUPTED), "value"].max() < values.loc[list(MARKETPLACE_CLEAN), "value"].min()
+    )
+    equal = None
+    if {"ci_low", "ci_high"} <= set(values.columns):
+        copy, original = (values.loc[name] for name in MARKETPLACE_DUPLICATE)
+        if np.isfinite(np.array([copy.ci_low, copy.ci_high, original.ci_low, original.ci_high], dtype=float)).all():
+            equal = bool(copy.ci_low <= original.ci_high and original.ci_low <= copy.ci_high)
+    return {"corrupted_below_clean": below, "duplicate_equal": equal}
 
 
 def load_marketplace(seed: int = 0) -> tuple[ContributorData, ContributorData]:

@@ -280,28 +280,49 @@ def counterfactual_table(
 
     Arrays hold one value per training seed (NaN = missing run, left out). One row per ranking, after a first row
     ``full`` for the baseline itself: ``n_seeds``, ``mean``, ``std``, a Student-t ``ci_low``/``ci_high`` of the mean
-    over seeds, ``change`` (mean minus the baseline mean; negative = the removal hurt) and ``change_pct`` (``change``
-    in percent of the baseline mean's magnitude; NaN if that mean is 0).
+    over seeds, ``change`` (mean minus the baseline mean; negative = the removal hurt), ``change_low``/``change_high``
+    (a Student-t interval of the change from the per-seed differences: seed ``s`` of a ranking and of the baseline
+    are trained with the same seed, so the pairs share their training noise; NaN with fewer than two pairs) and
+    ``change_pct`` (``change`` in percent of the baseline mean's magnitude; NaN if that mean is 0).
     """
     if not 0 < confidence < 1:
         raise ValueError(f"confidence={confidence}: must lie strictly between 0 and 1, e.g. 0.95")
     if "full" in removed:
         raise ValueError("'full' names the baseline row; rename the ranking called 'full'")
+
+    def interval(values: np.ndarray) -> tuple[float, float, float, float]:
+        """Mean, sd and the t-interval of the mean of the finite ``values`` (NaN sd and interval for one)."""
+        values = values[np.isfinite(values)]
+        mean = values.mean() if values.size else np.nan
+        std = values.std(ddof=1) if values.size > 1 else np.nan
+        half = (
+            stats.t.ppf((1 + confidence) / 2, values.size - 1) * std / np.sqrt(values.size) if values.size else np.nan
+        )
+        return mean, std, mean - half, mean + half
+
+    full_runs = np.asarray(baseline, dtype=float)
     rows = {}
-    for name, runs in {"full": baseline, **removed}.items():
+    for name, runs in {"full": full_runs, **removed}.items():
         values = np.asarray(runs, dtype=float)
         if values.ndim != 1:
             raise ValueError(f"{name!r}: expected one value per training seed (1-D), got shape {values.shape}")
-        values = values[np.isfinite(values)]
-        if values.size == 0:
+        if not np.isfinite(values).any():
             raise ValueError(f"{name!r}: no finite measurement; retrain at least one seed or drop the ranking")
-        mean = values.mean()
-        std = values.std(ddof=1) if values.size > 1 else np.nan
-        half = stats.t.ppf((1 + confidence) / 2, values.size - 1) * std / np.sqrt(values.size)
-        rows[name] = {"n_seeds": values.size, "mean": mean, "std": std, "ci_low": mean - half, "ci_high": mean + half}
+        mean, std, low, high = interval(values)
+        paired = min(len(values), len(full_runs))
+        _, _, change_low, change_high = interval(values[:paired] - full_runs[:paired])
+        rows[name] = {
+            "n_seeds": int(np.isfinite(values).sum()),
+            "mean": mean,
+            "std": std,
+            "ci_low": low,
+            "ci_high": high,
+            "change_low": change_low,
+            "change_high": change_high,
+        }
     table = pd.DataFrame.from_dict(rows, orient="index").rename_axis("ranking")
     full = table.at["full", "mean"]
-    table["change"] = table["mean"] - full
+    table.insert(5, "change", table["mean"] - full)
     table["change_pct"] = 100 * table["change"] / abs(full) if full != 0 else np.nan
     return table
 

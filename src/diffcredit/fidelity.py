@@ -140,19 +140,28 @@ def evaluation_report(
     budget_figure: str,
 ) -> dict:
     """LDS of each ranking per alpha, agreement of sft/finetune utilities with retraining, the budget-matched
-    comparison, every method's LDS beside its wall time and peak memory, overhead and counterfactuals.
+    comparison, every method's LDS beside its wall time and peak memory, overhead, counterfactuals and each
+    ranking's value, interval and rank per contributor (``contributors``). Besides the ``values`` files, the
+    rankings include ``retrain_shapley``: the estimator's values of the retraining game from the agreement plan.
 
     ``jobs`` names, per ranking, the benchmark files (globs under ``benchmarks``) of the jobs that computed it.
     The keys of the returned (and written) report are those of benchmarks/results.json.
     """
     from diffcredit.coalitions import member_sets, read_coalitions, read_contributors
     from diffcredit.evaluation import alphas, lds, utility_agreement
+    from diffcredit.shapley import aggregate
 
     everyone = read_contributors(contributors)
     shares = alphas(alpha)
     headline = 0.5 if 0.5 in shares else shares[0]
     protocol = _lds_protocol(lds_plan, lds_retrain, shares, len(everyone))
-    rankings = {name: _values(path) for name, path in values.items()}
+    tables = {mode: pd.read_csv(path, sep="\t") for mode, path in agreement.items()}
+    ranked = {name: _ranked(pd.read_csv(path)) for name, path in values.items()}
+    # Shapley values of the retraining game itself, from the retrained agreement coalitions (a short plan).
+    ranked["retrain_shapley"] = _ranked(
+        aggregate(read_coalitions(agreement_plan), tables["retrain"], contributors=everyone, convergence=False).table
+    )
+    rankings = {name: table["value"] for name, table in ranked.items()}
     by_alpha = {
         share: {name: lds(scores, *protocol[share], confidence).to_dict() for name, scores in rankings.items()}
         for share in shares
@@ -166,7 +175,6 @@ def evaluation_report(
 
     sizes = pd.Series({c: len(m) for c, m in member_sets(read_coalitions(agreement_plan)).items()})
     truth = _runs(agreement["retrain"])
-    tables = {mode: pd.read_csv(path, sep="\t") for mode, path in agreement.items()}
     agree = {
         mode: utility_agreement(tables[mode].groupby("coalition")["utility"].mean(), truth, sizes)
         for mode in ("sft", "finetune")
@@ -242,6 +250,7 @@ def evaluation_report(
         "budget_curve": curve.to_dict(orient="records"),
         "setup_seconds": setup,
         "counterfactual": pd.read_csv(counterfactual, sep="\t").to_dict(orient="records"),
+        "contributors": {name: table.reset_index().to_dict(orient="records") for name, table in ranked.items()},
         "overhead_fraction": job_overhead(bench),
     }
     write_json(report_out, _json_ready(report))
@@ -439,6 +448,12 @@ def plot_budget(curve: pd.DataFrame, path: str, *, confidence: float) -> None:
 
 def _values(path: str) -> pd.Series:
     return pd.read_csv(path).set_index("contributor")["value"]
+
+
+def _ranked(values: pd.DataFrame) -> pd.DataFrame:
+    """A ranking's values with their intervals where it has them (NaN otherwise) and the rank (1 = highest)."""
+    table = values.set_index("contributor").reindex(columns=["value", "ci_low", "ci_high"])
+    return table.assign(rank=table["value"].rank(ascending=False, method="min").astype(int))
 
 
 def _runs(path: str) -> pd.DataFrame:

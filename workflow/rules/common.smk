@@ -309,6 +309,7 @@ def ranking_jobs():
         "finetune_shapley": [f"finetune/{MAIN}/**/*.tsv"],
         "loo": ["sft/loo/**/*.tsv"],
         "banzhaf": ["sft/banzhaf/**/*.tsv"],
+        "retrain_shapley": ["retrain/agreement/**/*.tsv"],  # computed by the report from the agreement runs
         "multifidelity_shapley": [f"sft/{MAIN}/**/*.tsv", "retrain/agreement/**/*.tsv", "evaluation/multifidelity.tsv"],
     }
     for method in config["evaluation"]["baselines"]:

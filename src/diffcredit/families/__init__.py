@@ -353,7 +353,7 @@ class TextLoraFamily(Family):
     """
 
     name = "text_lora"
-    prepare_options = ("base", "captions", "prompt", "steps", "batch_size", "lr")
+    prepare_options = ("base", "captions", "prompt", "steps", "batch_size", "lr", "caption_dropout")
     takes_heldout = True  # prepare captions the held-out items too, where the caption source has them
     conditional = True
     open_options = ("rank", "prompts", "guidance_scale")
@@ -395,6 +395,7 @@ class TextLoraFamily(Family):
         steps: int = 800,
         batch_size: int = 32,
         lr: float = 1e-3,
+        caption_dropout: float = 0.0,
         device: str | None = None,
     ) -> dict:
         """Check the captions (``captions``: a TSV ``item``, ``caption``; ``glyphs``: read from glyph item ids; or
@@ -437,6 +438,7 @@ class TextLoraFamily(Family):
                 batch_size=batch_size,
                 lr=lr,
                 seed=derive_seed(seed, "base-train"),
+                caption_dropout=caption_dropout,
                 device=device,
                 log_every=max(1, steps // 10),
             )

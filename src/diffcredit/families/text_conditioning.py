@@ -237,21 +237,38 @@ class PromptTable:
     embeddings: torch.Tensor
     codes: torch.Tensor
 
+    distinct: tuple[str, ...] = ()
+
     @classmethod
-    def build(cls, pipeline: TextPipeline, captions: Sequence[str]) -> PromptTable:
-        distinct, codes = np.unique(np.asarray(captions, dtype=str), return_inverse=True)
-        return cls(encode_prompts(pipeline, list(distinct)), torch.from_numpy(codes.astype(np.int64)))
+    def build(cls, pipeline: TextPipeline, captions: Sequence[str], extra: Sequence[str] = ()) -> PromptTable:
+        """The table of ``captions`` (one code per caption); ``extra`` texts are encoded too without items."""
+        distinct = np.unique(np.asarray([*captions, *extra], dtype=str))
+        codes = np.searchsorted(distinct, np.asarray(captions, dtype=str))
+        return cls(encode_prompts(pipeline, list(distinct)), torch.from_numpy(codes.astype(np.int64)), tuple(distinct))
+
+    def code_of(self, text: str) -> int:
+        if text not in self.distinct:
+            raise ValueError(f"{text!r} is not in the prompt table; build it with extra=[{text!r}]")
+        return self.distinct.index(text)
 
 
 class ConditionedUNet(nn.Module):
     """``model(sample, t)`` of a conditional UNet over a :class:`PromptTable`: the training loop's observer
     (:meth:`observe`) names the batch's items, whose embeddings the next forward pass attends to."""
 
-    def __init__(self, unet, table: PromptTable) -> None:
+    def __init__(self, unet, table: PromptTable, *, caption_dropout: float = 0.0, seed: int = 0) -> None:
+        """``caption_dropout``: the share of training items that see the empty prompt instead of their caption
+        (drawn per batch from ``seed``), which trains the unconditional branch that classifier-free guidance
+        pushes against; ``table`` must then hold the empty caption."""
         super().__init__()
+        if not 0.0 <= caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must lie in [0, 1), got {caption_dropout}")
         self.unet = unet
         self.register_buffer("embeddings", table.embeddings, persistent=False)
         self.register_buffer("codes", table.codes, persistent=False)
+        self.caption_dropout = float(caption_dropout)
+        self._empty = table.code_of("") if caption_dropout else None
+        self._generator = torch.Generator().manual_seed(seed)
         self._batch: torch.Tensor | None = None
 
     @property
@@ -259,7 +276,11 @@ class ConditionedUNet(nn.Module):
         return self.unet.config
 
     def observe(self, model, index: torch.Tensor, *_) -> None:
-        self._batch = index
+        codes = self.codes[index]
+        if self.caption_dropout:
+            dropped = torch.rand(len(index), generator=self._generator) < self.caption_dropout
+            codes = torch.where(dropped.to(codes.device), self._empty, codes)
+        self._batch = codes
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None):
         """The UNet under the observed batch's captions, or under ``encoder_hidden_states`` when given (inputs that
@@ -269,7 +290,7 @@ class ConditionedUNet(nn.Module):
                 raise RuntimeError(
                     "ConditionedUNet needs its batch's item indices: pass observer=model.observe to train"
                 )
-            encoder_hidden_states = self.embeddings[self.codes[self._batch]]
+            encoder_hidden_states = self.embeddings[self._batch]
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states)
 
 
@@ -282,12 +303,21 @@ def pretrain(
     batch_size: int,
     lr: float,
     seed: int,
+    caption_dropout: float = 0.0,
     **training,
 ):
-    """Train the whole base UNet (not the text encoder) on captioned ``images``: the stand-in's pre-training."""
+    """Train the whole base UNet (not the text encoder) on captioned ``images``: the stand-in's pre-training, with
+    ``caption_dropout`` of the items shown the empty prompt (:class:`ConditionedUNet`)."""
+    from diffcredit.seeds import derive_seed
     from diffcredit.training import train
 
-    conditioned = ConditionedUNet(pipeline.unet.requires_grad_(True), PromptTable.build(pipeline, captions))
+    table = PromptTable.build(pipeline, captions, extra=[""] if caption_dropout else ())
+    conditioned = ConditionedUNet(
+        pipeline.unet.requires_grad_(True),
+        table,
+        caption_dropout=caption_dropout,
+        seed=derive_seed(seed, "caption-dropout"),
+    )
     result = train(
         conditioned,
         images,
@@ -331,8 +361,9 @@ def generate(
     target = select_device(device or "auto")
     pipeline.text_encoder.to(target)
     guided = guidance_scale != 1.0
-    table = PromptTable.build(pipeline, [*prompts, ""] if guided else list(prompts))
-    embeddings, empty = table.embeddings.to(target), table.embeddings[table.codes[-1]].to(target)
+    table = PromptTable.build(pipeline, prompts, extra=[""] if guided else ())
+    embeddings = table.embeddings.to(target)
+    empty = embeddings[table.code_of("")] if guided else None
     codes = table.codes[torch.arange(n) % len(prompts)].to(target)
 
     def predict(model_input: torch.Tensor, t: torch.Tensor, items: slice) -> torch.Tensor:
