@@ -1,13 +1,15 @@
-"""Does the text-LoRA stand-in's base draw the letter it is prompted with, and does caption dropout help guidance?
+"""Does the text-LoRA stand-in's base draw the letter it is prompted with, with its text encoder frozen or trained?
 
 The glyphs-lora preset's base exactly as `prepare_family` builds it (`tiny_base` over the contributors' and the base
 fonts' captions, pre-trained on the base fonts' glyphs with the preset's steps, batch and learning rate, the run
-seed's derived seeds), once per ``--dropout`` share (`model.text_lora.caption_dropout`), each in its own process on
-one thread. Each base generates 4 images per letter, prompted "the letter X", with DPM-Solver++ 10 steps at each
-``--guidance`` scale from the same noise; a letter classifier (diffcredit's small CNN, trained on every glyph of the
-contributor and base fonts, letter labels) reads each image, and the share read as its prompted letter is the
-*letter accuracy* (chance: 1/26 = 3.8%). Writes the section "## Text conditioning of the stand-in base" of
-benchmarks/RESULTS.md. Run: ``.venv/bin/python benchmarks/bench_text_conditioning.py`` (about 12 min on 2 cores).
+seed's derived seeds), once per ``--variant`` (``frozen:0.1``: the text encoder frozen at its initialisation
+(`model.text_lora.train_text_encoder: false`) and caption dropout 0.1 (`model.text_lora.caption_dropout`);
+``trained:0.1``: the encoder trained with the UNet), each in its own process on one thread. Each base generates 4
+images per letter, prompted "the letter X", with DPM-Solver++ 10 steps at each ``--guidance`` scale from the same
+noise; a letter classifier (diffcredit's small CNN, trained on every glyph of the contributor and base fonts, letter
+labels) reads each image, and the share read as its prompted letter is the *letter accuracy* (chance: 1/26 = 3.8%).
+Writes the section "## Text conditioning of the stand-in base" of benchmarks/RESULTS.md. Run:
+``.venv/bin/python benchmarks/bench_text_conditioning.py`` (about 15 min on 2 cores).
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLES_PER_LETTER = 4
 
 
-def measure(dropout: float, steps: int, guidance: list[float], seed: int) -> dict:
+ENCODER = {"frozen": False, "trained": True}
+
+
+def measure(variant: str, steps: int, guidance: list[float], seed: int) -> dict:
     """Pre-train one base and return its letter accuracy per guidance scale."""
     import numpy as np
     import torch
@@ -35,6 +40,7 @@ def measure(dropout: float, steps: int, guidance: list[float], seed: int) -> dic
     from diffcredit.properties.features import predict_log_probs, train_classifier
     from diffcredit.seeds import derive_seed
 
+    encoder, dropout = variant.split(":")
     torch.set_num_threads(1)
     base_glyphs, base_captions = load_glyphs(BASE_FONTS, size=16, seed=derive_seed(seed, "base-glyphs"))
     contributors, contributor_captions = load_glyphs(size=16, seed=seed)
@@ -50,7 +56,8 @@ def measure(dropout: float, steps: int, guidance: list[float], seed: int) -> dic
         batch_size=32,
         lr=1e-3,
         seed=derive_seed(seed, "base-train"),
-        caption_dropout=dropout,
+        caption_dropout=float(dropout),
+        train_text_encoder=ENCODER[encoder],
         log_every=0,
     )
     seconds = time.perf_counter() - tic
@@ -76,7 +83,8 @@ def measure(dropout: float, steps: int, guidance: list[float], seed: int) -> dic
         read = predict_log_probs(reader, images).argmax(1)
         accuracy[f"{scale:g}"] = float(np.mean(read == np.arange(n) % len(LETTERS)))
     return {
-        "dropout": dropout,
+        "text_encoder": encoder,
+        "dropout": float(dropout),
         "seconds": seconds,
         "final_loss": float(np.mean(result.losses[-50:])),
         "accuracy": accuracy,
@@ -91,14 +99,14 @@ def markdown(rows: list[dict], steps: int) -> str:
         "the 8 base fonts' 416 glyphs; letter accuracy = share of 104 prompted samples (4 per letter, DPM-Solver++ "
         "10 steps) that a letter classifier reads as the prompted letter; chance 3.8%.",
         "",
-        "| caption dropout | pre-training (s, one thread) | final loss | "
+        "| text encoder | caption dropout | pre-training (s, one thread) | final loss | "
         + " | ".join(f"guidance {s}" for s in scales)
         + " |",
-        "| --- " * (3 + len(scales)) + "|",
+        "| --- " * (4 + len(scales)) + "|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['dropout']:g} | {row['seconds']:.0f} | {row['final_loss']:.4f} | "
+            f"| {row['text_encoder']} | {row['dropout']:g} | {row['seconds']:.0f} | {row['final_loss']:.4f} | "
             + " | ".join(f"{100 * row['accuracy'][s]:.1f}%" for s in scales)
             + " |"
         )
@@ -107,19 +115,28 @@ def markdown(rows: list[dict], steps: int) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dropout", type=float, nargs="+", default=[0.0, 0.1])
+    parser.add_argument(
+        "--variant",
+        nargs="+",
+        default=["frozen:0", "frozen:0.1", "trained:0", "trained:0.1"],
+        help="text encoder (frozen or trained) : caption dropout",
+    )
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0])
     parser.add_argument("--steps", type=int, default=1200)  # the glyphs-lora preset's model.text_lora.steps
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--one", type=float, help=argparse.SUPPRESS)  # a worker: measure one dropout, print JSON
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # a worker: measure one variant, print JSON
     args = parser.parse_args(argv)
+    for variant in args.variant:
+        encoder, _, dropout = variant.partition(":")
+        if encoder not in ENCODER or not dropout.replace(".", "", 1).isdigit():
+            parser.error(f"--variant {variant!r}: give frozen:<dropout> or trained:<dropout>, e.g. trained:0.1")
     if args.one is not None:
         print(json.dumps(measure(args.one, args.steps, args.guidance, args.seed)))
         return
     common = ["--steps", str(args.steps), "--seed", str(args.seed), "--guidance", *map(str, args.guidance)]
     workers = [
-        subprocess.Popen([sys.executable, __file__, "--one", str(share), *common], stdout=subprocess.PIPE, text=True)
-        for share in args.dropout
+        subprocess.Popen([sys.executable, __file__, "--one", variant, *common], stdout=subprocess.PIPE, text=True)
+        for variant in args.variant
     ]
     rows = []
     for worker in workers:

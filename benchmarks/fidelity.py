@@ -119,6 +119,11 @@ def results(report: dict, wall_seconds: float | None) -> dict:
     return out
 
 
+def table_head(*columns: str) -> list[str]:
+    """A markdown table's header and rule."""
+    return ["| " + " | ".join(columns) + " |", "| --- " * len(columns) + "|"]
+
+
 def verdict(key: str, value: float | None) -> str:
     if key not in TARGETS:
         return ""
@@ -163,8 +168,7 @@ def markdown(out: dict, name: str) -> str:
         + ", ".join(f"{mode} {seconds:.3g}" for mode, seconds in cost.items())
         + ".",
         "",
-        "| measure | value | target |",
-        "| --- | --- | --- |",
+        *table_head("measure", "value", "target"),
         *[f"| {label} (`{key}`) | {number(out[key])} | {verdict(key, out[key])} |" for label, key in rows],
         "",
         f"LDS at alpha = {out['lds_alpha']:g} as the paper defines it (lds.py::evaluate_lds): per training seed, the "
@@ -176,8 +180,17 @@ def markdown(out: dict, name: str) -> str:
         + ", ".join(f"{stage} {number(seconds)} s" for stage, seconds in (out["setup_seconds"] or {}).items())
         + ".",
         "",
-        "| ranking | LDS | over seeds | bootstrap | per seed | vs seed mean | wall (s) | peak RSS (MB) | target |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *table_head(
+            "ranking",
+            "LDS",
+            "over seeds",
+            "bootstrap",
+            "per seed",
+            "vs seed mean",
+            "wall (s)",
+            "peak RSS (MB)",
+            "target",
+        ),
     ]
     costs = {row["ranking"]: row for row in out["methods"] or []}
     ranked = sorted(out["lds"].items(), key=lambda item: -2 if item[1]["value"] is None else -item[1]["value"])
@@ -196,8 +209,7 @@ def markdown(out: dict, name: str) -> str:
             "",
             "LDS per alpha (paper definition):",
             "",
-            "| ranking | " + " | ".join(shares) + " |",
-            "| --- " * (len(shares) + 1) + "|",
+            *table_head("ranking", *shares),
         ]
         for name in out["lds"]:
             lines.append(
@@ -217,8 +229,7 @@ def markdown(out: dict, name: str) -> str:
         f"Budget-matched comparison (results/{benchmark.run}/evaluation/budget.png): LDS against compute, values "
         "from growing prefixes of each mode's coalitions (retrain: the agreement coalitions):",
         "",
-        "| mode | coalitions | compute (s) | LDS | over seeds |",
-        "| --- | --- | --- | --- | --- |",
+        *table_head("mode", "coalitions", "compute (s)", "LDS", "over seeds"),
     ]
     for row in out["budget_curve"] or []:
         if row["alpha"] == out["lds_alpha"]:
@@ -232,8 +243,7 @@ def markdown(out: dict, name: str) -> str:
         "Counterfactual: the property after retraining without each ranking's top contributors (mean over seeds, "
         "its interval, and the change from the full data with a paired-seed interval):",
         "",
-        "| " + " | ".join(columns) + " |",
-        "| --- " * len(columns) + "|",
+        *table_head(*columns),
     ]
     for row in out["counterfactual"]:
         lines.append(
@@ -279,8 +289,7 @@ def planted_tables(contributors: dict[str, list[dict]]) -> list[str]:
         "(1 = highest), whether every corrupted contributor ranks below every clean one, and whether the duplicate "
         f"`{copy}` equals `{original}` within their intervals (n/a: the ranking has no intervals):",
         "",
-        "| ranking | " + " | ".join(names) + f" | corrupted below clean | {copy} = {original} |",
-        "| --- " * (len(names) + 3) + "|",
+        *table_head("ranking", *names, "corrupted below clean", f"{copy} = {original}"),
     ]
     for name, table in tables.items():
         held = marketplace_expectations(table)
@@ -294,8 +303,7 @@ def planted_tables(contributors: dict[str, list[dict]]) -> list[str]:
         "",
         "Values and 95% intervals of the rankings that have intervals:",
         "",
-        "| contributor | " + " | ".join(with_intervals) + " |",
-        "| --- " * (len(with_intervals) + 1) + "|",
+        *table_head("contributor", *with_intervals),
     ]
     for c in names:
         cells = (

@@ -272,6 +272,58 @@ def text_family(base, glyphs):
     return TextLoraFamily(base, _captions(data, captions), rank=4)
 
 
+def test_a_conditioned_unet_with_a_text_encoder_encodes_the_captions_anew_and_passes_it_gradients(glyphs):
+    _, captions = glyphs
+    pipeline = tc.tiny_base(captions, sample_size=8, seed=0, unet={"block_out_channels": [16, 32]})
+    table = tc.PromptTable.build(pipeline, captions)
+    encoder = pipeline.text_encoder.requires_grad_(True)
+    conditioned = tc.ConditionedUNet(
+        pipeline.unet, table, text_encoder=encoder, input_ids=tc.tokenize(pipeline, table.distinct)
+    )
+    sample, t = torch.randn(2, 1, 8, 8), torch.tensor([5, 5])
+    conditioned.observe(conditioned, torch.tensor([0, 2]))
+    out = conditioned(sample, t).sample
+    with torch.no_grad():
+        direct = pipeline.unet(sample, t, encoder_hidden_states=table.embeddings[table.codes[[0, 2]]]).sample
+    torch.testing.assert_close(out.detach(), direct)
+    out.square().mean().backward()
+    assert encoder.get_input_embeddings().weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="token ids of every caption of the table"):
+        tc.ConditionedUNet(pipeline.unet, table, text_encoder=encoder, input_ids=tc.tokenize(pipeline, ["x"]))
+    with pytest.raises(ValueError, match="token ids of every caption of the table"):
+        tc.ConditionedUNet(pipeline.unet, table, text_encoder=encoder)
+
+
+def test_pretraining_trains_the_stand_ins_text_encoder_with_its_unet_unless_told_not_to(glyphs):
+    data, captions = glyphs
+    texts = sorted(set(captions))
+
+    def pretrained(train_text_encoder: bool):
+        pipeline = tc.tiny_base(captions, sample_size=8, seed=0, unet={"block_out_channels": [16, 32]})
+        before = tc.encode_prompts(pipeline, texts), [p.clone() for p in pipeline.unet.parameters()]
+        tc.pretrain(
+            pipeline,
+            data.images,
+            captions,
+            steps=3,
+            batch_size=4,
+            lr=1e-2,
+            seed=0,
+            caption_dropout=0.25,
+            train_text_encoder=train_text_encoder,
+            log_every=0,
+        )
+        unet_moved = any(not torch.equal(a, b) for a, b in zip(before[1], pipeline.unet.parameters(), strict=True))
+        return pipeline, before[0], unet_moved
+
+    trained, initial, unet_moved = pretrained(True)
+    assert unet_moved and not torch.allclose(tc.encode_prompts(trained, texts), initial)
+    assert not trained.text_encoder.training and not any(p.requires_grad for p in trained.text_encoder.parameters())
+    frozen, initial_too, unet_moved = pretrained(False)
+    assert unet_moved and torch.equal(initial_too, initial)  # the same initialisation
+    assert torch.equal(tc.encode_prompts(frozen, texts), initial)
+
+
 def test_lora_save_then_load_gives_identical_images(tmp_path, text_family):
     unet = text_family.build(seed=0)
     _randomise_lora(unet)

@@ -353,7 +353,16 @@ class TextLoraFamily(Family):
     """
 
     name = "text_lora"
-    prepare_options = ("base", "captions", "prompt", "steps", "batch_size", "lr", "caption_dropout")
+    prepare_options = (
+        "base",
+        "captions",
+        "prompt",
+        "steps",
+        "batch_size",
+        "lr",
+        "caption_dropout",
+        "train_text_encoder",
+    )
     takes_heldout = True  # prepare captions the held-out items too, where the caption source has them
     conditional = True
     open_options = ("rank", "prompts", "guidance_scale")
@@ -396,6 +405,7 @@ class TextLoraFamily(Family):
         batch_size: int = 32,
         lr: float = 1e-3,
         caption_dropout: float = 0.0,
+        train_text_encoder: bool = True,
         device: str | None = None,
     ) -> dict:
         """Check the captions (``captions``: a TSV ``item``, ``caption``; ``glyphs``: read from glyph item ids; or
@@ -439,6 +449,7 @@ class TextLoraFamily(Family):
                 lr=lr,
                 seed=derive_seed(seed, "base-train"),
                 caption_dropout=caption_dropout,
+                train_text_encoder=train_text_encoder,
                 device=device,
                 log_every=max(1, steps // 10),
             )

@@ -4,10 +4,12 @@ The base is a local diffusers folder with ``unet/``, ``text_encoder/``, ``tokeni
 ``vae/`` for a latent model such as miniSD), or, for the CPU stand-in, built from small configs by :func:`tiny_base`
 with a tokenizer whose ``vocab.json``/``merges.txt`` are built from the captions themselves (nothing downloaded).
 
-The text encoder is frozen, so every distinct caption is encoded once (:class:`PromptTable`); items point at their
-caption's row. :class:`ConditionedUNet` gives the UNet the signature of an unconditional one, ``model(sample, t)``,
-so the one training loop of :mod:`diffcredit.training` trains it: the loop hands each batch's item indices to its
-``observer`` before the forward pass, and the wrapper looks up those items' embeddings. Generation uses the same
+The text encoder is frozen while a LoRA trains, so every distinct caption is encoded once (:class:`PromptTable`);
+items point at their caption's row. Only the stand-in's pre-training (:func:`pretrain`) trains it, with the UNet, since
+a freshly initialised encoder, unlike CLIP, has learnt nothing to tell the captions apart. :class:`ConditionedUNet`
+gives the UNet the signature of an unconditional one, ``model(sample, t)``, so the one training loop of
+:mod:`diffcredit.training` trains it: the loop hands each batch's item indices to its ``observer`` before the forward
+pass, and the wrapper looks up those items' embeddings. Generation uses the same
 per-item noise as :func:`diffcredit.sampling.generate` (common random numbers), with classifier-free guidance.
 """
 
@@ -213,20 +215,25 @@ def load_base(directory: str | Path, device: str | torch.device = "cpu") -> Text
     )
 
 
+def tokenize(pipeline: TextPipeline, prompts: Sequence[str]) -> torch.Tensor:
+    """Token ids ``[len(prompts), max_length]``, padded and truncated to the tokenizer's length."""
+    return pipeline.tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=pipeline.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
 @torch.inference_mode()
 def encode_prompts(pipeline: TextPipeline, prompts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
     """Last hidden states of the frozen text encoder, float32 ``[len(prompts), max_length, dim]`` on the CPU."""
     device = next(pipeline.text_encoder.parameters()).device
     out = []
     for start in range(0, len(prompts), batch_size):
-        tokens = pipeline.tokenizer(
-            list(prompts[start : start + batch_size]),
-            padding="max_length",
-            max_length=pipeline.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        out.append(pipeline.text_encoder(tokens.input_ids.to(device))[0].float().cpu())
+        ids = tokenize(pipeline, prompts[start : start + batch_size])
+        out.append(pipeline.text_encoder(ids.to(device))[0].float().cpu())
     return torch.cat(out)
 
 
@@ -256,14 +263,31 @@ class ConditionedUNet(nn.Module):
     """``model(sample, t)`` of a conditional UNet over a :class:`PromptTable`: the training loop's observer
     (:meth:`observe`) names the batch's items, whose embeddings the next forward pass attends to."""
 
-    def __init__(self, unet, table: PromptTable, *, caption_dropout: float = 0.0, seed: int = 0) -> None:
+    def __init__(
+        self,
+        unet,
+        table: PromptTable,
+        *,
+        caption_dropout: float = 0.0,
+        seed: int = 0,
+        text_encoder: nn.Module | None = None,
+        input_ids: torch.Tensor | None = None,
+    ) -> None:
         """``caption_dropout``: the share of training items that see the empty prompt instead of their caption
         (drawn per batch from ``seed``), which trains the unconditional branch that classifier-free guidance
-        pushes against; ``table`` must then hold the empty caption."""
+        pushes against; ``table`` must then hold the empty caption. ``text_encoder`` with the table's
+        ``input_ids`` (:func:`tokenize` of ``table.distinct``): encode the captions anew in every forward pass
+        instead of reading the table's embeddings, so that the encoder trains with the UNet."""
         super().__init__()
         if not 0.0 <= caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must lie in [0, 1), got {caption_dropout}")
+        if (text_encoder is None) != (input_ids is None) or (
+            input_ids is not None and len(input_ids) != len(table.embeddings)
+        ):
+            raise ValueError("a trained text encoder needs the token ids of every caption of the table, in its order")
         self.unet = unet
+        self.text_encoder = text_encoder
+        self.register_buffer("input_ids", input_ids, persistent=False)
         self.register_buffer("embeddings", table.embeddings, persistent=False)
         self.register_buffer("codes", table.codes, persistent=False)
         self.caption_dropout = float(caption_dropout)
@@ -290,7 +314,8 @@ class ConditionedUNet(nn.Module):
                 raise RuntimeError(
                     "ConditionedUNet needs its batch's item indices: pass observer=model.observe to train"
                 )
-            encoder_hidden_states = self.embeddings[self._batch]
+            embeddings = self.embeddings if self.text_encoder is None else self.text_encoder(self.input_ids)[0]
+            encoder_hidden_states = embeddings[self._batch]
         return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states)
 
 
@@ -304,19 +329,25 @@ def pretrain(
     lr: float,
     seed: int,
     caption_dropout: float = 0.0,
+    train_text_encoder: bool = True,
     **training,
 ):
-    """Train the whole base UNet (not the text encoder) on captioned ``images``: the stand-in's pre-training, with
-    ``caption_dropout`` of the items shown the empty prompt (:class:`ConditionedUNet`)."""
+    """Train the whole base UNet on captioned ``images``: the stand-in's pre-training, with ``caption_dropout`` of
+    the items shown the empty prompt (:class:`ConditionedUNet`), and the text encoder trained with it unless
+    ``train_text_encoder`` is false (a frozen random encoder barely separates the captions: benchmarks/RESULTS.md,
+    "Text conditioning of the stand-in base"). Both are frozen again afterwards."""
     from diffcredit.seeds import derive_seed
     from diffcredit.training import train
 
     table = PromptTable.build(pipeline, captions, extra=[""] if caption_dropout else ())
+    encoder = pipeline.text_encoder.requires_grad_(True) if train_text_encoder else None
     conditioned = ConditionedUNet(
         pipeline.unet.requires_grad_(True),
         table,
         caption_dropout=caption_dropout,
         seed=derive_seed(seed, "caption-dropout"),
+        text_encoder=encoder,
+        input_ids=tokenize(pipeline, table.distinct) if train_text_encoder else None,
     )
     result = train(
         conditioned,
@@ -330,6 +361,7 @@ def pretrain(
         **training,
     )
     _frozen(pipeline.unet)
+    _frozen(pipeline.text_encoder)
     return result
 
 
