@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -277,9 +278,8 @@ def test_a_conditioned_unet_with_a_text_encoder_encodes_the_captions_anew_and_pa
     pipeline = tc.tiny_base(captions, sample_size=8, seed=0, unet={"block_out_channels": [16, 32]})
     table = tc.PromptTable.build(pipeline, captions)
     encoder = pipeline.text_encoder.requires_grad_(True)
-    conditioned = tc.ConditionedUNet(
-        pipeline.unet, table, text_encoder=encoder, input_ids=tc.tokenize(pipeline, table.distinct)
-    )
+    assert torch.equal(table.input_ids, tc.tokenize(pipeline, table.distinct))
+    conditioned = tc.ConditionedUNet(pipeline.unet, table, text_encoder=encoder)
     sample, t = torch.randn(2, 1, 8, 8), torch.tensor([5, 5])
     conditioned.observe(conditioned, torch.tensor([0, 2]))
     out = conditioned(sample, t).sample
@@ -289,9 +289,11 @@ def test_a_conditioned_unet_with_a_text_encoder_encodes_the_captions_anew_and_pa
     out.square().mean().backward()
     assert encoder.get_input_embeddings().weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="token ids of every caption of the table"):
-        tc.ConditionedUNet(pipeline.unet, table, text_encoder=encoder, input_ids=tc.tokenize(pipeline, ["x"]))
+        tc.ConditionedUNet(
+            pipeline.unet, dataclasses.replace(table, input_ids=tc.tokenize(pipeline, ["x"])), text_encoder=encoder
+        )
     with pytest.raises(ValueError, match="token ids of every caption of the table"):
-        tc.ConditionedUNet(pipeline.unet, table, text_encoder=encoder)
+        tc.ConditionedUNet(pipeline.unet, dataclasses.replace(table, input_ids=None), text_encoder=encoder)
 
 
 def test_pretraining_trains_the_stand_ins_text_encoder_with_its_unet_unless_told_not_to(glyphs):

@@ -226,32 +226,41 @@ def tokenize(pipeline: TextPipeline, prompts: Sequence[str]) -> torch.Tensor:
     ).input_ids
 
 
-@torch.inference_mode()
 def encode_prompts(pipeline: TextPipeline, prompts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
     """Last hidden states of the frozen text encoder, float32 ``[len(prompts), max_length, dim]`` on the CPU."""
+    return encode_ids(pipeline, tokenize(pipeline, prompts), batch_size)
+
+
+@torch.inference_mode()
+def encode_ids(pipeline: TextPipeline, ids: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """:func:`encode_prompts` of prompts already tokenized (``ids`` from :func:`tokenize`)."""
     device = next(pipeline.text_encoder.parameters()).device
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        ids = tokenize(pipeline, prompts[start : start + batch_size])
-        out.append(pipeline.text_encoder(ids.to(device))[0].float().cpu())
-    return torch.cat(out)
+    return torch.cat(
+        [
+            pipeline.text_encoder(ids[start : start + batch_size].to(device))[0].float().cpu()
+            for start in range(0, len(ids), batch_size)
+        ]
+    )
 
 
 @dataclass
 class PromptTable:
-    """Each distinct caption's embedding once (``embeddings [P, L, D]``) and each item's row (``codes [N]``)."""
+    """Each distinct caption's embedding once (``embeddings [P, L, D]``) and each item's row (``codes [N]``);
+    ``input_ids [P, L]``: the distinct captions' tokens, for an encoder that trains (:class:`ConditionedUNet`)."""
 
     embeddings: torch.Tensor
     codes: torch.Tensor
 
     distinct: tuple[str, ...] = ()
+    input_ids: torch.Tensor | None = None
 
     @classmethod
     def build(cls, pipeline: TextPipeline, captions: Sequence[str], extra: Sequence[str] = ()) -> PromptTable:
         """The table of ``captions`` (one code per caption); ``extra`` texts are encoded too without items."""
         distinct = np.unique(np.asarray([*captions, *extra], dtype=str))
         codes = np.searchsorted(distinct, np.asarray(captions, dtype=str))
-        return cls(encode_prompts(pipeline, list(distinct)), torch.from_numpy(codes.astype(np.int64)), tuple(distinct))
+        ids = tokenize(pipeline, distinct)
+        return cls(encode_ids(pipeline, ids), torch.from_numpy(codes.astype(np.int64)), tuple(distinct), ids)
 
     def code_of(self, text: str) -> int:
         if text not in self.distinct:
@@ -271,23 +280,20 @@ class ConditionedUNet(nn.Module):
         caption_dropout: float = 0.0,
         seed: int = 0,
         text_encoder: nn.Module | None = None,
-        input_ids: torch.Tensor | None = None,
     ) -> None:
         """``caption_dropout``: the share of training items that see the empty prompt instead of their caption
         (drawn per batch from ``seed``), which trains the unconditional branch that classifier-free guidance
-        pushes against; ``table`` must then hold the empty caption. ``text_encoder`` with the table's
-        ``input_ids`` (:func:`tokenize` of ``table.distinct``): encode the captions anew in every forward pass
-        instead of reading the table's embeddings, so that the encoder trains with the UNet."""
+        pushes against; ``table`` must then hold the empty caption. ``text_encoder``: encode the table's
+        ``input_ids`` anew in every forward pass instead of reading its embeddings, so that the encoder trains with
+        the UNet."""
         super().__init__()
         if not 0.0 <= caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must lie in [0, 1), got {caption_dropout}")
-        if (text_encoder is None) != (input_ids is None) or (
-            input_ids is not None and len(input_ids) != len(table.embeddings)
-        ):
+        if text_encoder is not None and (table.input_ids is None or len(table.input_ids) != len(table.embeddings)):
             raise ValueError("a trained text encoder needs the token ids of every caption of the table, in its order")
         self.unet = unet
         self.text_encoder = text_encoder
-        self.register_buffer("input_ids", input_ids, persistent=False)
+        self.register_buffer("input_ids", table.input_ids if text_encoder is not None else None, persistent=False)
         self.register_buffer("embeddings", table.embeddings, persistent=False)
         self.register_buffer("codes", table.codes, persistent=False)
         self.caption_dropout = float(caption_dropout)
@@ -347,7 +353,6 @@ def pretrain(
         caption_dropout=caption_dropout,
         seed=derive_seed(seed, "caption-dropout"),
         text_encoder=encoder,
-        input_ids=tokenize(pipeline, table.distinct) if train_text_encoder else None,
     )
     result = train(
         conditioned,
