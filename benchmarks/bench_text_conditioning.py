@@ -30,6 +30,14 @@ SAMPLES_PER_LETTER = 4
 ENCODER = {"frozen": False, "trained": True}
 
 
+def parse_variant(variant: str) -> tuple[str, float]:
+    """``frozen:0.1`` -> ("frozen", 0.1); ValueError naming the form otherwise."""
+    encoder, _, dropout = variant.partition(":")
+    if encoder not in ENCODER or not dropout.replace(".", "", 1).isdigit():
+        raise ValueError(f"--variant {variant!r}: give frozen:<dropout> or trained:<dropout>, e.g. trained:0.1")
+    return encoder, float(dropout)
+
+
 def measure(variant: str, steps: int, guidance: list[float], seed: int) -> dict:
     """Pre-train one base and return its letter accuracy per guidance scale."""
     import numpy as np
@@ -40,7 +48,7 @@ def measure(variant: str, steps: int, guidance: list[float], seed: int) -> dict:
     from diffcredit.properties.features import predict_log_probs, train_classifier
     from diffcredit.seeds import derive_seed
 
-    encoder, dropout = variant.split(":")
+    encoder, dropout = parse_variant(variant)
     torch.set_num_threads(1)
     base_glyphs, base_captions = load_glyphs(BASE_FONTS, size=16, seed=derive_seed(seed, "base-glyphs"))
     contributors, contributor_captions = load_glyphs(size=16, seed=seed)
@@ -56,7 +64,7 @@ def measure(variant: str, steps: int, guidance: list[float], seed: int) -> dict:
         batch_size=32,
         lr=1e-3,
         seed=derive_seed(seed, "base-train"),
-        caption_dropout=float(dropout),
+        caption_dropout=dropout,
         train_text_encoder=ENCODER[encoder],
         log_every=0,
     )
@@ -84,7 +92,7 @@ def measure(variant: str, steps: int, guidance: list[float], seed: int) -> dict:
         accuracy[f"{scale:g}"] = float(np.mean(read == np.arange(n) % len(LETTERS)))
     return {
         "text_encoder": encoder,
-        "dropout": float(dropout),
+        "dropout": dropout,
         "seconds": seconds,
         "final_loss": float(np.mean(result.losses[-50:])),
         "accuracy": accuracy,
@@ -127,9 +135,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a worker: measure one variant, print JSON
     args = parser.parse_args(argv)
     for variant in args.variant:
-        encoder, _, dropout = variant.partition(":")
-        if encoder not in ENCODER or not dropout.replace(".", "", 1).isdigit():
-            parser.error(f"--variant {variant!r}: give frozen:<dropout> or trained:<dropout>, e.g. trained:0.1")
+        try:
+            parse_variant(variant)
+        except ValueError as error:
+            parser.error(str(error))
     if args.one is not None:
         print(json.dumps(measure(args.one, args.steps, args.guidance, args.seed)))
         return

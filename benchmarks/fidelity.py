@@ -331,9 +331,10 @@ def main(argv: list[str] | None = None) -> None:
         else:
             wall = run_workflow(benchmark, args.cores)
         out = results(json.loads(report_file.read_text()), wall)
-    figures.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
-    replace_section(ROOT / "benchmarks" / "RESULTS.md", benchmark.section, markdown(out, args.preset))
-    print(markdown(out, args.preset))
+        figures.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
+    section = markdown(out, args.preset)
+    replace_section(ROOT / "benchmarks" / "RESULTS.md", benchmark.section, section)
+    print(section)
 
 
 if __name__ == "__main__":
