@@ -237,7 +237,9 @@ def markdown(out: dict, name: str) -> str:
                 f"| {row['mode']} | {row['budget']} | {number(row['seconds'])} | {number(row['lds'])} "
                 f"| [{number(row['ci_low'])}, {number(row['ci_high'])}] |"
             )
-    columns = [c for c in COUNTERFACTUAL_COLUMNS if c in out["counterfactual"][0]]
+    from diffcredit.evaluation import COUNTERFACTUAL_COLUMNS
+
+    columns = [c for c in ("ranking", "removed", *COUNTERFACTUAL_COLUMNS) if c in out["counterfactual"][0]]
     lines += [
         "",
         "Counterfactual: the property after retraining without each ranking's top contributors (mean over seeds, "
@@ -252,22 +254,6 @@ def markdown(out: dict, name: str) -> str:
     if benchmark.planted:
         lines += ["", *planted_tables(out["contributors"])]
     return "\n".join(lines)
-
-
-# evaluation.counterfactual_table's columns in reading order (the JSON stores them sorted)
-COUNTERFACTUAL_COLUMNS = (
-    "ranking",
-    "removed",
-    "mean",
-    "std",
-    "ci_low",
-    "ci_high",
-    "change",
-    "change_low",
-    "change_high",
-    "change_pct",
-    "n_seeds",
-)
 
 
 def planted_tables(contributors: dict[str, list[dict]]) -> list[str]:

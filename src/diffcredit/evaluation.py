@@ -322,9 +322,23 @@ def counterfactual_table(
         }
     table = pd.DataFrame.from_dict(rows, orient="index").rename_axis("ranking")
     full = table.at["full", "mean"]
-    table.insert(5, "change", table["mean"] - full)
+    table["change"] = table["mean"] - full
     table["change_pct"] = 100 * table["change"] / abs(full) if full != 0 else np.nan
-    return table
+    return table[list(COUNTERFACTUAL_COLUMNS)]
+
+
+# counterfactual_table's columns, in reading order
+COUNTERFACTUAL_COLUMNS = (
+    "mean",
+    "std",
+    "ci_low",
+    "ci_high",
+    "change",
+    "change_low",
+    "change_high",
+    "change_pct",
+    "n_seeds",
+)
 
 
 def utility_agreement(approx: pd.Series, retrain: pd.DataFrame, sizes: pd.Series) -> dict[str, float | int]:
