@@ -38,7 +38,7 @@ def parse_variant(variant: str) -> tuple[str, float]:
     return encoder, float(dropout)
 
 
-def measure(variant: str, steps: int, guidance: list[float], seed: int) -> dict:
+def measure(variant: str, steps: int, guidance: list[float], seed: int, channels: list[int]) -> dict:
     """Pre-train one base and return its letter accuracy per guidance scale."""
     import numpy as np
     import torch
@@ -53,7 +53,10 @@ def measure(variant: str, steps: int, guidance: list[float], seed: int) -> dict:
     base_glyphs, base_captions = load_glyphs(BASE_FONTS, size=16, seed=derive_seed(seed, "base-glyphs"))
     contributors, contributor_captions = load_glyphs(size=16, seed=seed)
     pipeline = tc.tiny_base(
-        [*contributor_captions, *base_captions], sample_size=16, seed=derive_seed(seed, "base-init")
+        [*contributor_captions, *base_captions],
+        sample_size=16,
+        seed=derive_seed(seed, "base-init"),
+        unet={"block_out_channels": channels},
     )
     tic = time.perf_counter()
     result = tc.pretrain(
@@ -99,11 +102,12 @@ def measure(variant: str, steps: int, guidance: list[float], seed: int) -> dict:
     }
 
 
-def markdown(rows: list[dict], steps: int) -> str:
+def markdown(rows: list[dict], steps: int, channels: list[int]) -> str:
     scales = list(rows[0]["accuracy"])
     lines = [
         f"`.venv/bin/python benchmarks/bench_text_conditioning.py` on {time.strftime('%Y-%m-%d')}, "
-        f"{machine_description()}. The glyphs-lora stand-in base pre-trained {steps} steps (batch 32, lr 1e-3) on "
+        f"{machine_description()}. The glyphs-lora stand-in base (UNet channels {'/'.join(map(str, channels))}) "
+        f"pre-trained {steps} steps (batch 32, lr 1e-3) on "
         "the 8 base fonts' 416 glyphs; letter accuracy = share of 104 prompted samples (4 per letter, DPM-Solver++ "
         "10 steps) that a letter classifier reads as the prompted letter; chance 3.8%.",
         "",
@@ -122,6 +126,8 @@ def markdown(rows: list[dict], steps: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from diffcredit.families.text_conditioning import tiny_unet_config
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--variant",
@@ -130,8 +136,15 @@ def main(argv: list[str] | None = None) -> None:
         help="text encoder (frozen or trained) : caption dropout",
     )
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0])
-    parser.add_argument("--steps", type=int, default=1200)  # the glyphs-lora preset's model.text_lora.steps
+    parser.add_argument("--steps", type=int, default=1800)  # the glyphs-lora preset's model.text_lora.steps
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--channels",
+        type=int,
+        nargs=2,
+        default=tiny_unet_config()["block_out_channels"],
+        help="the base UNet's block_out_channels (default: the stand-in's)",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a worker: measure one variant, print JSON
     args = parser.parse_args(argv)
     for variant in args.variant:
@@ -140,9 +153,12 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as error:
             parser.error(str(error))
     if args.one is not None:
-        print(json.dumps(measure(args.one, args.steps, args.guidance, args.seed)))
+        print(json.dumps(measure(args.one, args.steps, args.guidance, args.seed, args.channels)))
         return
-    common = ["--steps", str(args.steps), "--seed", str(args.seed), "--guidance", *map(str, args.guidance)]
+    common = [
+        *("--steps", str(args.steps), "--seed", str(args.seed), "--guidance", *map(str, args.guidance)),
+        *("--channels", *map(str, args.channels)),
+    ]
     workers = [
         subprocess.Popen([sys.executable, __file__, "--one", variant, *common], stdout=subprocess.PIPE, text=True)
         for variant in args.variant
@@ -153,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         if worker.returncode:
             raise SystemExit(f"a worker failed (exit {worker.returncode})")
         rows.append(json.loads(out.strip().splitlines()[-1]))
-    text = markdown(rows, args.steps)
+    text = markdown(rows, args.steps, args.channels)
     replace_section(ROOT / "benchmarks" / "RESULTS.md", "Text conditioning of the stand-in base", text)
     print(text)
 

@@ -47,7 +47,7 @@ def tiny_ae_config():
 def base(tmp_path_factory, glyphs):
     """A pixel-space text-to-image base on 8×8 glyphs, saved and loaded back as a diffusers folder."""
     folder = tmp_path_factory.mktemp("base")
-    pipeline = tc.tiny_base(glyphs[1], sample_size=8, seed=0, unet={"block_out_channels": [16, 32]})
+    pipeline = tc.tiny_base(glyphs[1], sample_size=8, seed=0)
     tc.save_base(pipeline, folder / "base")
     return tc.load_base(folder / "base")
 
@@ -275,7 +275,7 @@ def text_family(base, glyphs):
 
 def test_a_conditioned_unet_with_a_text_encoder_encodes_the_captions_anew_and_passes_it_gradients(glyphs):
     _, captions = glyphs
-    pipeline = tc.tiny_base(captions, sample_size=8, seed=0, unet={"block_out_channels": [16, 32]})
+    pipeline = tc.tiny_base(captions, sample_size=8, seed=0)
     table = tc.PromptTable.build(pipeline, captions)
     encoder = pipeline.text_encoder.requires_grad_(True)
     assert torch.equal(table.input_ids, tc.tokenize(pipeline, table.distinct))
@@ -301,7 +301,7 @@ def test_pretraining_trains_the_stand_ins_text_encoder_with_its_unet_unless_told
     texts = sorted(set(captions))
 
     def pretrained(train_text_encoder: bool):
-        pipeline = tc.tiny_base(captions, sample_size=8, seed=0, unet={"block_out_channels": [16, 32]})
+        pipeline = tc.tiny_base(captions, sample_size=8, seed=0)
         before = tc.encode_prompts(pipeline, texts), [p.clone() for p in pipeline.unet.parameters()]
         tc.pretrain(
             pipeline,

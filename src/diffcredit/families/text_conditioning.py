@@ -97,13 +97,15 @@ def write_tokenizer(directory: str | Path, texts: Sequence[str], max_length: int
 
 
 def tiny_unet_config(sample_size: int = 16, channels: int = 1, cross_attention_dim: int = 32) -> dict[str, Any]:
-    """A small ``UNet2DConditionModel`` for the stand-in: channels 32/64, cross-attention at the half resolution
-    only (at the full one it costs twice as much per step on a CPU)."""
+    """A small ``UNet2DConditionModel`` for the stand-in: channels 16/32, cross-attention at the half resolution
+    only (at the full one it costs twice as much per step on a CPU). Pre-trained 1,800 steps it draws the prompted
+    letter more often than channels 32/64 do after 1,200 (92% against 79% guided), in two thirds of the time (README,
+    "Text-to-image LoRA")."""
     return {
         "sample_size": sample_size,
         "in_channels": channels,
         "out_channels": channels,
-        "block_out_channels": [32, 64],
+        "block_out_channels": [16, 32],
         "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
         "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
         "layers_per_block": 1,
