@@ -30,6 +30,8 @@ export SLURM_CONF=$DIR/etc/slurm.conf
 log() { echo "slurm-local: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
+# run/DAEMON.pid holds the PID this script started; each daemon writes its own pid file elsewhere (state/, spool/,
+# munge/, mysql/), since a daemon rewriting the file that alive() polls can be read empty.
 pid_of() { cat "$DIR/run/$1.pid" 2>/dev/null || true; }
 alive() { local pid; pid=$(pid_of "$1"); [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null; }
 
@@ -92,8 +94,8 @@ AuthType=auth/munge
 CredType=cred/munge
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool
-SlurmctldPidFile=$DIR/run/slurmctld.pid
-SlurmdPidFile=$DIR/run/slurmd.pid
+SlurmctldPidFile=$DIR/state/slurmctld.pid
+SlurmdPidFile=$DIR/spool/slurmd.pid
 SlurmctldLogFile=$DIR/log/slurmctld.log
 SlurmdLogFile=$DIR/log/slurmd.log
 # No systemd or cgroups here.
@@ -136,7 +138,7 @@ DbdAddr=127.0.0.1
 DbdPort=$PORT_DBD
 SlurmUser=root
 AuthType=auth/munge
-PidFile=$DIR/run/slurmdbd.pid
+PidFile=$DIR/state/slurmdbd.pid
 LogFile=$DIR/log/slurmdbd.log
 StorageType=accounting_storage/mysql
 StorageHost=127.0.0.1
