@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from machine import machine_description, replace_section
+from machine import machine_description, replace_section, table_head
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES_PER_LETTER = 4
@@ -111,10 +111,13 @@ def markdown(rows: list[dict], steps: int, channels: list[int]) -> str:
         "the 8 base fonts' 416 glyphs; letter accuracy = share of 104 prompted samples (4 per letter, DPM-Solver++ "
         "10 steps) that a letter classifier reads as the prompted letter; chance 3.8%.",
         "",
-        "| text encoder | caption dropout | pre-training (s, one thread) | final loss | "
-        + " | ".join(f"guidance {s}" for s in scales)
-        + " |",
-        "| --- " * (4 + len(scales)) + "|",
+        *table_head(
+            "text encoder",
+            "caption dropout",
+            "pre-training (s, one thread)",
+            "final loss",
+            *(f"guidance {s}" for s in scales),
+        ),
     ]
     for row in rows:
         lines.append(

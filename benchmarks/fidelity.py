@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from machine import machine_description, package_versions, replace_section
+from machine import machine_description, package_versions, replace_section, table_head
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ROOT / "config" / "presets"
@@ -117,11 +117,6 @@ def results(report: dict, wall_seconds: float | None) -> dict:
     out["date"] = time.strftime("%Y-%m-%d")
     out["packages"] = package_versions()
     return out
-
-
-def table_head(*columns: str) -> list[str]:
-    """A markdown table's header and rule."""
-    return ["| " + " | ".join(columns) + " |", "| --- " * len(columns) + "|"]
 
 
 def verdict(key: str, value: float | None) -> str:

@@ -1,4 +1,5 @@
-"""What every benchmark records beside its figures: the machine, the package versions, and its own RESULTS.md section."""
+"""What every benchmark records beside its figures: the machine, the package versions, and its own RESULTS.md section
+(with the header of its markdown tables)."""
 
 from __future__ import annotations
 
@@ -51,3 +52,8 @@ def replace_section(path: Path, title: str, body: str) -> None:
         following = text.find("\n## ", start + len(heading))
         text = text[:start] + section + ("" if following < 0 else "\n" + text[following + 1 :])
     path.write_text(text)
+
+
+def table_head(*columns: str) -> list[str]:
+    """A markdown table's header and rule."""
+    return ["| " + " | ".join(columns) + " |", "| --- " * len(columns) + "|"]
