@@ -52,6 +52,11 @@ def base(tmp_path_factory, glyphs):
     return tc.load_base(folder / "base")
 
 
+def encode(pipeline, prompts):
+    """The frozen text encoder's embeddings of ``prompts``, as PromptTable.build computes them."""
+    return tc.encode_ids(pipeline, tc.tokenize(pipeline, prompts))
+
+
 def _captions(data, texts):
     return dict(zip(data.item_ids, texts, strict=True))
 
@@ -233,7 +238,7 @@ def test_the_conditioned_unet_attends_to_each_items_caption(base, glyphs):
     conditioned.observe(conditioned, torch.tensor([0, 2]))
     with torch.no_grad():
         out = conditioned(sample, t).sample
-        direct = base.unet(sample, t, encoder_hidden_states=tc.encode_prompts(base, [captions[0], captions[2]])).sample
+        direct = base.unet(sample, t, encoder_hidden_states=encode(base, [captions[0], captions[2]])).sample
     torch.testing.assert_close(out, direct)
     with pytest.raises(RuntimeError, match=r"observer=model\.observe"):
         conditioned(torch.randn(3, 1, 8, 8), torch.tensor([5, 5, 5]))
@@ -302,7 +307,7 @@ def test_pretraining_trains_the_stand_ins_text_encoder_with_its_unet_unless_told
 
     def pretrained(train_text_encoder: bool):
         pipeline = tc.tiny_base(captions, sample_size=8, seed=0)
-        before = tc.encode_prompts(pipeline, texts), [p.clone() for p in pipeline.unet.parameters()]
+        before = encode(pipeline, texts), [p.clone() for p in pipeline.unet.parameters()]
         tc.pretrain(
             pipeline,
             data.images,
@@ -319,11 +324,11 @@ def test_pretraining_trains_the_stand_ins_text_encoder_with_its_unet_unless_told
         return pipeline, before[0], unet_moved
 
     trained, initial, unet_moved = pretrained(True)
-    assert unet_moved and not torch.allclose(tc.encode_prompts(trained, texts), initial)
+    assert unet_moved and not torch.allclose(encode(trained, texts), initial)
     assert not trained.text_encoder.training and not any(p.requires_grad for p in trained.text_encoder.parameters())
     frozen, initial_too, unet_moved = pretrained(False)
     assert unet_moved and torch.equal(initial_too, initial)  # the same initialisation
-    assert torch.equal(tc.encode_prompts(frozen, texts), initial)
+    assert torch.equal(encode(frozen, texts), initial)
 
 
 def test_lora_save_then_load_gives_identical_images(tmp_path, text_family):
@@ -637,7 +642,7 @@ def test_text_lora_trak_features_are_lora_gradients_under_each_items_caption(tex
     assert params and all("lora" in name for name in params)  # the adapter only, as it is what a coalition trains
     for i in (0, 2, 5):  # items of the three captions
         clean = torch.from_numpy(data.images[i]).expand(2, -1, -1, -1)
-        states = tc.encode_prompts(base, [captions[i]]).expand(2, -1, -1)
+        states = encode(base, [captions[i]]).expand(2, -1, -1)
         noisy = space.scheduler.add_noise(clean, space.noise, space.timesteps)
         prediction = unet(noisy, space.timesteps, encoder_hidden_states=states).sample
         loss = (prediction - denoising_target(space.scheduler, clean, space.noise, space.timesteps)).pow(2).mean()

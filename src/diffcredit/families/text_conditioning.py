@@ -228,14 +228,10 @@ def tokenize(pipeline: TextPipeline, prompts: Sequence[str]) -> torch.Tensor:
     ).input_ids
 
 
-def encode_prompts(pipeline: TextPipeline, prompts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-    """Last hidden states of the frozen text encoder, float32 ``[len(prompts), max_length, dim]`` on the CPU."""
-    return encode_ids(pipeline, tokenize(pipeline, prompts), batch_size)
-
-
 @torch.inference_mode()
 def encode_ids(pipeline: TextPipeline, ids: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """:func:`encode_prompts` of prompts already tokenized (``ids`` from :func:`tokenize`)."""
+    """Last hidden states of the frozen text encoder for token ``ids`` (from :func:`tokenize`), float32
+    ``[len(ids), max_length, dim]`` on the CPU."""
     device = next(pipeline.text_encoder.parameters()).device
     return torch.cat(
         [
