@@ -32,7 +32,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 STORE = ROOT / "results" / "bench_estimators" / "cells.json"
-OURS = ("kernelshap", "kernelshap_leverage", "kernelshap_unbiased", "permutation")
+OURS = ("kernelshap", "kernelshap_leverage", "kernelshap_unpaired", "kernelshap_unbiased", "permutation")
 SIZES = {10: (32, 64, 128, 256, 512), 20: (64, 128, 256, 512, 1024, 2048), 50: (128, 256, 512, 1024, 2048, 4096)}
 GAMES = ("additive", "pairwise", "majority", "concave")
 SEEDS = 12

@@ -25,7 +25,7 @@ from diffcredit.estimators import DEFAULT
 from diffcredit.estimators import NAMES as ESTIMATORS
 
 PLAYERS = [f"p{i}" for i in range(6)]
-SAMPLED = ("permutation", "kernelshap", "kernelshap_leverage", "kernelshap_unbiased", "banzhaf")
+SAMPLED = ("permutation", "kernelshap", "kernelshap_leverage", "kernelshap_unpaired", "kernelshap_unbiased", "banzhaf")
 
 
 def sizes(table: pd.DataFrame) -> np.ndarray:
@@ -154,6 +154,23 @@ def test_kernelshap_leverage_gives_every_size_the_same_share():
     table = plan([f"p{i}" for i in range(n)], "kernelshap_leverage", 2 + 2 * 66, seed=0)
     counts = stratum_counts(table, n)  # strata 1–5 hold two sizes each, stratum 6 one: 12 : … : 12 : 6 pairs
     np.testing.assert_array_equal(counts, [12, 12, 12, 12, 12, 6])
+
+
+def test_kernelshap_unpaired_fills_the_highest_kernel_sizes_first():
+    # each next coalition goes to the size s with the largest mass/(count + 1), mass ∝ 1/(s(n − s)): sizes 1 and
+    # n − 1 (1/7 each at n = 8) are complete (the border trick) by 42 coalitions, when sizes 2 and 6 (1/12) hold 6
+    # and sizes 3-5 (1/15, 1/16) 4 each; a complete size takes no more
+    n = 8
+    sizes = {}
+    for budget in (18, 42, 120):
+        table = plan([f"p{i}" for i in range(n)], "kernelshap_unpaired", budget, seed=0)
+        members = list(member_sets(table).values())
+        assert len({frozenset(m) for m in members}) == budget
+        assert table["stratum"][2:].astype(int).tolist() == [len(m) for m in members[2:]]
+        sizes[budget] = np.bincount([len(m) for m in members], minlength=n + 1)
+    np.testing.assert_array_equal(sizes[18], [1, 4, 2, 2, 1, 1, 2, 4, 1])
+    np.testing.assert_array_equal(sizes[42], [1, 8, 6, 4, 4, 4, 6, 8, 1])
+    assert sizes[120][1] == sizes[120][7] == 8 and sizes[120][2] > sizes[120][4]
 
 
 def test_large_strata_are_sampled_without_replacement():

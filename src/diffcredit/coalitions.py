@@ -23,6 +23,11 @@ A plan is a table with one row per distinct member set, in plan order:
                       allocation: sizes 1 and n−1 fill first and a complete stratum is enumerated); for
                       ``kernelshap_leverage`` w_k is the number of sizes in the stratum (Musco & Witter's leverage
                       scores give every size the same mass).
+  kernelshap_unpaired ``draw``, ``stratum``, ``samples``: rows 0 and 1 are the empty and the grand coalition, then
+                      single coalitions (no complements). Stratum s holds the coalitions of size s, in a fixed
+                      seeded random order without replacement; the next coalition goes to the incomplete size with
+                      the largest p(s)/(count_s + 1), p(s) ∝ 1/(s(n−s)) (sizes 1 and n−1 fill first; a complete
+                      size is enumerated, as shapiq's border trick).
   kernelshap_unbiased ``pair``, ``samples``: i.i.d. draws (size s with p(s) ∝ (n-1)/(s(n-s)), then a uniform subset
                       S), each adding S and its complement; a draw of an already planned pair costs nothing but
                       still counts.
@@ -31,7 +36,7 @@ A plan is a table with one row per distinct member set, in plan order:
                       coalition, then each draw adds the prefixes of both orders not planned yet. ``samples``.
   =================== ============================================================================================
 
-``samples`` lists the draws (kernelshap pairs, antithetic permutation chains) that are complete once the table
+``samples`` lists the draws (kernelshap pairs, kernelshap_unpaired coalitions, antithetic permutation chains) that are complete once the table
 reaches this row, ``;``-separated, each as the comma-separated coalition ids it uses (``S,complement``, or the chain
 ``∅,{π1},{π1,π2},…,N`` followed by the chain of the reversed order). A draw is recorded on the last new row it
 needs; a draw that needs no new row waits for the next row. Each draw appears exactly once.
@@ -73,6 +78,7 @@ COALITION_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 _STREAM = zlib.crc32(b"diffcredit.coalitions")  # keeps this stream apart from other children of the run seed
 _STRATA = zlib.crc32(b"diffcredit.coalitions.strata")  # the kernelshap strata's own orders
+_SIZES = zlib.crc32(b"diffcredit.coalitions.sizes")  # the kernelshap_unpaired sizes' own orders
 _BLOCK = 256  # draws per random block; fixed, so the plan does not depend on the budget
 _MAX_DRAWS_PER_ROW = 200  # give up (instead of looping) when almost every coalition is already planned
 _ENUMERATED_STRATUM = 2**16  # kernelshap strata with at most this many pairs are enumerated, then shuffled
@@ -244,23 +250,26 @@ def leverage_draws(ids: list[str], seed: int) -> Iterator[_Draws]:
     return _stratified_draws(n, seed, np.where(2 * k == n, 1.0, 2.0))
 
 
+def kernelshap_unpaired_draws(ids: list[str], seed: int) -> Iterator[_Draws]:
+    """Stratified single coalitions without replacement by size, allocated in proportion to the Shapley kernel's
+    mass of each size; no complements (shapiq's KernelSHAP design, with its border trick)."""
+    n = len(ids)
+    yield _bounds(n)
+    sizes = np.arange(1, n)
+    streams = [_subset_sequence(n, s, seed, _SIZES) for s in sizes]
+    drawn = 0
+    for chosen in _allocation(1.0 / (sizes * (n - sizes)), comb(n, sizes, exact=False)):
+        index = drawn + np.arange(len(chosen))
+        drawn += len(chosen)
+        mask = np.array([next(streams[k]) for k in chosen])
+        yield _Draws(mask, index, {"draw": index, "stratum": sizes[chosen]}, sample=True)
+
+
 def _stratified_draws(n: int, seed: int, weight: np.ndarray) -> Iterator[_Draws]:
     yield _bounds(n)
-    population = stratum_pairs(n)
     streams = [_stratum_sequence(n, k, seed) for k in range(1, n // 2 + 1)]
-    count = np.zeros(len(streams), np.int64)
-    # a max-heap on w_k / (count_k + 1); a stratum leaves it once all its pairs are planned
-    heap = [(-w, k) for k, w in enumerate(weight)]
-    heapq.heapify(heap)
     pair = 0
-    while heap:
-        chosen = []
-        while heap and len(chosen) < _BLOCK:
-            _, k = heapq.heappop(heap)
-            chosen.append(k)
-            count[k] += 1
-            if count[k] < population[k]:
-                heapq.heappush(heap, (-weight[k] / (count[k] + 1), k))
+    for chosen in _allocation(weight, stratum_pairs(n)):
         mask = np.array([next(streams[k]) for k in chosen])
         index = np.repeat(pair + np.arange(len(chosen)), 2)
         pair += len(chosen)
@@ -270,28 +279,53 @@ def _stratified_draws(n: int, seed: int, weight: np.ndarray) -> Iterator[_Draws]
         )
 
 
+def _allocation(weight: np.ndarray, population: np.ndarray) -> Iterator[list[int]]:
+    """Blocks of stratum indices: each next unit goes to the incomplete stratum with the largest
+    w_k/(count_k + 1) (ties: the smaller k); a stratum leaves once all its ``population`` units are allocated."""
+    count = np.zeros(len(weight), np.int64)
+    heap = [(-w, k) for k, w in enumerate(weight)]  # a max-heap on w_k / (count_k + 1)
+    heapq.heapify(heap)
+    while heap:
+        chosen = []
+        while heap and len(chosen) < _BLOCK:
+            _, k = heapq.heappop(heap)
+            chosen.append(k)
+            count[k] += 1
+            if count[k] < population[k]:
+                heapq.heappush(heap, (-weight[k] / (count[k] + 1), k))
+        yield chosen
+
+
 def _stratum_sequence(n: int, k: int, seed: int) -> Iterator[np.ndarray]:
     """The distinct pairs of stratum k in a fixed random order, each as the mask of its side S with |S| = k.
 
-    A half-size pair (2k = n) is represented by its side holding contributor 0. Small strata are enumerated and
-    shuffled; large ones are drawn at random, skipping pairs already drawn (rare there).
+    A half-size pair (2k = n) is represented by its side holding contributor 0.
     """
-    total = stratum_pairs(n)[k - 1]
+    return _subset_sequence(n, k, seed, _STRATA, halve=2 * k == n)
+
+
+def _subset_sequence(n: int, size: int, seed: int, label: int, halve: bool = False) -> Iterator[np.ndarray]:
+    """The distinct subsets of ``size`` in a fixed random order (with ``halve``, only those holding contributor 0).
+
+    Small populations are enumerated and shuffled; large ones are drawn at random, skipping subsets already drawn
+    (rare there).
+    """
+    total = comb(n, size, exact=False) / (2 if halve else 1)
     if total <= _ENUMERATED_STRATUM:
-        sides = np.array(list(itertools.combinations(range(n), k)))
-        if 2 * k == n:
+        sides = np.array(list(itertools.combinations(range(n), size)))
+        if halve:
             sides = sides[sides[:, 0] == 0]
-        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_STRATA, k)))
+        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(label, size)))
         masks = np.zeros((len(sides), n), bool)
         masks[np.arange(len(sides))[:, None], sides] = True
         yield from masks[rng.permutation(len(masks))]
         return
     seen: set[bytes] = set()
-    for _, rng in _blocks(seed, _STRATA, k):
+    for _, rng in _blocks(seed, label, size):
         masks = np.empty((_STRATUM_BLOCK, n), bool)
         order = rng.permuted(np.broadcast_to(np.arange(n), (_STRATUM_BLOCK, n)), axis=1)
-        masks[np.arange(_STRATUM_BLOCK)[:, None], order] = np.arange(n) < k
-        if 2 * k == n:
+        masks[np.arange(_STRATUM_BLOCK)[:, None], order] = np.arange(n) < size
+        if halve:
             masks[~masks[:, 0]] = ~masks[~masks[:, 0]]
         for mask, key in zip(masks, np.packbits(masks, axis=1), strict=True):
             key = key.tobytes()

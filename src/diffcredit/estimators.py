@@ -54,6 +54,18 @@ REGISTRY: dict[str, Estimator] = {
             shapley.kernelshap_path,
         ),
         Estimator(
+            "kernelshap_unpaired",
+            "Shapley",
+            "constrained KernelSHAP with the sampled matrix on single coalitions (no complements), stratified by size "
+            "with proportional allocation; complete sizes are enumerated (shapiq's design): for nearly constant-sum "
+            "games, where a complement adds nothing",
+            "linearisation (HC2 sandwich) variance per stratum with finite-population correction, plus seed noise",
+            True,
+            ("draw", "stratum", "samples"),
+            coalitions.kernelshap_unpaired_draws,
+            shapley.kernelshap_unpaired_path,
+        ),
+        Estimator(
             "kernelshap_unbiased",
             "Shapley",
             "Covert & Lee's unbiased KernelSHAP (exact kernel matrix, sampled vector) on i.i.d. paired draws",

@@ -25,6 +25,11 @@ complete strata add nothing; strata with one pair are collapsed into one group) 
 Satterthwaite degrees of freedom; a stratum's df for contributor i is Kish's effective number of its pairs,
 (Σ_j (Pz_j)_i²)²/Σ_j (Pz_j)_i⁴, less one for the centring.
 Since P1 = 0, φ = Σ_j Q_k/(2m_k)·(v(S_j) − v(N∖S_j))·P z_j + Â⁺1/(1ᵀÂ⁺1)·(v(N) − v(∅)).
+The method line also says what a pair was worth in unpaired coalitions (:func:`_pairing_worth`).
+
+``kernelshap_unpaired``: the same estimator and interval on single coalitions, stratum s holding the coalitions of
+size s (kernel mass p(s)): Â_s and b̂_s are the means of zzᵀ and z(v(S) − v(∅)), ψ_j = e_j·P z_j, and v(∅) also
+enters each coalition's response, so its seed noise enters with the weight h − PΣ_j w_j z_j instead of h.
 
 The other estimators but Banzhaf are a mean over m independent draws of a statistic linear in the utilities,
 φ̂ = (1/m) Σ_k g_k with g_k = Σ_c G_kc ū_c:
@@ -90,6 +95,8 @@ TABLE_COLUMNS = (
 CONDITIONAL = "not measured: interval conditional on single measurements"
 _GRID_POINTS = 20
 _MAX_LEVERAGE = 0.95  # caps the HC2 inflation of one pair's squared residual at 20×
+_ROUNDING = 1e-20  # squared residuals below this share of the squared responses are rounding error
+_UNPAIRED_HINT = 0.75  # a pair worth fewer unpaired coalitions than this (a margin for the ratio's spread): say so
 _CONDITION = 1e-6  # Cholesky diagonals below this share of the largest: treat the sampled matrix as singular
 _LISTED = 10  # ids named in an error message before "and k more"
 
@@ -271,6 +278,7 @@ class _Estimate:
     stderr: np.ndarray
     df: np.ndarray
     used: int  # distinct coalitions entering the estimate
+    pairing: float = np.nan  # paired kernelshap: what a pair was worth in unpaired coalitions (see _pairing_worth)
 
 
 def read_utilities(path: str | os.PathLike[str]) -> pd.DataFrame:
@@ -537,72 +545,134 @@ def kernelshap_path(
     table: pd.DataFrame, members: sparse.csr_array, measured: _Measured, grid: np.ndarray
 ) -> tuple[list, str]:
     """Stratified paired KernelSHAP with the sampled matrix on about 20 prefixes of the plan."""
+    return _stratified_path(table, members, measured, grid, paired=True)
+
+
+def kernelshap_unpaired_path(
+    table: pd.DataFrame, members: sparse.csr_array, measured: _Measured, grid: np.ndarray
+) -> tuple[list, str]:
+    """Stratified unpaired KernelSHAP (strata: coalition sizes) with the sampled matrix on about 20 prefixes."""
+    return _stratified_path(table, members, measured, grid, paired=False)
+
+
+def _stratified_path(
+    table: pd.DataFrame, members: sparse.csr_array, measured: _Measured, grid: np.ndarray, paired: bool
+) -> tuple[list, str]:
     n = members.shape[1]
     empty, grand = _bounds_of(members)
     if not np.isfinite(measured.mean[[empty, grand]]).all():
         raise ValueError("kernelshap needs the utilities of the empty and the grand coalition; neither can be excluded")
-    pairs, done = _samples(table, 2)
+    draws, done = _samples(table, 2 if paired else 1)
     size = members.sum(axis=1)
-    left, right = pairs[:, 0], pairs[:, 1]
-    if ((size[left] + size[right]) != n).any() or members[left].multiply(members[right]).sum() != 0:
-        raise ValueError("a kernelshap sample pairs a coalition with something other than its complement")
-    keep = np.isfinite(measured.mean[pairs]).all(axis=1)
-    small = size[left] <= n - size[left]  # put the smaller side first: its membership row is the sparse one
-    side, other = np.where(small, left, right)[keep], np.where(small, right, left)[keep]
+    keep = np.isfinite(measured.mean[draws]).all(axis=1)
+    if paired:
+        left, right = draws[:, 0], draws[:, 1]
+        if ((size[left] + size[right]) != n).any() or members[left].multiply(members[right]).sum() != 0:
+            raise ValueError("a kernelshap sample pairs a coalition with something other than its complement")
+        small = size[left] <= n - size[left]  # put the smaller side first: its membership row is the sparse one
+        side, other = np.where(small, left, right)[keep], np.where(small, right, left)[keep]
+        response = (measured.mean[side] - measured.mean[other]) / 2
+        even = (measured.mean[side] + measured.mean[other] - measured.mean[grand] - measured.mean[empty]) / 2
+        noise = np.nan_to_num(measured.noise[side] + measured.noise[other]) / 4
+        design = _Design(plans.kernel_mass(n), plans.stratum_pairs(n), paired=True)
+    else:
+        side = draws[keep, 0]
+        if ((size[side] == 0) | (size[side] == n)).any():
+            raise ValueError("a kernelshap_unpaired sample is the empty or the grand coalition; re-run diffcredit plan")
+        response, even = measured.mean[side] - measured.mean[empty], None
+        noise = np.nan_to_num(measured.noise[side])
+        sizes = np.arange(1, n)
+        kernel = 1.0 / (sizes * (n - sizes))
+        design = _Design(kernel / kernel.sum(), comb(n, sizes, exact=False), paired=False)
     done = done[keep]
+    unit = "pair" if paired else "coalition"
     if len(done) < 2:
         raise ValueError(
-            f"the kernelshap plan has {len(done)} complete pair(s) with utilities; at least 2 are needed for an "
+            f"the kernelshap plan has {len(done)} complete {unit}(s) with utilities; at least 2 are needed for an "
             "interval: raise the budget"
         )
-    pairs = _Pairs(
-        z=sparse.csr_array(members[side], dtype=float),
-        stratum=size[side],
-        difference=measured.mean[side] - measured.mean[other],
-        noise=np.nan_to_num(measured.noise[side] + measured.noise[other]),
-    )
+    units = _Units(sparse.csr_array(members[side], dtype=float), size[side], response, noise, even)
     delta = measured.mean[grand] - measured.mean[empty]
-    bound_noise = float(np.nan_to_num(measured.noise[grand] + measured.noise[empty]))
+    bounds = np.nan_to_num(measured.noise[[empty, grand]])
     path = []
     for q in grid:
         stop = int(np.searchsorted(done, q))
         if stop >= 2:
-            estimate = _stratified_kernelshap(pairs.head(stop), n, delta, bound_noise, measured.df)
-            path.append((int(q), estimate))
-    rows = path[-1][1].used
-    return path, (
-        f"constrained KernelSHAP with the sampled matrix over {(rows - 2) // 2} stratified pairs; "
-        "linearised t-interval with finite-population correction per stratum"
-    )
+            path.append((int(q), _stratified_kernelshap(units.head(stop), design, delta, bounds, measured.df)))
+    final = path[-1][1]
+    method = (
+        f"constrained KernelSHAP with the sampled matrix over {(final.used - 2) // 2} stratified pairs"
+        if paired
+        else f"constrained KernelSHAP with the sampled matrix over {final.used - 2} coalitions stratified by size, "
+        "unpaired"
+    ) + "; linearised t-interval with finite-population correction per stratum"
+    if np.isfinite(final.pairing):
+        method += f"; a pair was worth {final.pairing:.2f} unpaired coalitions" + (
+            " (a nearly constant-sum game: kernelshap_unpaired gives more per utility)"
+            if final.pairing < _UNPAIRED_HINT
+            else ""
+        )
+    elif final.pairing == np.inf:
+        method += "; the pairs left no residual (their odd part is additive): pairing beat unpaired coalitions"
+    return path, method
 
 
 @dataclass(frozen=True)
-class _Pairs:
-    """Planned pairs of a kernelshap plan: the smaller side's membership, its size, v(S) − v(N∖S), Var of that."""
+class _Design:
+    """A stratified KernelSHAP design: each stratum's Shapley-kernel mass (summing to 1) and number of units.
+
+    Paired: stratum k holds the pairs (S, N∖S) with min(|S|, n−|S|) = k. Unpaired: stratum s holds the coalitions of
+    size s.
+    """
+
+    mass: np.ndarray
+    population: np.ndarray
+    paired: bool
+
+
+@dataclass(frozen=True)
+class _Units:
+    """Planned units of a stratified KernelSHAP plan, a pair (S, N∖S) or one coalition S: the membership z of S (the
+    smaller side of a pair), the unit's stratum, its response y (a pair: (v(S) − v(N∖S))/2; a coalition:
+    v(S) − v(∅)), the variance of y from seed noise, and a pair's even part (v(S) + v(N∖S) − v(N) − v(∅))/2."""
 
     z: sparse.csr_array
     stratum: np.ndarray
-    difference: np.ndarray
+    response: np.ndarray
     noise: np.ndarray
+    even: np.ndarray | None = None
 
-    def head(self, m: int) -> _Pairs:
-        return _Pairs(self.z[:m], self.stratum[:m], self.difference[:m], self.noise[:m])
+    def head(self, m: int) -> _Units:
+        return _Units(
+            self.z[:m],
+            self.stratum[:m],
+            self.response[:m],
+            self.noise[:m],
+            None if self.even is None else self.even[:m],
+        )
 
 
-def _stratified_kernelshap(pairs: _Pairs, n: int, delta: float, bound_noise: float, noise_df: int) -> _Estimate:
-    """Values, stderr and degrees of freedom of stratified kernelshap from the pairs (see the module docstring)."""
-    k = pairs.stratum
-    count = np.bincount(k, minlength=n // 2 + 1)[1:]
-    mass, population = plans.kernel_mass(n), plans.stratum_pairs(n)
-    weight = mass[k - 1] / count[k - 1]  # Q_k / m_k per pair
-    z = pairs.z
+def _stratified_kernelshap(
+    units: _Units, design: _Design, delta: float, bounds: np.ndarray, noise_df: int
+) -> _Estimate:
+    """Values, stderr and degrees of freedom of stratified kernelshap from its units (see the module docstring);
+    ``bounds``: the seed-noise variances of v(∅) and v(N)."""
+    n = units.z.shape[1]
+    k = units.stratum
+    count = np.bincount(k, minlength=len(design.mass) + 1)[1:]
+    mass, population = design.mass, design.population
+    weight = mass[k - 1] / count[k - 1]  # Q_k / m_k per unit
+    z = units.z
     column = z.T @ weight  # Σ w z
     a_hat = (z.T @ sparse.diags_array(weight) @ z).toarray()
-    a_hat += (weight.sum() - column[:, None] - column[None, :]) / 2  # (zzᵀ + z̄z̄ᵀ)/2 = zzᵀ + (11ᵀ − z1ᵀ − 1zᵀ)/2
     rows = None
-    if 2 * len(k) < n:  # Â = FᵀF is singular for sure: its pseudo-inverse from the 2m × 2m Gram matrix of F
-        half = np.sqrt(weight / 2)[:, None] * z.toarray()
-        rows = np.vstack([half, np.sqrt(weight / 2)[:, None] - half])  # √(w/2)·z and √(w/2)·z̄ for each pair
+    if design.paired:
+        a_hat += (weight.sum() - column[:, None] - column[None, :]) / 2  # (zzᵀ + z̄z̄ᵀ)/2 = zzᵀ + (11ᵀ − z1ᵀ − 1zᵀ)/2
+        if 2 * len(k) < n:  # Â = FᵀF is singular for sure: its pseudo-inverse from the 2m × 2m Gram matrix of F
+            half = np.sqrt(weight / 2)[:, None] * z.toarray()
+            rows = np.vstack([half, np.sqrt(weight / 2)[:, None] - half])  # √(w/2)·z and √(w/2)·z̄ for each pair
+    elif len(k) < n:
+        rows = np.sqrt(weight)[:, None] * z.toarray()
     inverse = _pseudo_inverse(a_hat, rows)
     ones = inverse.sum(axis=1)  # Â⁺1
     h = ones / ones.sum()
@@ -610,26 +680,31 @@ def _stratified_kernelshap(pairs: _Pairs, n: int, delta: float, bound_noise: flo
     def project(rows):  # x ↦ P x for each row x (P is symmetric); rows may be sparse
         return rows @ inverse - (rows @ ones)[:, None] * h[None, :]
 
-    value = project((z.T @ (weight * pairs.difference / 2))[None, :])[0] + h * delta
+    value = project((z.T @ (weight * units.response))[None, :])[0] + h * delta
     pz = project(z)
-    residual = pairs.difference - 2 * (z @ value) + delta  # e − ē: residual of S minus residual of N∖S
-    # HC2: a pair's own weight pulls the fit towards it (leverage h_j = w_j z_jᵀPz_j, averaging (n − 1)/m), so
-    # E[e_j²] = (1 − h_j)σ²; dividing by √(1 − h_j) makes each squared residual unbiased (HC3's 1 − h_j
+    # r_j with ψ_j = P(b_j − A_j φ) = r_j·Pz_j: a pair's (e − ē)/2 (Pz̄ = −Pz, since P1 = 0), a coalition's e
+    residual = units.response - z @ value + (delta / 2 if design.paired else 0.0)
+    # HC2: a unit's own weight pulls the fit towards it (leverage h_j = w_j z_jᵀPz_j, averaging (n − 1)/m), so
+    # E[r_j²] = (1 − h_j)σ²; dividing by √(1 − h_j) makes each squared residual unbiased (HC3's 1 − h_j
     # approximates the jackknife and over-covers at m ≈ n: 0.971 at 15 pairs of n = 8, HC2 0.94–0.96)
     leverage = np.clip(weight * np.asarray(z.multiply(pz).sum(axis=1)).ravel(), 0, _MAX_LEVERAGE)
     residual = residual / np.sqrt(1 - leverage)
-    influence = residual[:, None] / 2 * pz  # ψ_j = P(b_j − A_j φ)
-    own_noise = pairs.noise[:, None] / 4 * pz**2  # seed noise left in ψ_j: (1 − h_j) of it, times 1/(1 − h_j)
+    influence = residual[:, None] * pz
+    own_noise = units.noise[:, None] * pz**2  # seed noise left in ψ_j: (1 − h_j) of it, times 1/(1 − h_j)
 
     def dof(rows: np.ndarray, scale: float | np.ndarray = 1.0) -> np.ndarray:
-        # Satterthwaite's df of Σ_j ω_j e_j² with ω_j = (scale_j (Pz_j)_i)²: (Σω)²/Σω² (Kish's effective number of
-        # pairs: a contributor in one pair of a stratum has about 1, not m − 1), less the centring's share
+        # Satterthwaite's df of Σ_j ω_j r_j² with ω_j = (scale_j (Pz_j)_i)²: (Σω)²/Σω² (Kish's effective number of
+        # units: a contributor in one unit of a stratum has about 1, not m − 1), less the centring's share
         count, share = rows.sum(), (np.reshape(scale, (-1, 1)) * pz[rows]) ** 2
         with np.errstate(invalid="ignore", divide="ignore"):
             effective = share.sum(axis=0) ** 2 / (share**2).sum(axis=0)
         return np.maximum(np.nan_to_num(effective, nan=count) * (count - 1) / count, 1.0)
 
-    noise = ((weight / 2) ** 2 * pairs.noise) @ pz**2 + h**2 * bound_noise
+    noise = (weight**2 * units.noise) @ pz**2
+    if design.paired:  # v(∅) and v(N) enter only through Δ: a pair's difference cancels v(∅)
+        noise += h**2 * (bounds[1] + bounds[0])
+    else:  # v(∅) also enters every coalition's response
+        noise += (h - project(column[None, :])[0]) ** 2 * bounds[0] + h**2 * bounds[1]
 
     parts, dfs = [], []
     strata = np.flatnonzero(count)
@@ -642,13 +717,13 @@ def _stratified_kernelshap(pairs: _Pairs, n: int, delta: float, bound_noise: flo
         spread = influence[rows].var(axis=0, ddof=1) - own_noise[rows].mean(axis=0)
         parts.append(mass[s] ** 2 * (1 - m / population[s]) * np.maximum(spread, 0) / m)
         dfs.append(dof(rows))
-    if len(single) >= 2:  # collapsed strata: one pair each, compared with their share of the group's total
+    if len(single) >= 2:  # collapsed strata: one unit each, compared with their share of the group's total
         rows = np.isin(k, np.array(single) + 1)
         total = mass[k[rows] - 1][:, None] * influence[rows]
         share = mass[k[rows] - 1] / mass[k[rows] - 1].sum()
         parts.append(len(single) / (len(single) - 1) * ((total - share[:, None] * total.sum(axis=0)) ** 2).sum(0))
         dfs.append(dof(rows, mass[k[rows] - 1]))
-    elif single and parts:  # a lone one-pair stratum borrows the spread of the nearest stratum with several
+    elif single and parts:  # a lone one-unit stratum borrows the spread of the nearest stratum with several
         s = single[0]
         nearest = min((t for t in strata if 1 < count[t] < population[t]), key=lambda t: abs(t - s))
         rows = k == nearest + 1
@@ -659,7 +734,34 @@ def _stratified_kernelshap(pairs: _Pairs, n: int, delta: float, bound_noise: flo
         parts.append(noise)
         dfs.append(noise_df)
     variance, df = _satterthwaite(parts, dfs) if parts else (np.zeros(n), np.full(n, np.inf))
-    return _Estimate(value, np.sqrt(variance), df, 2 + 2 * len(k))
+    sampled = count[k - 1] < population[k - 1]
+    pairing = np.nan if units.even is None else _pairing_worth(units.even, residual, units.response, weight, sampled)
+    return _Estimate(value, np.sqrt(variance), df, 2 + (2 if design.paired else 1) * len(k), pairing)
+
+
+def _pairing_worth(
+    even: np.ndarray, odd: np.ndarray, response: np.ndarray, weight: np.ndarray, sampled: np.ndarray
+) -> float:
+    """How many unpaired coalitions one pair (S, N∖S) was worth, from the pairs of the strata still sampled.
+
+    A game splits into an odd part w(S) = (v(S) − v(N∖S) + v(N) − v(∅))/2, which carries the whole Shapley value,
+    and an even part a(S) = a(N∖S) of Shapley value zero. An unpaired coalition's residual holds both, ρ + a, and
+    costs one utility; a pair's holds ρ alone and costs two. So a pair is worth (E[ρ²] + E[a²] + σ²)/(E[ρ²] + σ²/2)
+    / 2 coalitions, σ² the seed noise; each pair's (e − ē)/2 (HC2-adjusted) and even part carry σ²/2 each, so the
+    kernel-weighted means of their squares, R and A, give it as (R + A)/(2R) with no noise term: above 1 pairing
+    pays (exact at ∞ on games with at most pairwise interactions), below 1 the game is nearly constant-sum
+    (v(S) + v(N∖S) ≈ v(N) + v(∅): majority games) and unpaired coalitions (kernelshap_unpaired) give more per
+    utility. NaN when no stratum is sampled (all enumerated) or both parts are rounding error next to the
+    responses (an additive game without noise: every design is exact); ∞ when only the odd part is.
+    """
+    if not sampled.any():
+        return np.nan
+    odd_part = float(weight[sampled] @ odd[sampled] ** 2)
+    even_part = float(weight[sampled] @ even[sampled] ** 2)
+    rounding = _ROUNDING * float(weight[sampled] @ response[sampled] ** 2)
+    if odd_part <= rounding:
+        return np.inf if even_part > rounding else np.nan
+    return (odd_part + even_part) / (2 * odd_part)
 
 
 def _pseudo_inverse(matrix: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
