@@ -80,7 +80,7 @@ def test_plan_then_aggregate_exact(tmp_path: Path, contributors: Path):
     assert (tmp_path / "convergence.csv").exists()
 
 
-@pytest.mark.parametrize("estimator", ["permutation", "kernelshap", "banzhaf", "loo"])
+@pytest.mark.parametrize("estimator", ["permutation", "kernelshap", "kernelshap_unpaired", "banzhaf", "loo"])
 def test_aggregate_uses_the_estimator_recorded_in_the_plan(tmp_path: Path, contributors: Path, estimator):
     plan, measured = plan_and_measure(tmp_path, contributors, estimator)
     out = tmp_path / "values.csv"

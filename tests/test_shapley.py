@@ -206,6 +206,19 @@ def test_paired_kernelshap_says_what_a_pair_was_worth():
     assert "a pair was worth" not in aggregate(*_measured(game, "kernelshap_unpaired", 64)).method
 
 
+def test_unpaired_kernelshap_leaves_out_a_failed_coalition_and_keeps_efficiency():
+    game = pairwise(6, seed=2)
+    table = planned(game, "kernelshap_unpaired", 30, seed=1)
+    rows = utilities(table, game, noise=0.1)
+    rows.loc[rows["coalition"] == "c000007", "utility"] = np.nan
+    with pytest.raises(ValueError, match=r"1 coalition\(s\) without a finite utility: c000007 \(NaN\)"):
+        aggregate(table, rows)
+    result = aggregate(table, rows, missing="exclude")
+    assert result.excluded == ("c000007",) and result.n_coalitions == 29
+    means = rows.groupby("coalition")["utility"].mean()
+    assert result.values.sum() == pytest.approx(means["c000001"] - means["c000000"], abs=1e-9)
+
+
 def _measured(game: Game, estimator: str, budget: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     table = planned(game, estimator, budget, seed=0)
     return table, utilities(table, game)
