@@ -565,3 +565,30 @@ def test_valuation_result_sorts_saves_loads_and_merges(tmp_path: Path):
     assert (merged.stderr < np.maximum(first.stderr, second.stderr)).all()
     with pytest.raises(ValueError, match="can merge only results of one estimator"):
         first.merge(aggregate(t := planned(game, "banzhaf", 40), utilities(t, game)))
+
+
+def test_the_aggregate_stage_logs_how_the_values_were_made(tmp_path: Path):
+    from diffcredit import stages
+    from diffcredit.coalitions import write_coalitions
+
+    game = constant_sum_majority()
+    table, rows = _measured(game, "kernelshap", 64)
+    write_coalitions(table, tmp_path / "plan.tsv")
+    rows.to_csv(tmp_path / "utilities.tsv", sep="\t", index=False)
+    pd.DataFrame({"contributor": game.players}).to_csv(tmp_path / "contributors.tsv", sep="\t", index=False)
+    lines: list[str] = []
+    stages.aggregate(
+        coalitions=str(tmp_path / "plan.tsv"),
+        utilities=str(tmp_path / "utilities.tsv"),
+        contributors=str(tmp_path / "contributors.tsv"),
+        confidence=0.95,
+        values_out=str(tmp_path / "values.csv"),
+        convergence_out=str(tmp_path / "convergence.tsv"),
+        rounds_out=str(tmp_path / "rounds.tsv"),
+        figure_out=str(tmp_path / "values.png"),
+        convergence_figure_out=str(tmp_path / "convergence.png"),
+        log=lines.append,
+    )
+    assert lines == [f"kernelshap: {aggregate(table, rows).method}"]
+    assert "a pair was worth 0.50 unpaired coalitions" in lines[0]
+    assert pd.read_csv(tmp_path / "values.csv")["value"].sum() == pytest.approx(1.0)

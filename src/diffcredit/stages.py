@@ -341,12 +341,13 @@ def aggregate(
     rounds_out: str,
     round_values: list[str] = (),
     decisions: list[str] = (),
+    log=print,
 ) -> None:
     """The plan's estimator's values with intervals, their convergence, the rounds, and the two figures.
 
     With adaptive rounds (see :mod:`diffcredit.rounds`), `round_values` and `decisions` are each round's values and
     stopping decision, and the values are those of the plan prefix the last round evaluated; without, the whole plan
-    is one round.
+    is one round. The log says how the values and intervals were made (for kernelshap: what a pair was worth).
     """
     from diffcredit.coalitions import read_coalitions
     from diffcredit.estimators import REGISTRY
@@ -358,6 +359,7 @@ def aggregate(
     if decided:
         plan = plan.head(decided[-1].n_coalitions)
     result, prop = _estimate(plan, utilities, contributors, confidence)
+    log(f"{result.estimator}: {result.method}")
     if decided:
         per_round = [pd.read_csv(path) for path in round_values]
     else:
