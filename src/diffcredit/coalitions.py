@@ -36,9 +36,9 @@ A plan is a table with one row per distinct member set, in plan order:
                       coalition, then each draw adds the prefixes of both orders not planned yet. ``samples``.
   =================== ============================================================================================
 
-``samples`` lists the draws (kernelshap pairs, kernelshap_unpaired coalitions, antithetic permutation chains) that are complete once the table
-reaches this row, ``;``-separated, each as the comma-separated coalition ids it uses (``S,complement``, or the chain
-``∅,{π1},{π1,π2},…,N`` followed by the chain of the reversed order). A draw is recorded on the last new row it
+``samples`` lists the draws (kernelshap pairs, kernelshap_unpaired coalitions, antithetic permutation chains) that
+are complete once the table reaches this row, ``;``-separated, each as the comma-separated coalition ids it uses
+(``S,complement``, a single id, or the chain ``∅,{π1},{π1,π2},…,N`` followed by the chain of the reversed order). A draw is recorded on the last new row it
 needs; a draw that needs no new row waits for the next row. Each draw appears exactly once.
 
 ``budget`` is the number of rows (distinct coalitions, the cost unit) for the sampled estimators; ``exact`` and
