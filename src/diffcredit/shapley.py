@@ -575,12 +575,14 @@ def _stratified_path(
         even = (measured.mean[side] + measured.mean[other] - measured.mean[grand] - measured.mean[empty]) / 2
         noise = np.nan_to_num(measured.noise[side] + measured.noise[other]) / 4
         design = _Design(plans.kernel_mass(n), plans.stratum_pairs(n), paired=True)
+        flipped = np.zeros(len(side), bool)
     else:
         side = draws[keep, 0]
         if ((size[side] == 0) | (size[side] == n)).any():
             raise ValueError("a kernelshap_unpaired sample is the empty or the grand coalition; re-run diffcredit plan")
         response, even = measured.mean[side] - measured.mean[empty], None
         noise = np.nan_to_num(measured.noise[side])
+        flipped = size[side] > n - size[side]
         sizes = np.arange(1, n)
         kernel = 1.0 / (sizes * (n - sizes))
         design = _Design(kernel / kernel.sum(), comb(n, sizes, exact=False), paired=False)
@@ -591,7 +593,10 @@ def _stratified_path(
             f"the kernelshap plan has {len(done)} complete {unit}(s) with utilities; at least 2 are needed for an "
             "interval: raise the budget"
         )
-    units = _Units(sparse.csr_array(members[side], dtype=float), size[side], response, noise, even)
+    smaller = members[side].toarray() if flipped.any() else members[side]
+    if flipped.any():  # keep the sparse side: a large coalition is stored as its complement
+        smaller[flipped] = ~smaller[flipped]
+    units = _Units(sparse.csr_array(smaller, dtype=float), size[side], response, noise, flipped, even)
     delta = measured.mean[grand] - measured.mean[empty]
     bounds = np.nan_to_num(measured.noise[[empty, grand]])
     path = []
@@ -632,14 +637,17 @@ class _Design:
 
 @dataclass(frozen=True)
 class _Units:
-    """Planned units of a stratified KernelSHAP plan, a pair (S, N∖S) or one coalition S: the membership z of S (the
-    smaller side of a pair), the unit's stratum, its response y (a pair: (v(S) − v(N∖S))/2; a coalition:
-    v(S) − v(∅)), the variance of y from seed noise, and a pair's even part (v(S) + v(N∖S) − v(N) − v(∅))/2."""
+    """Planned units of a stratified KernelSHAP plan, a pair (S, N∖S) or one coalition S: the membership z of the
+    smaller of S and N∖S (a pair: S, its smaller side; a coalition: S itself, or N∖S where ``flipped``, so that z stays
+    sparse), the unit's stratum (the pair's min(|S|, n − |S|), the coalition's size), its response y (a pair:
+    (v(S) − v(N∖S))/2; a coalition: v(S) − v(∅)), the variance of y from seed noise, and a pair's even part
+    (v(S) + v(N∖S) − v(N) − v(∅))/2."""
 
     z: sparse.csr_array
     stratum: np.ndarray
     response: np.ndarray
     noise: np.ndarray
+    flipped: np.ndarray
     even: np.ndarray | None = None
 
     def head(self, m: int) -> _Units:
@@ -648,6 +656,7 @@ class _Units:
             self.stratum[:m],
             self.response[:m],
             self.noise[:m],
+            self.flipped[:m],
             None if self.even is None else self.even[:m],
         )
 
@@ -662,9 +671,17 @@ def _stratified_kernelshap(
     count = np.bincount(k, minlength=len(design.mass) + 1)[1:]
     mass, population = design.mass, design.population
     weight = mass[k - 1] / count[k - 1]  # Q_k / m_k per unit
-    z = units.z
-    column = z.T @ weight  # Σ w z
+    z, flipped = units.z, units.flipped
+    sign = np.where(flipped, -1.0, 1.0)
+
+    def total(x: np.ndarray) -> np.ndarray:  # Σ_j x_j c_j over the units' coalitions c_j (1 − z_j where flipped)
+        return z.T @ (sign * x) + x[flipped].sum()
+
+    column = total(weight)  # Σ w c
     a_hat = (z.T @ sparse.diags_array(weight) @ z).toarray()
+    if flipped.any():  # (1 − z)(1 − z)ᵀ = 11ᵀ − 1zᵀ − z1ᵀ + zzᵀ
+        towards = z.T @ (weight * flipped)
+        a_hat += weight[flipped].sum() - towards[:, None] - towards[None, :]
     rows = None
     if design.paired:
         a_hat += (weight.sum() - column[:, None] - column[None, :]) / 2  # (zzᵀ + z̄z̄ᵀ)/2 = zzᵀ + (11ᵀ − z1ᵀ − 1zᵀ)/2
@@ -672,7 +689,9 @@ def _stratified_kernelshap(
             half = np.sqrt(weight / 2)[:, None] * z.toarray()
             rows = np.vstack([half, np.sqrt(weight / 2)[:, None] - half])  # √(w/2)·z and √(w/2)·z̄ for each pair
     elif len(k) < n:
-        rows = np.sqrt(weight)[:, None] * z.toarray()
+        rows = z.toarray()
+        rows[flipped] = 1 - rows[flipped]
+        rows *= np.sqrt(weight)[:, None]
     inverse = _pseudo_inverse(a_hat, rows)
     ones = inverse.sum(axis=1)  # Â⁺1
     h = ones / ones.sum()
@@ -680,15 +699,19 @@ def _stratified_kernelshap(
     def project(rows):  # x ↦ P x for each row x (P is symmetric); rows may be sparse
         return rows @ inverse - (rows @ ones)[:, None] * h[None, :]
 
-    value = project((z.T @ (weight * units.response))[None, :])[0] + h * delta
+    value = project(total(weight * units.response)[None, :])[0] + h * delta
     pz = project(z)
-    # r_j with ψ_j = P(b_j − A_j φ) = r_j·Pz_j: a pair's (e − ē)/2 (Pz̄ = −Pz, since P1 = 0), a coalition's e
-    residual = units.response - z @ value + (delta / 2 if design.paired else 0.0)
+    fitted = z @ value
+    fitted[flipped] = value.sum() - fitted[flipped]
+    # r_j with ψ_j = P(b_j − A_j φ) = r_j·Pc_j: a pair's (e − ē)/2 (Pz̄ = −Pz, since P1 = 0), a coalition's e;
+    # c_j = z_j but where flipped, there Pc_j = P(1 − z_j) = −Pz_j, and c_jᵀPc_j = z_jᵀPz_j (the leverage below)
+    residual = units.response - fitted + (delta / 2 if design.paired else 0.0)
     # HC2: a unit's own weight pulls the fit towards it (leverage h_j = w_j z_jᵀPz_j, averaging (n − 1)/m), so
     # E[r_j²] = (1 − h_j)σ²; dividing by √(1 − h_j) makes each squared residual unbiased (HC3's 1 − h_j
     # approximates the jackknife and over-covers at m ≈ n: 0.971 at 15 pairs of n = 8, HC2 0.94–0.96)
     leverage = np.clip(weight * np.asarray(z.multiply(pz).sum(axis=1)).ravel(), 0, _MAX_LEVERAGE)
     residual = residual / np.sqrt(1 - leverage)
+    pz *= sign[:, None]  # Pc_j
     influence = residual[:, None] * pz
     own_noise = units.noise[:, None] * pz**2  # seed noise left in ψ_j: (1 − h_j) of it, times 1/(1 − h_j)
 
