@@ -592,3 +592,29 @@ def test_the_aggregate_stage_logs_how_the_values_were_made(tmp_path: Path):
     assert lines == [f"kernelshap: {aggregate(table, rows).method}"]
     assert "a pair was worth 0.50 unpaired coalitions" in lines[0]
     assert pd.read_csv(tmp_path / "values.csv")["value"].sum() == pytest.approx(1.0)
+
+
+def test_unpaired_kernelshap_is_the_constrained_closed_form_with_the_stratified_sampled_matrix():
+    # written from the formula: Â = Σ_s p(s)·mean over the planned coalitions of size s of zzᵀ, b̂ likewise with
+    # z(v(S) − v(∅)), φ = Â⁺(b̂ − 1(1ᵀÂ⁺b̂ − v(N) + v(∅))/(1ᵀÂ⁺1)); coalitions above half the players are stored as
+    # their complements inside the estimator, which must not show
+    game = pairwise(8, seed=7)
+    mixed = Game(game.a, game.pairs, weights=np.arange(1.0, 9.0), quota=17, bonus=1.5)
+    table = planned(mixed, "kernelshap_unpaired", 60, seed=2)
+    rows = utilities(table, mixed, noise=0.05)
+    mean = rows.groupby("coalition")["utility"].mean().reindex(table["coalition"]).to_numpy()
+    z = np.array([[p in m for p in mixed.players] for m in member_sets(table).values()], float)
+    size = z.sum(axis=1).astype(int)
+    sampled = (size > 0) & (size < 8)
+    kernel = {s: 1 / (s * (8 - s)) for s in range(1, 8)}
+    total = sum(kernel.values())
+    count = np.bincount(size[sampled], minlength=8)
+    weight = np.array([kernel[s] / total / count[s] for s in size[sampled]])
+    v0, delta = mean[size == 0][0], mean[size == 8][0] - mean[size == 0][0]
+    a_hat = (z[sampled].T * weight) @ z[sampled]
+    b_hat = (z[sampled].T * weight) @ (mean[sampled] - v0)
+    inverse = np.linalg.pinv(a_hat)
+    ones = inverse.sum(axis=1)
+    expected = inverse @ b_hat - ones * (ones @ b_hat - delta) / ones.sum()
+    np.testing.assert_allclose(aggregate(table, rows).values, expected, atol=1e-9)
+    assert (size[sampled] > 4).any()  # the plan holds coalitions the estimator stores as complements
