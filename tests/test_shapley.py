@@ -176,7 +176,7 @@ def constant_sum_majority() -> Game:
 def test_unpaired_kernelshap_beats_the_paired_default_on_a_constant_sum_game():
     # A complement adds nothing to a constant-sum game (its utility is 1 − v(S)): a pair costs two utilities for the
     # information of one, so at the same budget the unpaired plan holds twice the information and its error is
-    # about 1/√2 of the paired one's (0.61 here, 12 seeds); on a pairwise game it is the other way round
+    # about 1/√2 of the paired one's (0.63 here, 12 seeds); on a pairwise game it is the other way round
     game = constant_sum_majority()
     truth = reference_shapley(game, game.players)
 
