@@ -593,8 +593,9 @@ def _stratified_path(
             f"the kernelshap plan has {len(done)} complete {unit}(s) with utilities; at least 2 are needed for an "
             "interval: raise the budget"
         )
-    smaller = members[side].toarray() if flipped.any() else members[side]
+    smaller = members[side]
     if flipped.any():  # keep the sparse side: a large coalition is stored as its complement
+        smaller = smaller.toarray()
         smaller[flipped] = ~smaller[flipped]
     units = _Units(sparse.csr_array(smaller, dtype=float), size[side], response, noise, flipped, even)
     delta = measured.mean[grand] - measured.mean[empty]
