@@ -38,8 +38,9 @@ A plan is a table with one row per distinct member set, in plan order:
 
 ``samples`` lists the draws (kernelshap pairs, kernelshap_unpaired coalitions, antithetic permutation chains) that
 are complete once the table reaches this row, ``;``-separated, each as the comma-separated coalition ids it uses
-(``S,complement``, a single id, or the chain ``∅,{π1},{π1,π2},…,N`` followed by the chain of the reversed order). A draw is recorded on the last new row it
-needs; a draw that needs no new row waits for the next row. Each draw appears exactly once.
+(``S,complement``, a single id, or the chain ``∅,{π1},{π1,π2},…,N`` followed by the chain of the reversed order).
+A draw is recorded on the last new row it needs; a draw that needs no new row waits for the next row. Each draw
+appears exactly once.
 
 ``budget`` is the number of rows (distinct coalitions, the cost unit) for the sampled estimators; ``exact`` and
 ``loo`` ignore it. Randomness is drawn in fixed blocks from ``SeedSequence(seed, spawn_key=(label, ...))``, so rows
@@ -212,10 +213,9 @@ def kernelshap_iid_draws(ids: list[str], seed: int) -> Iterator[_Draws]:
     yield _bounds(n)
     if n < 2:
         return
-    sizes = np.arange(1, n)
-    p = 1.0 / (sizes * (n - sizes))
+    sizes, p = np.arange(1, n), size_mass(n)
     for block, rng in _blocks(seed, _STREAM):
-        drawn = rng.choice(sizes, size=_BLOCK, p=p / p.sum())
+        drawn = rng.choice(sizes, size=_BLOCK, p=p)
         mask = np.empty((_BLOCK, n), bool)
         # the first `size` contributors of a random permutation: a uniform subset of that size
         mask[np.arange(_BLOCK)[:, None], _permutations(rng, n)] = np.arange(n) < drawn[:, None]
@@ -229,11 +229,21 @@ def stratum_pairs(n: int) -> np.ndarray:
     return np.where(2 * k == n, comb(n, k, exact=False) / 2, comb(n, k, exact=False))
 
 
-def kernel_mass(n: int) -> np.ndarray:
-    """Shapley-kernel probability of each stratum k = 1 … n//2: p(k) + p(n−k), with p(s) ∝ 1/(s(n−s))."""
+def size_kernel(n: int) -> np.ndarray:
+    """The Shapley kernel's weight 1/(s(n−s)) of each coalition size s = 1 … n−1, unnormalised."""
     s = np.arange(1, n)
-    p = 1.0 / (s * (n - s))
-    p /= p.sum()
+    return 1.0 / (s * (n - s))
+
+
+def size_mass(n: int) -> np.ndarray:
+    """Shapley-kernel probability p(s) ∝ 1/(s(n−s)) of each coalition size s = 1 … n−1."""
+    p = size_kernel(n)
+    return p / p.sum()
+
+
+def kernel_mass(n: int) -> np.ndarray:
+    """Shapley-kernel probability of each stratum k = 1 … n//2: p(k) + p(n−k), with p(s) of :func:`size_mass`."""
+    p = size_mass(n)
     k = np.arange(1, n // 2 + 1)
     return np.where(2 * k == n, p[k - 1], p[k - 1] + p[n - k - 1])
 
@@ -258,7 +268,7 @@ def kernelshap_unpaired_draws(ids: list[str], seed: int) -> Iterator[_Draws]:
     sizes = np.arange(1, n)
     streams = [_subset_sequence(n, s, seed, _SIZES) for s in sizes]
     drawn = 0
-    for chosen in _allocation(1.0 / (sizes * (n - sizes)), comb(n, sizes, exact=False)):
+    for chosen in _allocation(size_kernel(n), comb(n, sizes, exact=False)):  # normalising would move ties
         index = drawn + np.arange(len(chosen))
         drawn += len(chosen)
         mask = np.array([next(streams[k]) for k in chosen])

@@ -501,8 +501,7 @@ def kernelshap_unbiased_path(
     z = members[pairs[:, 0]].toarray()
     if (z + members[pairs[:, 1]].toarray() != 1).any():
         raise ValueError("a kernelshap sample pairs a coalition with something other than its complement")
-    s = np.arange(1, n)
-    p = 1.0 / (s * (n - s))
+    s, p = np.arange(1, n), plans.size_kernel(n)
     c = 0.5 - (p * s * (s - 1)).sum() / (p.sum() * n * (n - 1))
     alpha = (z - z.sum(axis=1, keepdims=True) / n) / (2 * c)
     m = len(pairs)
@@ -583,9 +582,7 @@ def _stratified_path(
         response, even = measured.mean[side] - measured.mean[empty], None
         noise = np.nan_to_num(measured.noise[side])
         flipped = size[side] > n - size[side]
-        sizes = np.arange(1, n)
-        kernel = 1.0 / (sizes * (n - sizes))
-        design = _Design(kernel / kernel.sum(), comb(n, sizes, exact=False), paired=False)
+        design = _Design(plans.size_mass(n), comb(n, np.arange(1, n), exact=False), paired=False)
     done = done[keep]
     unit = "pair" if paired else "coalition"
     if len(done) < 2:
