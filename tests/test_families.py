@@ -138,6 +138,21 @@ def test_training_the_autoencoder_lowers_its_reconstruction_error(glyphs, tiny_a
     assert not model.training and not any(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.parametrize("kind", ["VQModel", "AutoencoderKL"])
+def test_each_autoencoder_training_step_encodes_its_batch_once(glyphs, tiny_ae_config, kind):
+    # the reconstruction and the regulariser (commitment loss, KL) come from the same pass, not from one pass each
+    config = dict(tiny_ae_config)
+    if kind == "AutoencoderKL":
+        config = {key: value for key, value in config.items() if key != "num_vq_embeddings"}
+        config["_class_name"] = kind
+    model = ae.build_autoencoder(config, seed=0)
+    assert type(model).__name__ == kind
+    passes = []
+    model.encoder.register_forward_hook(lambda *_: passes.append(1))
+    losses = ae.train_autoencoder(model, glyphs[0].images, steps=6, batch_size=12, lr=3e-3, seed=0, device="cpu")
+    assert len(losses) == 6 and len(passes) == 6
+
+
 def test_an_autoencoder_whose_latents_the_unet_does_not_fit_is_named(tiny_ae_config, tiny_config):
     fitting = {**tiny_config, "sample_size": 4, "in_channels": 2, "out_channels": 2}
     ae.check_fits(tiny_ae_config, (1, 8, 8), fitting)

@@ -7,6 +7,7 @@ the tests that go on from the tiny run work on a copy of it, so that every test 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -69,6 +70,20 @@ def tiny_run(tmp_path_factory):
     workdir = workflow_copy(tmp_path_factory.mktemp("tiny"))
     snakemake(workdir, "--cores", "2", "--configfile", str(TINY))
     return workdir
+
+
+def test_the_solo_stages_compute_the_same_bytes_on_one_core(tiny_run, tmp_path):
+    # train_full and recover compute with the two torch threads their rules fix, also where --cores 1 leaves Snakemake
+    # one thread to give: another thread count changes reductions, hence the bytes
+    workdir = workflow_copy(tmp_path)
+    snakemake(workdir, "results/tiny/models/recovered", "--cores", "1", "--configfile", str(TINY))
+
+    def digest(run: Path, model: str) -> str:
+        files = sorted(path for path in (run / "results" / "tiny" / "models" / model).rglob("*") if path.is_file())
+        return hashlib.sha256(b"".join(path.read_bytes() for path in files)).hexdigest()
+
+    for model in ("full", "recovered"):
+        assert digest(workdir, model) == digest(tiny_run, model), model
 
 
 def test_lint_is_clean(tmp_path):

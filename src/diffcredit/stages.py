@@ -511,7 +511,7 @@ def _log_interval(steps: int) -> int:
 
 
 def set_threads(threads: int) -> None:
-    """Let torch use the cores the scheduler gave this job, no more."""
+    """Compute with ``threads`` torch threads: the count the rule fixed (it changes reductions, hence the bytes)."""
     import torch
 
     torch.set_num_threads(max(1, int(threads)))

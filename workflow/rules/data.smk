@@ -32,11 +32,12 @@ rule reference:
         f"{RUN}/benchmarks/reference.tsv"
     conda:
         ENV
-    threads: 1
+    threads: SOLO_THREADS
     resources:
         runtime=minutes(20),
         mem_mb=memory(4000),
     params:
+        threads=SOLO_THREADS,
         features=config["features"],
         reference=config["data"]["reference"],
         seed=config["seed"],

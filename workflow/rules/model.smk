@@ -15,12 +15,13 @@ rule prepare_family:
         f"{RUN}/benchmarks/prepare_family.tsv"
     conda:
         ENV
-    threads: 1
+    threads: SOLO_THREADS
     resources:
         runtime=minutes(60),
         mem_mb=memory(8000),
         gpu=1,
     params:
+        threads=SOLO_THREADS,
         model=config["model"],
         seed=config["seed"],
     script:
@@ -42,12 +43,13 @@ rule train_full:
         f"{RUN}/benchmarks/train_full.tsv"
     conda:
         ENV
-    threads: 1
+    threads: SOLO_THREADS
     resources:
         runtime=minutes(120),
         mem_mb=memory(8000),
         gpu=1,
     params:
+        threads=SOLO_THREADS,
         training=training_settings("train"),
         inrun=inrun_during_training(),
         unet=config["model"]["unet"],
@@ -100,12 +102,13 @@ rule recover:
         f"{RUN}/benchmarks/recover.tsv"
     conda:
         ENV
-    threads: 1
+    threads: SOLO_THREADS
     resources:
         runtime=minutes(60),
         mem_mb=memory(8000),
         gpu=1,
     params:
+        threads=SOLO_THREADS,
         training=training_settings("recover"),
         schedule=config["model"]["schedule"],
         family=FAMILY,

@@ -10,7 +10,7 @@ log_to_stderr()  # the package's progress lines (rate, ETA) go to the rule log
 
 from diffcredit import stages
 
-stages.set_threads(snakemake.threads)
+stages.set_threads(snakemake.params.threads)
 stages.prepare_family(
     train_data=snakemake.input.train,
     heldout_data=snakemake.input.heldout,

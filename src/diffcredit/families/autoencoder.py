@@ -146,7 +146,7 @@ def train_autoencoder(
         if len(order) < batch_size:
             order = np.concatenate([order, rng.permutation(len(data))])
         batch, order = data[torch.from_numpy(order[:batch_size]).to(target)], order[batch_size:]
-        loss = F.mse_loss(_reconstruct(model, batch), batch) + _regulariser(model, batch, kl_weight)
+        loss = _loss(model, batch, kl_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -155,16 +155,13 @@ def train_autoencoder(
     return losses
 
 
-def _reconstruct(model, batch: torch.Tensor) -> torch.Tensor:
+def _loss(model, batch: torch.Tensor, kl_weight: float) -> torch.Tensor:
+    """Reconstruction MSE plus the regulariser, from one forward pass (two cost 1.6x the step)."""
     if type(model).__name__ == "VQModel":
-        return model(batch).sample
-    return model.decode(model.encode(batch).latent_dist.sample()).sample
-
-
-def _regulariser(model, batch: torch.Tensor, kl_weight: float) -> torch.Tensor:
-    if type(model).__name__ == "VQModel":
-        return model(batch).commit_loss.mean()
-    return kl_weight * model.encode(batch).latent_dist.kl().mean()
+        output = model(batch)
+        return F.mse_loss(output.sample, batch) + output.commit_loss.mean()
+    posterior = model.encode(batch).latent_dist
+    return F.mse_loss(model.decode(posterior.sample()).sample, batch) + kl_weight * posterior.kl().mean()
 
 
 @torch.inference_mode()
