@@ -2,9 +2,11 @@
 bytes depend on the thread count or on the cores the threads get.
 
 The models are those of the solo stages (workflow/rules/common.smk, SOLO_THREADS): the digits UNet (pixel family),
-the same UNet on the latent stand-in's 8x8x3 latents, the stand-in's tiny VQModel and the glyphs-lora base UNet. Each
-measurement runs in a fresh process: warm-up steps, then timed steps of Adam on seeded batches, then a hash of the
-weights. "one core" runs the two-thread process under ``taskset -c 0`` (what ``--cores 1`` gives a job).
+the same UNet on the latent stand-in's 8x8x3 latents, the stand-in's tiny VQModel and the glyphs-lora base (UNet and
+text encoder). Each measurement runs in a fresh process: warm-up steps, then timed steps of the function the stage
+calls (``training.train``, ``train_autoencoder``, the base's ``pretrain``) on seeded random images (the base: its
+glyphs), then a hash of the weights. "one core" runs the two-thread process under ``taskset -c 0`` (what
+``--cores 1`` gives a job).
 
 Run: ``.venv/bin/python benchmarks/bench_threads.py`` (about four minutes). Prints the table and writes it into the
 section "Torch threads of the solo stages" of benchmarks/RESULTS.md.
@@ -24,47 +26,46 @@ from machine import machine_description, package_versions, replace_section, tabl
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "Torch threads of the solo stages"
-MODELS = ("pixel UNet, batch 64", "latent UNet, batch 64", "VQModel, batch 32", "text base UNet, batch 32")
+MODELS = ("pixel UNet, batch 64", "latent UNet, batch 64", "VQModel, batch 32", "text base pre-training, batch 32")
 WARMUP, STEPS = 5, 50
 
 
-def step_function(model_name: str):
-    """(model, loss of one seeded batch) for one of MODELS."""
-    import torch
-    import torch.nn.functional as F
+def training_run(model_name: str):
+    """(model, run) for one of MODELS: ``run(steps)`` trains the model in place with the function its stage calls."""
+    import numpy as np
 
     from diffcredit import models
     from diffcredit.families import autoencoder
-    from diffcredit.families.text_conditioning import tiny_unet_config
+    from diffcredit.training import train
 
-    generator = torch.Generator().manual_seed(1)
+    rng = np.random.default_rng(0)
     if model_name.startswith("VQModel"):
         model = autoencoder.build_autoencoder(autoencoder.tiny_autoencoder_config(), seed=0)
-
-        def loss():
-            images = torch.randn(32, 1, 16, 16, generator=generator)
-            output = model(images)
-            return F.mse_loss(output.sample, images) + output.commit_loss.mean()
-
-        return model, loss
+        images = rng.uniform(-1, 1, (512, 1, 16, 16)).astype(np.float32)
+        return model, lambda steps: autoencoder.train_autoencoder(
+            model, images, steps=steps, batch_size=32, lr=1e-3, seed=0, device="cpu"
+        )
     if model_name.startswith("text"):
-        from diffusers import UNet2DConditionModel
+        from diffcredit.families import text_conditioning
+        from diffcredit.glyphs import BASE_FONTS, load_glyphs
 
-        torch.manual_seed(0)
-        model = UNet2DConditionModel(**tiny_unet_config(16, 1))
-        shape, states = (32, 1, 16, 16), (32, 16, 32)
-    else:
-        channels = 3 if model_name.startswith("latent") else 1
-        model = models.build_model(models.unet_config_for((1, channels, 8, 8)), seed=0)
-        shape, states = (64, channels, 8, 8), None
-
-    def loss():
-        noise = torch.randn(shape, generator=generator)
-        timesteps = torch.randint(0, 1000, (shape[0],), generator=generator)
-        extra = {} if states is None else {"encoder_hidden_states": torch.randn(states, generator=generator)}
-        return F.mse_loss(model(noise, timesteps, **extra).sample, noise)
-
-    return model, loss
+        glyphs, captions = load_glyphs(BASE_FONTS, size=16, seed=0)
+        pipeline = text_conditioning.tiny_base(list(captions), sample_size=16, seed=0)
+        return pipeline.unet, lambda steps: text_conditioning.pretrain(
+            pipeline,
+            glyphs.images,
+            captions,
+            steps=steps,
+            batch_size=32,
+            lr=1e-3,
+            seed=0,
+            caption_dropout=0.1,
+            device="cpu",
+        )
+    channels = 3 if model_name.startswith("latent") else 1
+    model = models.build_model(models.unet_config_for((1, channels, 8, 8)), seed=0)
+    images = rng.uniform(-1, 1, (512, channels, 8, 8)).astype(np.float32)
+    return model, lambda steps: train(model, images, steps=steps, batch_size=64, lr=1e-3, seed=0, device="cpu")
 
 
 def worker(model_name: str, threads: int) -> dict:
@@ -74,19 +75,10 @@ def worker(model_name: str, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    model, loss = step_function(model_name)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        loss().backward()
-        optimizer.step()
-
-    for _ in range(WARMUP):
-        step()
+    model, run = training_run(model_name)
+    run(WARMUP)
     start = time.perf_counter()
-    for _ in range(STEPS):
-        step()
+    run(STEPS)
     seconds = (time.perf_counter() - start) / STEPS
     weights = b"".join(p.detach().numpy().tobytes() for p in model.parameters())
     return {"seconds": seconds, "hash": hashlib.sha256(weights).hexdigest()}
@@ -134,7 +126,8 @@ def main() -> None:
     text = "\n".join(
         [
             f"`.venv/bin/python benchmarks/bench_threads.py` on {datetime.date.today()}, {machine_description()}; "
-            f"{versions}. {STEPS} Adam steps after {WARMUP} warm-up steps, each measurement in a fresh process; "
+            f"{versions}. {STEPS} training steps of the stage's own function after {WARMUP} warm-up steps, each "
+            "measurement in a fresh process; "
             "bytes compared by a hash of the weights after the last step.",
             "",
             *rows,
