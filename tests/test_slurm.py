@@ -25,7 +25,7 @@ from typing import TypeVar
 import pandas as pd
 import pytest
 import yaml
-from workflow_files import fail_once, workflow_copy
+from workflow_files import continued, fail_once, stored_records, workflow_copy
 
 pytestmark = pytest.mark.slurm
 
@@ -98,11 +98,6 @@ def planned_jobs(output: str) -> Counter[str]:
     table = output[output.index("Job stats:") :].splitlines()[3:]
     rows = [line.split() for line in table[: next(i for i, line in enumerate(table) if not line.strip())]]
     return Counter({rule: int(count) for rule, count in rows if rule != "total"})
-
-
-def stored_records(workdir: Path) -> dict[Path, int]:
-    """Each stored coalition measurement and its modification time (ns)."""
-    return {path: path.stat().st_mtime_ns for path in (workdir / RUN).glob("*/store/*/*.json")}
 
 
 class Run:
@@ -212,12 +207,6 @@ def cluster_run(cluster, tmp_path_factory) -> tuple[Path, str]:
     return workdir, output
 
 
-def continued(run: Path, path: Path) -> Path:
-    """A copy of a finished run's folder (outputs, their times, Snakemake's records) to go on from."""
-    shutil.copytree(run, path, symlinks=True)
-    return path
-
-
 def test_local_cluster_comes_up_idempotently(cluster):
     again = subprocess.run([SCRIPT, "up"], capture_output=True, text=True, env=cluster, check=True)
     assert "already up" in again.stderr
@@ -297,16 +286,16 @@ def test_scancelled_job_is_detected_and_rerun(cluster_run, tmp_path):
 
 def test_interrupted_run_restarts_without_recomputing(cluster_run, tmp_path):
     workdir = continued(cluster_run[0], tmp_path / "run")
-    before = stored_records(workdir)
+    before = stored_records(workdir / RUN)
     run = start_cluster_run(workdir, str(UTILITIES), budget=16)  # adds the jobs b00002 and b00003
-    run.wait_until(lambda: len(stored_records(workdir)) > len(before), "a new coalition was stored")
+    run.wait_until(lambda: len(stored_records(workdir / RUN)) > len(before), "a new coalition was stored")
     run.kill()
-    finished = stored_records(workdir)
+    finished = stored_records(workdir / RUN)
     assert len(before) < len(finished) < len(before) + 8
 
     start_cluster_run(workdir, "--unlock", budget=16).finish()  # the killed run left its lock
     start_cluster_run(workdir, str(UTILITIES), budget=16).finish()
-    after = stored_records(workdir)
+    after = stored_records(workdir / RUN)
     assert {path: after[path] for path in finished} == finished, "a finished coalition was recomputed"
     assert len(after) == len(before) + 8
     measured = pd.read_csv(workdir / UTILITIES, sep="\t")

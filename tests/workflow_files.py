@@ -69,3 +69,18 @@ def planned_jobs(output: str) -> dict[str, int]:
         elif in_table and counts and not parts:
             break
     return counts
+
+
+def stored_records(results: Path) -> dict[Path, int]:
+    """Each coalition measurement stored under a run's `results` folder, and its modification time (ns).
+
+    A job killed mid-write leaves its hidden temporary file (``.KEY.json.XXXX.json``, see `io.write_atomic`) beside
+    the records; the store looks records up by key and never reads it, so neither does this.
+    """
+    return {path: path.stat().st_mtime_ns for path in results.glob("*/store/*/[!.]*.json")}
+
+
+def continued(workdir: Path, path: Path) -> Path:
+    """A copy of a finished run's folder (outputs, their times, Snakemake's records) to go on from."""
+    shutil.copytree(workdir, path, symlinks=True)
+    return path

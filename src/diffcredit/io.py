@@ -1,7 +1,9 @@
 """Atomic writes and file digests: the one place every module writes results through.
 
 Every writer puts its bytes in a temporary file beside the destination and renames it into place (``os.replace`` is
-atomic on one file system), so a killed job never leaves a half-written file for the next run to trust.
+atomic on one file system), so a killed job never leaves a half-written file for the next run to trust. A job killed
+by SIGKILL mid-write leaves its hidden temporary file (``.NAME.XXXX.SUFFIX``) behind; readers look results up by
+name and never read it.
 """
 
 from __future__ import annotations
