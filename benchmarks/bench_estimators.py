@@ -1,7 +1,7 @@
 """Benchmark of the Shapley estimators on synthetic games with known values: error against budget and coverage.
 
 Run: ``.venv/bin/python benchmarks/bench_estimators.py`` (add ``--shapiq /work/venvs/shapiq/bin/python`` for
-shapiq's KernelSHAP, an optional benchmark extra: ``pip install shapiq==1.4.1`` in a separate environment). Every
+shapiq's approximators, an optional benchmark extra: ``pip install shapiq==1.4.1`` in a separate environment). Every
 (game, n, noise, estimator, budget) cell is stored in ``results/bench_estimators/cells.json`` as it finishes, so an
 interrupted run resumes. Writes the section "## Estimators on synthetic games" of benchmarks/RESULTS.md.
 
@@ -11,7 +11,11 @@ sd 7% of the range of the true values. True values: closed form (additive, pairw
 (size, weight) (majority, concave: v(S) = g(w(S))). Error: ‖φ̂ − φ‖₂/‖φ‖₂, mean over seeds; coverage: share of 95%
 intervals holding the true value. ``paper`` is the authors' closed form written from its formula (sizes from the
 Shapley kernel, uniform subsets, no pairing, sampled matrix); ``shapiq`` is shapiq 1.4.1's KernelSHAP with its
-defaults. Each is given the same number of coalitions (``budget``, the ∅ and N included). After a change to an
+defaults, the peer the default is measured against. The field's sampling estimators run beside them from shapiq, each
+with its defaults: ``shapiq_svarm`` (stratified SVARM, Kolpaczki et al. 2024: every coalition updates every player's size
+stratum, no marginal contributions), ``shapiq_stratified`` (Maleki et al. 2013: marginal contributions stratified by
+coalition size) and ``shapiq_permutation`` (plain permutation sampling). Each is given the same number of coalitions
+(``budget``, the ∅ and N included; an estimator that evaluates a coalition twice pays twice). After a change to an
 estimator, ``--refresh kernelshap,permutation`` measures those estimators' cells again and keeps the others.
 
 The shapiq worker (``--worker``) is this file run by the other environment; it imports numpy and shapiq only.
@@ -36,6 +40,13 @@ OURS = ("kernelshap", "kernelshap_leverage", "kernelshap_unpaired", "kernelshap_
 SIZES = {10: (32, 64, 128, 256, 512), 20: (64, 128, 256, 512, 1024, 2048), 50: (128, 256, 512, 1024, 2048, 4096)}
 GAMES = ("additive", "pairwise", "majority", "concave")
 SEEDS = 12
+# shapiq 1.4.1's approximators, by the column each fills; "shapiq" (KernelSHAP) is the peer of the issue's target
+SHAPIQ = {
+    "shapiq": "KernelSHAP",
+    "shapiq_svarm": "SVARM",
+    "shapiq_stratified": "StratifiedSamplingSV",
+    "shapiq_permutation": "PermutationSamplingSV",
+}
 NOISE = 0.07  # seed-noise sd as a share of the range of the true values
 TITLE = "Estimators on synthetic games"
 
@@ -76,7 +87,14 @@ def _weighted_shapley(w: np.ndarray, g) -> np.ndarray:
 
 
 def noisy(game, sd: float, rng: np.random.Generator):
-    return lambda z: game(z) + sd * rng.normal(size=len(z))
+    """``game`` with fresh seed noise on every evaluation; one coalition (a vector, as shapiq's samplers pass ∅) gives
+    an array of one value."""
+
+    def measured(z: np.ndarray) -> np.ndarray:
+        z = np.atleast_2d(z)
+        return game(z) + sd * rng.normal(size=len(z))
+
+    return measured
 
 
 def paper_estimate(n: int, budget: int, game, seed: int) -> np.ndarray:
@@ -96,7 +114,7 @@ def paper_estimate(n: int, budget: int, game, seed: int) -> np.ndarray:
 
 
 def worker() -> None:
-    """Read cells (JSON lines on stdin), answer shapiq's estimates (one JSON line each)."""
+    """Read cells (JSON lines on stdin, each naming its shapiq approximator), answer the estimates (a JSON line each)."""
     import shapiq
 
     for line in sys.stdin:
@@ -106,7 +124,7 @@ def worker() -> None:
         estimates = []
         for seed in range(cell["seeds"]):
             rng = np.random.default_rng(seed + 7)
-            approximator = shapiq.KernelSHAP(cell["n"], random_state=seed)
+            approximator = getattr(shapiq, cell["approximator"])(cell["n"], random_state=seed)
             values = approximator.approximate(budget=cell["budget"], game=noisy(game, sd, rng))
             estimates.append(values.get_n_order_values(1).tolist())
         print(json.dumps(estimates), flush=True)
@@ -185,7 +203,12 @@ def measure(todo: list[dict], shapiq: str | None, refresh: tuple[str, ...] = ())
             store[key(cell, "paper")] = {"error": float(np.mean(errors))}
         save()
     if shapiq:
-        missing = [c for c in todo if key(c, "shapiq") not in store]
+        missing = [
+            {**c, "column": col, "approximator": a}
+            for col, a in SHAPIQ.items()
+            for c in todo
+            if key(c, col) not in store
+        ]
         if missing:
             process = subprocess.run(
                 [shapiq, __file__, "--worker"],
@@ -197,7 +220,7 @@ def measure(todo: list[dict], shapiq: str | None, refresh: tuple[str, ...] = ())
             for cell, line in zip(missing, process.stdout.splitlines(), strict=True):
                 _, truth = make_game(cell["game"], cell["n"])
                 errors = [np.linalg.norm(np.array(e) - truth) / np.linalg.norm(truth) for e in json.loads(line)]
-                store[key(cell, "shapiq")] = {"error": float(np.mean(errors))}
+                store[key(cell, cell["column"])] = {"error": float(np.mean(errors))}
             save()
     return store
 
@@ -205,15 +228,17 @@ def measure(todo: list[dict], shapiq: str | None, refresh: tuple[str, ...] = ())
 def report(store: dict, todo: list[dict], shapiq_version: str | None) -> str:
     from machine import machine_description
 
-    estimators = [*OURS, "paper"] + (["shapiq"] if shapiq_version else [])
+    estimators = [*OURS, "paper"] + (list(SHAPIQ) if shapiq_version else [])
     lines = [
         f"`.venv/bin/python benchmarks/bench_estimators.py --shapiq /work/venvs/shapiq/bin/python` on "
         f"{datetime.date.today().isoformat()}, {machine_description()}; shapiq {shapiq_version or 'not run'}; "
         f"{SEEDS} seeds per cell; noise sd {NOISE:.0%} of the range of the true values; error = mean "
         "‖φ̂ − φ‖₂/‖φ‖₂. Coalitions counted as distinct utility evaluations (∅ and N included, their repeats not).",
         "",
-        "Mean relative error by budget (the default `kernelshap` first; **bold**: lowest in the row; the last "
-        "column is the default's error over the better of shapiq and the paper's formula):",
+        "Mean relative error by budget (the default `kernelshap` first; **bold**: lowest in the row; `shapiq` is "
+        "shapiq's KernelSHAP, `shapiq_svarm`, `shapiq_stratified` and `shapiq_permutation` are shapiq's stratified "
+        "SVARM, Maleki's stratified sampling and plain permutation sampling; the last column is the default's error over the better "
+        "of shapiq's KernelSHAP and the paper's formula):",
         "",
     ]
     groups = sorted({(c["n"], c["game"], c["noisy"]) for c in todo}, key=lambda g: (g[0], GAMES.index(g[1]), g[2]))
@@ -221,7 +246,8 @@ def report(store: dict, todo: list[dict], shapiq_version: str | None) -> str:
         "| n | game | noise | budget | " + " | ".join(estimators) + " | ratio |",
         "| --- | --- | --- | ---: | " + " | ".join("---:" for _ in estimators) + " | ---: |",
     ]
-    ratios, unpaired = [], {}  # the default's ratio per cell; kernelshap_unpaired's per game
+    ratios, unpaired, sampling = [], {}, {}  # the default's ratio per cell; kernelshap_unpaired's and the
+    # best of shapiq's sampling estimators over the default, per game
     for n, game, noisy_ in groups:
         for budget in SIZES[n]:
             cell = {"game": game, "n": n, "noisy": noisy_, "budget": budget}
@@ -233,6 +259,13 @@ def report(store: dict, todo: list[dict], shapiq_version: str | None) -> str:
             ratios.append(ratio)
             own = errors[estimators.index("kernelshap_unpaired")]
             unpaired.setdefault(game, []).append(1.0 if max(own, floor) < 1e-9 else own / floor)
+            others = [
+                errors[estimators.index(e)]
+                for e in ("shapiq_svarm", "shapiq_stratified", "shapiq_permutation")
+                if e in estimators
+            ]
+            if others and errors[0] > 1e-9:  # where the default is exact, so are they or they lose
+                sampling.setdefault(game, []).append(np.nanmin(others) / errors[0])
             shown = [f"**{e:.3g}**" if e == best else f"{e:.3g}" for e in errors]
             lines.append(
                 f"| {n} | {game} | {'yes' if noisy_ else 'no'} | {budget} | " + " | ".join(shown) + f" | {ratio:.2f} |"
@@ -288,6 +321,18 @@ def report(store: dict, todo: list[dict], shapiq_version: str | None) -> str:
         )
         + ".",
     ]
+    if sampling:
+        lines += [
+            "",
+            "The best of shapiq's sampling estimators (shapiq_svarm, shapiq_stratified, shapiq_permutation) over the "
+            "default, by game, in the cells where the default is not exact: "
+            + "; ".join(
+                f"{game} median {np.median(r):.2f}, best {np.min(r):.2f}, below 1 in {np.sum(np.array(r) < 1)} of "
+                f"{len(r)}"
+                for game, r in sorted(sampling.items(), key=lambda item: GAMES.index(item[0]))
+            )
+            + " (below 1: that estimator is the more accurate).",
+        ]
     return "\n".join(lines)
 
 
@@ -309,7 +354,7 @@ def main() -> None:
 
     todo = cells(args.games.split(","), [int(s) for s in args.sizes.split(",")])
     refresh = tuple(filter(None, args.refresh.split(",")))
-    known = [*OURS, "paper", "shapiq"]
+    known = [*OURS, "paper", *SHAPIQ]
     unknown = set(refresh) - set(known)
     if unknown:
         parser.error(f"--refresh: unknown {', '.join(sorted(unknown))}; choose from {', '.join(known)}")
