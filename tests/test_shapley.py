@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from diffcredit.shapley import (
     TABLE_COLUMNS,
     ValuationResult,
     _moderated,
+    _post_stratified,
     _pseudo_inverse,
     aggregate,
     read_utilities,
@@ -316,35 +318,100 @@ def coverage(estimator: str, budget: int | None, repeats: str, seeds: int = 400,
     return float(np.mean(covered))
 
 
-@pytest.mark.parametrize("estimator", ["kernelshap", "kernelshap_unpaired"])
-def test_kernelshap_intervals_cover_at_the_nominal_rate(estimator):
-    rate = coverage(estimator, 128, "plan")
+@pytest.mark.parametrize(
+    ("estimator", "budget"), [("kernelshap", 128), ("kernelshap_unpaired", 128), ("permutation", 32)]
+)
+def test_intervals_cover_at_the_nominal_rate(estimator, budget):
+    rate = coverage(estimator, budget, "plan")
     assert 0.93 <= rate <= 0.97, rate
 
 
-# Measured (400 seeds): every cell lies in 0.938–0.959 but permutation at 32 (0.929 as planned, 0.923 with every
-# coalition repeated). 32 coalitions of 8 contributors hold 2 antithetic draws. The misses are one event:
-# contributor i at a chain end (first or last) in both draws, probability (2/n)² = 1/16. Then φ̂_i is the same end
-# contribution twice (about 0.76 off) and, a draw having only two end slots, the other contributors' spreads are
-# small at the same time, and most of those intervals miss. Variance and df fixes reach at most 0.931, even the
-# true sd 0.943. Position-stratified draws (each contributor in a different pair of positions {p, n − 1 − p} in
-# each of n/2 draws) avoid the event and cut the error (RMSE 0.33 → 0.27 at 32, 0.13 → 0.05 at 128), but ~98% of
-# this game's per-draw variance is between those position classes, so the spread over draws overstates the
-# variance 2× at 32 and 7× at 128 (coverage 1.00), and a variance for that design needs two draws per class.
-KNOWN_MISSES = {("permutation", 32, "plan"), ("permutation", 32, "all")}
-
-
+# Measured (400 seeds): every cell lies in 0.93–0.97. Permutations at 32 coalitions (2 antithetic draws of 8
+# contributors) covered 0.929 as planned and 0.923 with every coalition repeated while they averaged the draws: a
+# contributor at a chain end in both draws (probability 1/16) got the same end contribution twice, far from its value
+# on this game with diminishing returns, with a small spread. Post-stratified by position they cover 0.959 / 0.947
+# (2,000 seeds), at 128 coalitions 0.943 / 0.953, and their RMSE fell from 0.33 to 0.19 (32) and 0.12 to 0.04 (128).
 @pytest.mark.slow
 @pytest.mark.parametrize("repeats", ["plan", "all"])
 @pytest.mark.parametrize("budget", [32, 128])
 @pytest.mark.parametrize("estimator", NAMES)
-def test_intervals_cover_the_true_value_at_the_nominal_rate(estimator, budget, repeats, request):
+def test_intervals_cover_the_true_value_at_the_nominal_rate(estimator, budget, repeats):
     if not REGISTRY[estimator].sampled and budget != 32:
         pytest.skip("exact and loo take no budget")
-    if (estimator, budget, repeats) in KNOWN_MISSES:  # still run: a fix shows as XPASS
-        request.applymarker(pytest.mark.xfail(reason="measured outside 0.93–0.97; see KNOWN_MISSES"))
     rate = coverage(estimator, budget if REGISTRY[estimator].sampled else None, repeats)
     assert 0.93 <= rate <= 0.97, rate
+
+
+@pytest.mark.parametrize(
+    ("ends", "gains", "expected"),
+    [
+        # every contributor seen at an end and in the middle: (2/n)·E_i + (1 − 2/n)·(mean of its middle draws)
+        (
+            [[0, 1], [2, 3], [0, 2]],
+            [[1.0, 2.0, 2.0, 5.0], [0.5, 1.0, 3.0, 4.0], [1.0, 3.0, 3.0, 7.0]],
+            [0.75, 2.0, 2.5, 5.0],
+        ),
+        # p3 never at an end and p0 only at ends: they borrow the end effect of p1 and p2, E − M = 0.5·M
+        ([[0, 1], [0, 2]], [[3.0, 1.5, 2.0, 4.0], [3.0, 1.0, 3.0, 6.0]], [2.5, 1.25, 2.5, 6.25]),
+    ],
+)
+def test_permutation_draws_are_post_stratified_by_position(ends, gains, expected):
+    at_end = np.zeros((len(ends), 4), bool)
+    for draw, pair in enumerate(ends):
+        at_end[draw, pair] = True
+    no_noise = (np.zeros(4), np.zeros(4))
+    estimate = _post_stratified(np.array(gains), at_end, no_noise, sum(expected), 0)  # efficient: nothing to move
+    np.testing.assert_allclose(estimate.value, expected)
+    assert (estimate.stderr > 0).all()
+
+
+def test_a_contributor_who_adds_nothing_gets_zero_from_post_stratified_permutations():
+    # diminishing returns among p0…p6 and p7 adding nothing: whether p7 was seen at an end or only in the middle, it
+    # takes no end effect and no share of the efficiency step (a shared additive effect gave it 2.8% of the total)
+    game = concave([*np.linspace(0.5, 2.0, 7), 0.0])
+    players = [f"p{i}" for i in range(8)]
+    for seed in range(12):
+        table = plan(players, "permutation", 64, seed)
+        rows = pd.DataFrame(
+            {"coalition": table["coalition"], "utility": [game(m) for m in member_sets(table).values()]}
+        )
+        result = aggregate(table, rows, convergence=False)
+        assert result.values[7] == 0.0 and result.ci_low[7] <= 0.0 <= result.ci_high[7]
+        assert result.values.sum() == pytest.approx(game(players) - game([]))
+
+
+def test_the_efficiency_step_leaves_a_contributor_who_adds_nothing_at_zero():
+    # p3's every contribution is 0 (a null contributor, never at an end); the others' values move to sum to Δ
+    ends = [[0, 1], [1, 2], [0, 2], [0, 1]]
+    at_end = np.zeros((4, 4), bool)
+    for draw, pair in enumerate(ends):
+        at_end[draw, pair] = True
+    gains = np.array([[1.0, 2.0, 2.0, 0.0], [0.5, 2.0, 3.0, 0.0], [1.0, 1.5, 3.0, 0.0], [1.0, 2.0, 3.0, 0.0]])
+    for delta in (0.0, 5.0, 9.0):
+        estimate = _post_stratified(gains, at_end, (np.zeros(4), np.zeros(4)), delta, 0)
+        assert estimate.value.sum() == pytest.approx(delta)
+        assert estimate.value[3] == 0.0 and estimate.stderr[3] > 0
+
+
+def test_post_stratification_lowers_the_permutation_error_on_a_game_with_diminishing_returns():
+    players, value, truths = coverage_game()
+    truth, n = truths["Shapley"], len(players)
+    errors = {"post-stratified": [], "mean of draws": []}
+    for seed in range(40):
+        table = plan(players, "permutation", 32, seed)
+        members = member_sets(table)
+        exact = {c: value[frozenset(m)] for c, m in members.items()}
+        rows = pd.DataFrame({"coalition": list(exact), "utility": list(exact.values())})
+        errors["post-stratified"].append(np.abs(aggregate(table, rows, convergence=False).values - truth).mean())
+        draws = [d.split(",") for cell in table["samples"].fillna("").astype(str) for d in cell.split(";") if d]
+        mean = np.zeros(n)
+        for draw in draws:
+            for chain in (draw[: n + 1], draw[n + 1 :]):
+                for before, after in itertools.pairwise(chain):
+                    (added,) = set(members[after]) - set(members[before])
+                    mean[players.index(added)] += (exact[after] - exact[before]) / (2 * len(draws))
+        errors["mean of draws"].append(np.abs(mean - truth).mean())
+    assert np.mean(errors["post-stratified"]) < 0.6 * np.mean(errors["mean of draws"]), errors
 
 
 def test_variances_over_few_draws_are_shrunk_toward_the_pooled_one():

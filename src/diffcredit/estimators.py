@@ -78,8 +78,10 @@ REGISTRY: dict[str, Estimator] = {
         Estimator(
             "permutation",
             "Shapley",
-            "mean marginal contribution over antithetic permutations (each order and its reverse)",
-            "t-interval over antithetic draws, variances shrunk across contributors, plus shared seed noise",
+            "marginal contributions over antithetic permutations (each order and its reverse), post-stratified by "
+            "position: a chain end's contribution is measured once, the middle positions averaged",
+            "t-interval, the middle draws' variance pooled across contributors, plus the fitted end effect's "
+            "deviations and the seed noise of shared coalitions; projected onto efficiency (a null contributor stays 0)",
             True,
             ("permutation", "position", "samples"),
             coalitions.permutation_draws,
