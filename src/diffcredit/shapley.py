@@ -521,24 +521,23 @@ def permutation_path(
     )
 
 
-def _class_weights(at_end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each draw's weight in contributor i's post-stratified estimate (see :func:`_post_stratified`), without the
-    borrowed end effect, and the share 2/n of the ends."""
+def _class_weights(at_end: np.ndarray) -> np.ndarray:
+    """Each draw's weight in contributor i's post-stratified estimate (see :func:`_post_stratified`); for a
+    contributor seen in one class only, that class's mean (the fitted end effect's factor left out)."""
     n = at_end.shape[1]
     share = 2.0 / n if n > 2 else 1.0
     k_end, k_mid = at_end.sum(axis=0), (~at_end).sum(axis=0)
     both = (k_end > 0) & (k_mid > 0)
     end = np.where(both, share, 1.0) / np.maximum(k_end, 1)
     middle = np.where(both, 1 - share, 1.0) / np.maximum(k_mid, 1)
-    return np.where(at_end, end, middle), share
+    return np.where(at_end, end, middle)
 
 
 def _permutation_noise(weights: np.ndarray, draws: np.ndarray, at_end: np.ndarray, noise: np.ndarray):
     """Seed noise of the post-stratified estimate, Σ_c W_ic²σ_c², and the part of it that the spread of the middle
     draws does not hold: the end part E_i (one set of four utilities, however often drawn) and the covariance of
     coalitions that several draws use (the draws' own Σ_k Σ_c w_kic²σ_c² subtracted), which may be negative."""
-    coefficient, _ = _class_weights(at_end)
-    scaled = weights * coefficient[:, None, :]
+    scaled = weights * _class_weights(at_end)[:, None, :]
     rows, slot = np.unique(draws, return_inverse=True)
     per_coalition = np.zeros((len(rows), weights.shape[2]))
     np.add.at(per_coalition, slot.ravel(), scaled.reshape(-1, weights.shape[2]))
