@@ -11,12 +11,13 @@ sd 7% of the range of the true values. True values: closed form (additive, pairw
 (size, weight) (majority, concave: v(S) = g(w(S))). Error: ‖φ̂ − φ‖₂/‖φ‖₂, mean over seeds; coverage: share of 95%
 intervals holding the true value. ``paper`` is the authors' closed form written from its formula (sizes from the
 Shapley kernel, uniform subsets, no pairing, sampled matrix); ``shapiq`` is shapiq 1.4.1's KernelSHAP with its
-defaults, the peer the default is measured against. The field's sampling estimators run beside them from shapiq, each
-with its defaults: ``shapiq_svarm`` (stratified SVARM, Kolpaczki et al. 2024: every coalition updates every player's size
-stratum, no marginal contributions), ``shapiq_stratified`` (Maleki et al. 2013: marginal contributions stratified by
-coalition size) and ``shapiq_permutation`` (plain permutation sampling). Each is given the same number of coalitions
-(``budget``, the ∅ and N included; an estimator that evaluates a coalition twice pays twice). After a change to an
-estimator, ``--refresh kernelshap,permutation`` measures those estimators' cells again and keeps the others.
+defaults, the peer the default is measured against. The field's sampling estimators run beside them from shapiq,
+each with its defaults: ``shapiq_svarm`` (stratified SVARM, Kolpaczki et al. 2024: every coalition updates every
+player's size stratum, no marginal contributions), ``shapiq_stratified`` (Maleki et al. 2013: marginal
+contributions stratified by coalition size) and ``shapiq_permutation`` (plain permutation sampling). Each is given
+the same number of coalitions (``budget``, the ∅ and N included; an estimator that evaluates a coalition twice pays
+twice). After a change to an estimator, ``--refresh kernelshap,permutation`` measures those estimators' cells again
+and keeps the others.
 
 The shapiq worker (``--worker``) is this file run by the other environment; it imports numpy and shapiq only.
 """
@@ -47,6 +48,7 @@ SHAPIQ = {
     "shapiq_stratified": "StratifiedSamplingSV",
     "shapiq_permutation": "PermutationSamplingSV",
 }
+SAMPLING = tuple(column for column in SHAPIQ if column != "shapiq")  # the field's sampling estimators, from shapiq
 NOISE = 0.07  # seed-noise sd as a share of the range of the true values
 TITLE = "Estimators on synthetic games"
 
@@ -114,7 +116,7 @@ def paper_estimate(n: int, budget: int, game, seed: int) -> np.ndarray:
 
 
 def worker() -> None:
-    """Read cells (JSON lines on stdin, each naming its shapiq approximator), answer the estimates (a JSON line each)."""
+    """Read cells (JSON lines on stdin, each naming its shapiq approximator); answer their estimates, a line each."""
     import shapiq
 
     for line in sys.stdin:
@@ -237,8 +239,8 @@ def report(store: dict, todo: list[dict], shapiq_version: str | None) -> str:
         "",
         "Mean relative error by budget (the default `kernelshap` first; **bold**: lowest in the row; `shapiq` is "
         "shapiq's KernelSHAP, `shapiq_svarm`, `shapiq_stratified` and `shapiq_permutation` are shapiq's stratified "
-        "SVARM, Maleki's stratified sampling and plain permutation sampling; the last column is the default's error over the better "
-        "of shapiq's KernelSHAP and the paper's formula):",
+        "SVARM, Maleki's stratified sampling and plain permutation sampling; the last column is the default's error "
+        "over the better of shapiq's KernelSHAP and the paper's formula):",
         "",
     ]
     groups = sorted({(c["n"], c["game"], c["noisy"]) for c in todo}, key=lambda g: (g[0], GAMES.index(g[1]), g[2]))
@@ -259,11 +261,7 @@ def report(store: dict, todo: list[dict], shapiq_version: str | None) -> str:
             ratios.append(ratio)
             own = errors[estimators.index("kernelshap_unpaired")]
             unpaired.setdefault(game, []).append(1.0 if max(own, floor) < 1e-9 else own / floor)
-            others = [
-                errors[estimators.index(e)]
-                for e in ("shapiq_svarm", "shapiq_stratified", "shapiq_permutation")
-                if e in estimators
-            ]
+            others = [errors[estimators.index(e)] for e in SAMPLING if e in estimators]
             if others and errors[0] > 1e-9:  # where the default is exact, so are they or they lose
                 sampling.setdefault(game, []).append(np.nanmin(others) / errors[0])
             shown = [f"**{e:.3g}**" if e == best else f"{e:.3g}" for e in errors]
@@ -324,8 +322,8 @@ def report(store: dict, todo: list[dict], shapiq_version: str | None) -> str:
     if sampling:
         lines += [
             "",
-            "The best of shapiq's sampling estimators (shapiq_svarm, shapiq_stratified, shapiq_permutation) over the "
-            "default, by game, in the cells where the default is not exact: "
+            f"The best of shapiq's sampling estimators ({', '.join(SAMPLING)}) over the default, by game, in the "
+            "cells where the default is not exact: "
             + "; ".join(
                 f"{game} median {np.median(r):.2f}, best {np.min(r):.2f}, below 1 in {np.sum(np.array(r) < 1)} of "
                 f"{len(r)}"

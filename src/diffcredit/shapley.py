@@ -38,8 +38,9 @@ has probability 2/n, so the draws are post-stratified by position: φ̂_i = (2/n
 draws), and a contributor seen in one class only takes the end effect in proportion to its middle mean, fitted on
 the others (:func:`_post_stratified`). Its variance: the middle draws' spread pooled across contributors, the fitted
 effect's deviations, and the seed noise the spread does not hold (E_i's, and coalitions shared by several draws);
-then the values are projected onto efficiency, a contributor whose every contribution was 0 left at 0. Averaging the draws instead is conditionally biased whenever a contributor's share of end draws is not
-2/n, which its spread does not show (0.92 coverage at 2 draws of 8 contributors, RMSE 2–4× higher on games with
+then the values are projected onto efficiency, a contributor whose every contribution was 0 left at 0. Averaging
+the draws instead is conditionally biased whenever a contributor's share of end draws is not 2/n, which its spread
+does not show (0.92 coverage at 2 draws of 8 contributors, RMSE 2–4× higher on games with
 diminishing returns: benchmarks/RESULTS.md).
 
 The remaining estimators but Banzhaf are a mean over m independent draws of a statistic linear in the utilities,
@@ -521,11 +522,15 @@ def permutation_path(
     )
 
 
+def _end_share(n: int) -> float:
+    """The probability 2/n that a contributor is first or last of a random order (1 when every position is an end)."""
+    return 2.0 / n if n > 2 else 1.0
+
+
 def _class_weights(at_end: np.ndarray) -> np.ndarray:
     """Each draw's weight in contributor i's post-stratified estimate (see :func:`_post_stratified`); for a
     contributor seen in one class only, that class's mean (the fitted end effect's factor left out)."""
-    n = at_end.shape[1]
-    share = 2.0 / n if n > 2 else 1.0
+    share = _end_share(at_end.shape[1])
     k_end, k_mid = at_end.sum(axis=0), (~at_end).sum(axis=0)
     both = (k_end > 0) & (k_mid > 0)
     end = np.where(both, share, 1.0) / np.maximum(k_end, 1)
@@ -565,7 +570,7 @@ def _post_stratified(
     estimate's seed-noise variance and the part of it the middle spread does not hold (:func:`_permutation_noise`).
     """
     n = gain.shape[1]
-    share = 2.0 / n
+    share = _end_share(n)
     middle = ~at_end
     k_mid, k_end = middle.sum(axis=0), at_end.sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):

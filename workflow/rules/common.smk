@@ -19,8 +19,8 @@ FAMILY = None if config["model"]["family"] == "pixel" else {"model": config["mod
 FAMILY_INPUT = [] if FAMILY is None else FAMILY["directory"]
 # The stages that run alone on the critical path (the family's preparation, training, recovery, the feature extractor)
 # compute with two torch threads, 1.3-1.7x faster per step than one on these models (benchmarks/bench_threads.py); the
-# coalition jobs keep one each and run side by side. The count reaches torch as a parameter because Snakemake lowers `threads` to --cores, and another
-# thread count gives other bytes (README, "Reproducibility").
+# coalition jobs keep one each and run side by side. The count reaches torch as a parameter because Snakemake lowers
+# `threads` to --cores, and another thread count gives other bytes (README, "Reproducibility").
 SOLO_THREADS = 2
 
 
