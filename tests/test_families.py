@@ -497,6 +497,20 @@ def test_the_text_family_prepares_captions_and_a_base(tmp_path, glyphs, base):
         )
 
 
+def test_the_stand_in_base_pre_trains_with_the_configured_min_snr_weights(tmp_path, glyphs):
+    from diffcredit.families import prepare_family
+
+    weights = {}
+    for gamma in (None, 1.0):
+        model = {
+            "family": "text_lora",
+            "text_lora": {"captions": "glyphs", "steps": 2, "batch_size": 8, "snr_gamma": gamma},
+        }
+        prepare_family(model, tmp_path / str(gamma), data=glyphs[0], seed=0, device="cpu", log=lambda _: None)
+        weights[gamma] = tc.load_base(tmp_path / str(gamma) / "base").unet.conv_in.weight
+    assert not torch.allclose(weights[None], weights[1.0])
+
+
 def test_glyphs_written_as_npz_load_as_a_source_with_their_ids(tmp_path):
     from diffcredit.contributors import load_source
     from diffcredit.glyphs import captions_of, main

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from diffcredit.contributors import ContributorData
-from diffcredit.models import build_model
-from diffcredit.training import select_device, train
+from diffcredit.models import build_model, make_scheduler
+from diffcredit.training import min_snr_weights, select_device, train
 
 FAST = {"batch_size": 16, "lr": 1e-3, "device": "cpu"}
 
@@ -109,11 +109,47 @@ def test_adamw_with_weight_decay_and_no_clipping_runs(tiny_model, digit_images):
         (np.zeros((4, 1, 8, 8), np.float32), {"optimizer": "rmsprop"}, "unknown optimizer 'rmsprop'"),
         (np.zeros((4, 1, 8, 8), np.float32), {"steps": -1}, "need steps >= 0"),
         (np.zeros((4, 1, 8, 8), np.float32), {"precision": "fp16"}, "unknown precision 'fp16'; use one of fp32, bf16"),
+        (np.zeros((4, 1, 8, 8), np.float32), {"snr_gamma": 0}, "snr_gamma must be positive"),
     ],
 )
 def test_bad_input_is_refused(tiny_model, images, options, message):
     with pytest.raises(ValueError, match=message):
         train(tiny_model, images, **{"steps": 1, "seed": 0, **FAST, **options})
+
+
+@pytest.mark.parametrize(
+    ("prediction_type", "divisor"),
+    [("epsilon", lambda snr: snr), ("v_prediction", lambda snr: snr + 1), ("sample", None)],
+)
+def test_min_snr_weights_are_min_snr_gamma_over_the_targets_factor(prediction_type, divisor):
+    scheduler = make_scheduler("ddpm", {"prediction_type": prediction_type})
+    timesteps = torch.tensor([0, 100, 500, 999])
+    alpha_bar = scheduler.alphas_cumprod[timesteps].double()
+    snr = alpha_bar / (1 - alpha_bar)  # from about 1e4 at t = 0 to about 4e-5 at t = 999
+    expected = snr.clamp(max=2.0) / (divisor(snr) if divisor else 1)
+    torch.testing.assert_close(min_snr_weights(scheduler, timesteps, 2.0).double(), expected, rtol=1e-5, atol=0)
+    if prediction_type == "epsilon":  # the noisy end keeps its full weight, the clean end is damped to γ/SNR
+        weights = min_snr_weights(scheduler, timesteps, 2.0)
+        assert weights[-1] == 1.0 and weights[0] < 1e-3
+
+
+def test_min_snr_training_weights_the_loss_and_a_gamma_above_every_snr_does_not(tiny_config, digit_images):
+    trained = {}
+    for gamma in (None, 1e9, 1.0):
+        model = build_model(tiny_config, seed=0)
+        trained[gamma] = (train(model, digit_images, steps=3, seed=0, snr_gamma=gamma, **FAST).losses, weights(model))
+    np.testing.assert_allclose(trained[1e9][0], trained[None][0], rtol=1e-5)
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(trained[None][1], trained[1e9][1], strict=True))
+    assert trained[1.0][0][0] < trained[None][0][0]  # the same first batch, its clean timesteps damped
+    assert not all(torch.allclose(x, y, atol=1e-6) for x, y in zip(trained[None][1], trained[1.0][1], strict=True))
+
+
+def test_min_snr_training_refuses_an_observer_that_replays_the_plain_loss(tiny_model, digit_images):
+    def replaying(*_):
+        return lambda step_size: None
+
+    with pytest.raises(ValueError, match="replays the plain DDPM loss; train it without snr_gamma"):
+        train(tiny_model, digit_images, steps=1, seed=0, snr_gamma=5.0, observer=replaying, **FAST)
 
 
 def test_select_device():

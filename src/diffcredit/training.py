@@ -106,6 +106,7 @@ def train(
     precision: str = "fp32",
     log_every: int | None = None,
     observer: Any = None,
+    snr_gamma: float | None = None,
 ) -> TrainingResult:
     """Train ``model`` in place on ``images`` (float32 ``[N, C, H, W]`` in ``[-1, 1]``) with the DDPM loss.
 
@@ -131,6 +132,9 @@ def train(
         observer: called as ``observer(model, index, clean, timesteps, noise)`` before each step's forward pass (so
             it can replay the step's dropout masks); what it returns is called with the SGD step size applied (lr
             times the clipping factor) before the update (In-Run Data Shapley, :mod:`diffcredit.attribution.inrun`).
+        snr_gamma: weight each item's loss by Min-SNR-γ (Hang et al. 2023; diffusers' ``--snr_gamma``, see
+            :func:`min_snr_weights`), which spends the run on the noisy timesteps where an image's content is decided.
+            An observer that replays the step (In-Run Data Shapley) assumes the plain loss, so the two do not mix.
     """
     images = np.asarray(images)
     if images.ndim != 4 or len(images) == 0:
@@ -145,6 +149,8 @@ def train(
         raise ValueError(f"need steps >= 0 and batch_size >= 1, got steps={steps}, batch_size={batch_size}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZERS)}")
+    if snr_gamma is not None and snr_gamma <= 0:
+        raise ValueError(f"snr_gamma must be positive (5 in Hang et al.), got {snr_gamma}; None trains unweighted")
 
     target_device = select_device(device or "auto")
     forward_precision = autocast(target_device, precision)
@@ -183,7 +189,14 @@ def train(
         pending = observer(model, index, clean, timesteps, noise) if observer is not None else None
         with forward_precision:
             prediction = model(scheduler.add_noise(clean, noise, timesteps), timesteps).sample
-        loss = F.mse_loss(prediction.float(), denoising_target(scheduler, clean, noise, timesteps))
+        target = denoising_target(scheduler, clean, noise, timesteps)
+        if snr_gamma is None:
+            loss = F.mse_loss(prediction.float(), target)
+        else:
+            if pending is not None:
+                raise ValueError("this observer replays the plain DDPM loss; train it without snr_gamma")
+            item_losses = (prediction.float() - target).square().flatten(1).mean(1)
+            loss = (item_losses * min_snr_weights(scheduler, timesteps, snr_gamma)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip is not None:
@@ -223,6 +236,22 @@ def _batch_indices(n: int, batch_size: int, generator: torch.Generator):
             pending = torch.cat([pending, torch.randperm(n, generator=generator, device=generator.device)])
         yield pending[:batch_size]
         pending = pending[batch_size:]
+
+
+def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ loss weights of ``timesteps`` for the scheduler's prediction type, as diffusers' training scripts
+    compute them: min(SNR, γ) on the clean image's error, divided by SNR for an ε target and by SNR + 1 for a v
+    target (the factors that turn that error into theirs)."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps)
+    weights = snr.clamp(max=gamma)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return weights / snr
+    if kind == "v_prediction":
+        return weights / (snr + 1)
+    return weights
 
 
 def denoising_target(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

@@ -361,6 +361,7 @@ class TextLoraFamily(Family):
         "batch_size",
         "lr",
         "caption_dropout",
+        "snr_gamma",
         "train_text_encoder",
     )
     takes_heldout = True  # prepare captions the held-out items too, where the caption source has them
@@ -405,6 +406,7 @@ class TextLoraFamily(Family):
         batch_size: int = 32,
         lr: float = 1e-3,
         caption_dropout: float = 0.0,
+        snr_gamma: float | None = None,
         train_text_encoder: bool = True,
         device: str | None = None,
     ) -> dict:
@@ -450,6 +452,7 @@ class TextLoraFamily(Family):
                 seed=derive_seed(seed, "base-train"),
                 caption_dropout=caption_dropout,
                 train_text_encoder=train_text_encoder,
+                snr_gamma=snr_gamma,
                 device=device,
                 log_every=max(1, steps // 10),
             )

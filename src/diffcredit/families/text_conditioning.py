@@ -339,7 +339,8 @@ def pretrain(
     """Train the whole base UNet on captioned ``images``: the stand-in's pre-training, with ``caption_dropout`` of
     the items shown the empty prompt (:class:`ConditionedUNet`), and the text encoder trained with it unless
     ``train_text_encoder`` is false (a frozen random encoder barely separates the captions: benchmarks/RESULTS.md,
-    "Text conditioning of the stand-in base"). Both are frozen again afterwards."""
+    "Text conditioning: what the figures say"). ``training``: more options of :func:`diffcredit.training.train`,
+    e.g. ``snr_gamma``. Both are frozen again afterwards."""
     from diffcredit.seeds import derive_seed
     from diffcredit.training import train
 
