@@ -27,6 +27,7 @@ from diffcredit.shapley import (
     CONDITIONAL,
     TABLE_COLUMNS,
     ValuationResult,
+    _measure,
     _moderated,
     _post_stratified,
     _pseudo_inverse,
@@ -461,6 +462,26 @@ def test_single_measurements_are_stated_in_the_output():
     assert (result.to_frame()["seed_noise"] == CONDITIONAL).all()
     repeated = aggregate(table, utilities(table, game, seeds=2, noise=0.1))
     assert repeated.seed_noise.startswith("included") and "conditional" not in repeated.method
+
+
+def test_a_coalition_whose_repeats_agree_to_the_bit_has_no_seed_noise_and_stays_out_of_the_pool():
+    # v(∅) of a LoRA is the base itself: its two rows are the same number, N's differ (2 and 4: s² = 2 on 1 df).
+    planned = pd.Series(["empty", "grand", "single"])
+    rows = pd.DataFrame({"coalition": ["empty", "empty", "grand", "grand", "single"], "utility": [1, 1, 2, 4, 3.0]})
+    measured, _ = _measure(planned, rows, "error")
+    assert (measured.df, measured.exact) == (1, 1)
+    np.testing.assert_allclose(measured.noise, [0.0, 2.0 / 2, 2.0])  # pooled with ∅'s zero it was 1 on 2 df
+    # Repeats that all agree say that nothing is noisy: the noise is 0 on their df, nothing singled out.
+    rows["utility"] = [1, 1, 3, 3, 3.0]
+    measured, _ = _measure(planned, rows, "error")
+    assert (measured.df, measured.exact) == (2, 0)
+    np.testing.assert_array_equal(measured.noise, 0.0)
+    game = pairwise(6, seed=2)
+    table = plan(game.players, "kernelshap", 30, 0)
+    noisy = utilities(table, game, noise=0.1)  # ∅ and N twice, as planned
+    noisy.loc[noisy["coalition"] == table["coalition"][0], "utility"] = game(frozenset())  # ∅ measured exactly
+    result = aggregate(table, noisy)
+    assert "(pooled, df 1) included (1 coalition(s) whose repeats agree to the bit taken as free of it)" in result.method
 
 
 def test_the_noise_of_shared_coalitions_enters_kernelshap_intervals():

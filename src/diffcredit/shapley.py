@@ -6,7 +6,8 @@ and returns a :class:`ValuationResult`.
 A coalition may have several utility rows (training seeds; plans ask for ``repeats`` of the empty and the grand
 coalition). Point estimates use each coalition's mean utility ū_c; the seed noise enters the interval through the
 pooled within-coalition variance σ² (pooled over every coalition with two or more rows, assuming one noise level),
-so that Var(ū_c) = σ²/k_c for a coalition with k_c rows. Every estimator is linear in the utilities given its plan,
+so that Var(ū_c) = σ²/k_c for a coalition with k_c rows; a coalition whose rows agree to the bit while another's
+differ does not depend on the seed (v(∅) of a LoRA: the base itself), so it is left out of the pool with noise 0. Every estimator is linear in the utilities given its plan,
 φ̂ = W ū, so the seed noise adds Σ_c W_ic² σ²/k_c to the variance of contributor i: this counts the noise of
 coalitions every draw shares (∅, N, enumerated strata) once, where resampling would miss it. Without any repeated
 row the noise cannot be separated: the output then says that the interval is conditional on single measurements.
@@ -267,11 +268,13 @@ class ValuationResult:
 
 @dataclass(frozen=True)
 class _Measured:
-    """Per-coalition mean utility (NaN where excluded), variance of that mean from seed noise, and noise df."""
+    """Per-coalition mean utility (NaN where excluded), variance of that mean from seed noise, and noise df;
+    ``exact``: how many coalitions were found free of seed noise (:func:`_exact_coalitions`)."""
 
     mean: np.ndarray
     noise: np.ndarray
     df: int
+    exact: int = 0
 
 
 @dataclass(frozen=True)
@@ -350,6 +353,8 @@ def aggregate(
     if measured.df:
         seed_noise = f"included (pooled from repeated utilities, df {measured.df})"
         method += f"; seed noise from repeated utilities (pooled, df {measured.df}) included"
+        if measured.exact:
+            method += f" ({measured.exact} coalition(s) whose repeats agree to the bit taken as free of it)"
     else:
         seed_noise = CONDITIONAL
         method += (
@@ -409,11 +414,26 @@ def _measure(planned: pd.Series, utilities: pd.DataFrame, missing: str) -> tuple
     values, rows = utilities["utility"].to_numpy()[keep], position[keep]
     count = np.bincount(rows, minlength=len(index))
     mean = np.bincount(rows, weights=values, minlength=len(index)) / np.where(count > 0, count, 1)
-    squares = float(((values - mean[rows]) ** 2).sum())
-    df = int((count[count > 0] - 1).sum())
+    exact = _exact_coalitions(values, rows, count)
+    pooled = ~exact[rows]
+    squares = float(((values[pooled] - mean[rows[pooled]]) ** 2).sum())
+    df = int((count[(count > 0) & ~exact] - 1).sum())
     noise = np.where(count > 0, (squares / df if df else 0.0) / np.maximum(count, 1), np.nan)
+    noise[exact] = 0.0
     mean[bad] = np.nan
-    return _Measured(mean, noise, df), tuple(sorted(set(failed) | set(absent)))
+    return _Measured(mean, noise, df, int(exact.sum())), tuple(sorted(set(failed) | set(absent)))
+
+
+def _exact_coalitions(values: np.ndarray, rows: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """Coalitions measured twice or more to the same bits while another's repeats differ: their utility does not
+    depend on the seed (in the text_lora family v(∅) is the base itself, sampled from the common noise), so they have
+    no seed noise, and pooling their zero spread would understate everyone else's."""
+    low = np.full(len(count), np.inf)
+    high = np.full(len(count), -np.inf)
+    np.minimum.at(low, rows, values)
+    np.maximum.at(high, rows, values)
+    tied = (count > 1) & (low == high)
+    return tied if (~tied & (count > 1)).any() else np.zeros(len(count), bool)
 
 
 def _listing(values: Sequence[str]) -> str:
