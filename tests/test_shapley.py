@@ -481,7 +481,9 @@ def test_a_coalition_whose_repeats_agree_to_the_bit_has_no_seed_noise_and_stays_
     noisy = utilities(table, game, noise=0.1)  # ∅ and N twice, as planned
     noisy.loc[noisy["coalition"] == table["coalition"][0], "utility"] = game(frozenset())  # ∅ measured exactly
     result = aggregate(table, noisy)
-    assert "(pooled, df 1) included (1 coalition(s) whose repeats agree to the bit taken as free of it)" in result.method
+    assert (
+        "(pooled, df 1) included (1 coalition(s) whose repeats agree to the bit taken as free of it)" in result.method
+    )
 
 
 def test_the_noise_of_shared_coalitions_enters_kernelshap_intervals():
