@@ -7,10 +7,11 @@ A coalition may have several utility rows (training seeds; plans ask for ``repea
 coalition). Point estimates use each coalition's mean utility ū_c; the seed noise enters the interval through the
 pooled within-coalition variance σ² (pooled over every coalition with two or more rows, assuming one noise level),
 so that Var(ū_c) = σ²/k_c for a coalition with k_c rows; a coalition whose rows agree to the bit while another's
-differ does not depend on the seed (v(∅) of a LoRA: the base itself), so it is left out of the pool with noise 0. Every estimator is linear in the utilities given its plan,
-φ̂ = W ū, so the seed noise adds Σ_c W_ic² σ²/k_c to the variance of contributor i: this counts the noise of
-coalitions every draw shares (∅, N, enumerated strata) once, where resampling would miss it. Without any repeated
-row the noise cannot be separated: the output then says that the interval is conditional on single measurements.
+differ does not depend on the seed (v(∅) of a LoRA: the base itself), so it is left out of the pool with noise 0.
+Every estimator is linear in the utilities given its plan, φ̂ = W ū, so the seed noise adds Σ_c W_ic² σ²/k_c to the
+variance of contributor i: this counts the noise of coalitions every draw shares (∅, N, enumerated strata) once,
+where resampling would miss it. Without any repeated row the noise cannot be separated: the output then says that
+the interval is conditional on single measurements.
 
 ``kernelshap`` (and ``kernelshap_leverage``): stratified paired plans (see :mod:`diffcredit.coalitions`). Stratum k
 holds the pairs (S, N∖S) with min(|S|, n−|S|) = k and has kernel mass Q_k; its m_k planned pairs estimate its part
