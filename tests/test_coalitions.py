@@ -221,6 +221,30 @@ def test_the_empty_and_grand_coalition_are_measured_twice_by_default(estimator):
         plan(PLAYERS, estimator, 30, seed=1, bound_repeats=0)
 
 
+@pytest.mark.parametrize("estimator", ["kernelshap", "permutation", "exact"])
+def test_a_null_without_seed_noise_is_measured_once_and_its_repeat_goes_to_the_grand_coalition(estimator):
+    noisy = plan(PLAYERS, estimator, 30, seed=1)
+    table = plan(PLAYERS, estimator, 30, seed=1, null_has_noise=False)
+    sizes_ = sizes(table)
+    expected = np.where(sizes_ == 0, 1, np.where(sizes_ == len(PLAYERS), 3, noisy["repeats"].astype(int)))
+    np.testing.assert_array_equal(table["repeats"].astype(int), expected)
+    assert table["repeats"].sum() == noisy["repeats"].sum()  # the same measurements, N's noise on 2 df instead of 1
+    pd.testing.assert_frame_equal(table.drop(columns="repeats"), noisy.drop(columns="repeats"))
+    if estimator != "exact":  # prefix-stable: a larger budget keeps every row, repeats included
+        larger = plan(PLAYERS, estimator, 60, seed=1, null_has_noise=False)
+        pd.testing.assert_frame_equal(larger.head(len(table)), table)
+
+
+def test_the_workflows_plans_pass_the_familys_null_on():
+    from diffcredit.stages import plan_table
+
+    spec = {"contributors": PLAYERS, "seed": 1, "budget": 30, "main_estimator": "kernelshap", "lds_subsets": 4}
+    spec |= {"alpha": 0.5, "agreement_coalitions": 6, "null_has_noise": False}
+    for name in ("kernelshap", "agreement"):
+        table = plan_table(plan=name, **spec)
+        assert table["repeats"].head(2).astype(int).tolist() == [1, 3]  # rows 0 and 1: ∅ and N
+
+
 def test_the_schema_offers_the_registry_estimators():
     schema = yaml.safe_load((Path(__file__).parents[1] / "workflow" / "schemas" / "config.schema.yaml").read_text())
     name = schema["properties"]["estimator"]["properties"]["name"]

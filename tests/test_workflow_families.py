@@ -73,6 +73,10 @@ def test_each_family_stand_in_runs_end_to_end_with_efficient_values(tmp_path, fa
         len(values) == 12 and values["ci_low"].le(values["value"]).all() and values["value"].le(values["ci_high"]).all()
     )
     size = plan.set_index("coalition")["members"].map(lambda m: len([x for x in m.split(",") if x]))
+    # v(∅) of a LoRA is its base, the same for every seed: measured once, N three times (the latent ∅ varies)
+    repeats = plan.set_index("coalition")["repeats"].groupby(size).max()
+    assert (repeats[0], repeats[12]) == ((1, 3) if family == "text-lora" else (2, 2))
+    assert utilities["coalition"].map(size).value_counts()[[0, 12]].tolist() == [repeats[0], repeats[12]]
     by_size = utilities.groupby(utilities["coalition"].map(size))["utility"].mean()
     assert values["value"].sum() == pytest.approx(by_size[12] - by_size[0], rel=1e-6)
     summary = json.loads((run / "family" / "family.json").read_text())

@@ -7,7 +7,8 @@ A plan is a table with one row per distinct member set, in plan order:
 - ``estimator``: the estimator the plan was made for (the same on every row; ``aggregate`` reads it);
 - ``repeats``: how many utility measurements (training seeds) the coalition should get. The empty and the grand
   coalition and rows 0 and 1 (∅ and N in kernelshap and permutation plans) get ``bound_repeats`` (2 by default),
-  every other coalition 1, so that one utility per coalition elsewhere still yields an estimate of the seed noise;
+  every other coalition 1, so that one utility per coalition elsewhere still yields an estimate of the seed noise
+  (where v(∅) does not vary with the seed, ``null_has_noise=False``, ∅ gets 1 and N 2·``bound_repeats`` − 1);
 - sampler columns (see :mod:`diffcredit.estimators` for the estimators):
 
   =================== ============================================================================================
@@ -109,8 +110,13 @@ def plan(
     seed: int,
     *,
     bound_repeats: int = BOUND_REPEATS,
+    null_has_noise: bool = True,
 ) -> pd.DataFrame:
-    """Plan the coalitions to evaluate for ``estimator`` (see the module docstring for the table)."""
+    """Plan the coalitions to evaluate for ``estimator`` (see the module docstring for the table).
+
+    ``null_has_noise``: whether v(∅) varies with the seed (an untrained model does; a LoRA's base does not): if not,
+    ∅ is measured once and N 2·``bound_repeats`` − 1 times.
+    """
     from diffcredit.estimators import estimator_named  # the registry refers to this module's planners
 
     ids = list(contributors)
@@ -135,19 +141,25 @@ def plan(
     else:
         budget = None
     table = _collect(ids, estimator, budget, entry.columns, entry.planner(ids, seed))
-    table["repeats"] = pd.array(_repeats(table["members"], n, int(bound_repeats)), dtype="Int64")
+    repeats = _repeats(table["members"], n, int(bound_repeats), null_has_noise)
+    table["repeats"] = pd.array(repeats, dtype="Int64")
     return table
 
 
-def _repeats(members: pd.Series, n: int, bound: int) -> np.ndarray:
-    """``bound`` measurements for rows 0 and 1 and for the empty and the grand coalition, 1 elsewhere.
+def _repeats(members: pd.Series, n: int, bound: int, null_has_noise: bool = True) -> np.ndarray:
+    """``bound`` measurements for rows 0 and 1 and for the empty and the grand coalition, 1 elsewhere; without
+    ``null_has_noise``, 1 for ∅ and 2·``bound`` − 1 for N (repeating a number that cannot change would only cost
+    measurements; on N they give the seed noise more degrees of freedom).
 
     Rows 0 and 1 are ∅ and N in kernelshap and permutation plans; the rule looks at a row alone, so it keeps
     plans prefix-stable, and every plan gets at least two repeated coalitions for the seed noise.
     """
     size = np.where(members == "", 0, members.str.count(",") + 1)
     repeated = (size == 0) | (size == n) | (np.arange(len(members)) < 2)
-    return np.where(repeated, bound, 1)
+    repeats = np.where(repeated, bound, 1)
+    if not null_has_noise:
+        repeats = np.where(size == 0, 1, np.where(size == n, 2 * bound - 1, repeats))
+    return repeats
 
 
 def exact_draws(ids: list[str], seed: int) -> Iterator[_Draws]:

@@ -248,6 +248,7 @@ def plan_table(
     alpha: float | list[float],
     agreement_coalitions: int,
     bound_repeats: int = 2,
+    null_has_noise: bool = True,
 ) -> pd.DataFrame:
     """The coalitions of a named plan: an estimator's, the LDS held-out subsets, or the retrained agreement prefix."""
     from diffcredit.coalitions import plan as plan_coalitions
@@ -262,12 +263,12 @@ def plan_table(
                 "estimator": "lds",
             }
         )
-    if plan == "agreement":
-        # A prefix of the estimation plan, so its coalition ids and utilities line up with the estimation's.
-        return plan_coalitions(contributors, main_estimator, budget, seed, bound_repeats=bound_repeats).head(
-            agreement_coalitions
-        )
-    return plan_coalitions(contributors, plan, budget, seed, bound_repeats=bound_repeats)
+    # The agreement plan is a prefix of the estimation plan, so its coalition ids and utilities line up.
+    estimator = main_estimator if plan == "agreement" else plan
+    table = plan_coalitions(
+        contributors, estimator, budget, seed, bound_repeats=bound_repeats, null_has_noise=null_has_noise
+    )
+    return table.head(agreement_coalitions) if plan == "agreement" else table
 
 
 def write_plan(spec: dict, out: str) -> None:

@@ -5,6 +5,7 @@ from functools import lru_cache
 from diffcredit import rounds, stages
 from diffcredit.contributors import contributor_ids
 from diffcredit.estimators import REGISTRY
+from diffcredit.families import family_class
 
 RUN = f"results/{config['name']}"
 ENV = "../../envs/diffcredit.yaml"
@@ -56,6 +57,7 @@ def plan_spec(plan):
         "alpha": evaluation["alpha"],
         "agreement_coalitions": evaluation["agreement_coalitions"],
         "bound_repeats": main["bound_repeats"],
+        "null_has_noise": family_class(config["model"]["family"]).null_has_noise,
     }
 
 

@@ -55,6 +55,7 @@ class Family:
     open_options: tuple[str, ...] = ()
     clip_samples = True  # the model denoises pixels, whose range [-1, 1] the samplers keep (sampling.make_sampler)
     conditional = False  # whether the UNet attends to each item's conditioning (see conditions)
+    null_has_noise = True  # v(∅) depends on the seed (null_model): plans then repeat ∅ as well as N
 
     def __init__(self, unet_config: dict[str, Any], schedule: dict[str, Any] | None = None) -> None:
         self.unet_config = dict(unet_config)
@@ -366,6 +367,7 @@ class TextLoraFamily(Family):
     )
     takes_heldout = True  # prepare captions the held-out items too, where the caption source has them
     conditional = True
+    null_has_noise = False  # v(∅) is the base itself: plans measure it once and repeat N instead
     open_options = ("rank", "prompts", "guidance_scale")
 
     def __init__(
