@@ -119,8 +119,9 @@ def markdown(rows: list[dict], steps: int, channels: list[int]) -> str:
         f"`.venv/bin/python benchmarks/bench_text_conditioning.py` on {time.strftime('%Y-%m-%d')}, "
         f"{machine_description()}. The glyphs-lora stand-in base (UNet channels {'/'.join(map(str, channels))}) "
         f"pre-trained {steps} steps (batch 32, lr 1e-3) on "
-        "the 8 base fonts' 416 glyphs (a min-SNR row's final loss is its weighted one); letter accuracy = share of 104 prompted samples (4 per letter, DPM-Solver++ "
-        "10 steps) that a letter classifier reads as the prompted letter; chance 3.8%.",
+        "the 8 base fonts' 416 glyphs (a min-SNR row's final loss is its weighted one); letter accuracy = share of "
+        "104 prompted samples (4 per letter, DPM-Solver++ 10 steps) that a letter classifier reads as the prompted "
+        "letter; chance 3.8%.",
         "",
         *table_head(
             "text encoder",

@@ -158,7 +158,8 @@ def _repeats(members: pd.Series, n: int, bound: int, null_has_noise: bool = True
     repeated = (size == 0) | (size == n) | (np.arange(len(members)) < 2)
     repeats = np.where(repeated, bound, 1)
     if not null_has_noise:
-        repeats = np.where(size == 0, 1, np.where(size == n, 2 * bound - 1, repeats))
+        repeats[size == 0] = 1
+        repeats[size == n] = 2 * bound - 1
     return repeats
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.training_utils import EMAModel
+from diffusers.training_utils import EMAModel, compute_snr
 
 from diffcredit.models import make_scheduler
 from diffcredit.progress import Progress
@@ -242,8 +242,6 @@ def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.T
     """Min-SNR-γ loss weights of ``timesteps`` for the scheduler's prediction type, as diffusers' training scripts
     compute them: min(SNR, γ) on the clean image's error, divided by SNR for an ε target and by SNR + 1 for a v
     target (the factors that turn that error into theirs)."""
-    from diffusers.training_utils import compute_snr
-
     snr = compute_snr(scheduler, timesteps)
     weights = snr.clamp(max=gamma)
     kind = scheduler.config.prediction_type
