@@ -32,11 +32,13 @@ test-all: $(STAMP)
 dry-run: $(STAMP)
 	$(BIN)/snakemake -n --cores $(CORES)
 
-## Fidelity and cost against retraining on digits (about 100 minutes), on the latent family's stand-in and on the
-## marketplace with its planted contributors; writes benchmarks/RESULTS.md and results{,-latent,-marketplace}.json.
+## Fidelity and cost against retraining on digits (about 100 minutes), on the latent and text-LoRA families' stand-ins
+## and on the marketplace with its planted contributors; writes benchmarks/RESULTS.md and
+## results{,-latent,-lora,-marketplace}.json.
 benchmark: $(STAMP)
 	$(BIN)/python benchmarks/fidelity.py --preset digits --cores $(CORES)
 	$(BIN)/python benchmarks/fidelity.py --preset latent --cores $(CORES)
+	$(BIN)/python benchmarks/fidelity.py --preset lora --cores $(CORES)
 	$(BIN)/python benchmarks/fidelity.py --preset marketplace --cores $(CORES)
 
 ## ruff (lint and format), snakefmt and snakemake --lint; `make format` rewrites what the first two would flag.

@@ -1,11 +1,12 @@
 """Fidelity and cost of sparsified fine-tuning against retraining from scratch, on a benchmark preset.
 
-    .venv/bin/python benchmarks/fidelity.py [--preset digits|latent|marketplace] [--cores 2] [--report-only]
+    .venv/bin/python benchmarks/fidelity.py [--preset digits|latent|lora|marketplace] [--cores 2] [--report-only]
 
 `digits` (~100 min): `snakemake evaluate` with config/presets/benchmark.yaml (results in results/benchmark/);
 `latent`: the latent family's stand-in, config/presets/latent-glyphs.yaml overlaid by benchmark-latent.yaml (results in
-results/benchmark-latent/); `marketplace`: marketplace.yaml overlaid by benchmark-marketplace.yaml, each ranking
-held against the planted contributors' known answer (results in results/benchmark-marketplace/). Then writes the
+results/benchmark-latent/); `lora`: the text-LoRA family's stand-in, glyphs-lora.yaml overlaid by benchmark-lora.yaml
+(results in results/benchmark-lora/); `marketplace`: marketplace.yaml overlaid by benchmark-marketplace.yaml, each
+ranking held against the planted contributors' known answer (results in results/benchmark-marketplace/). Then writes the
 evaluation report's figures to the preset's JSON in benchmarks/ and its section of benchmarks/RESULTS.md, next to the
 targets they are held to. The headline LDS is the paper's definition
 (per-seed Spearman averaged over the seeds; JSON `lds_<ranking>`), every method with its wall time and peak memory;
@@ -47,6 +48,12 @@ BENCHMARKS = {
         "benchmark-latent",
         "Fidelity and cost against retraining: latent family",
         "results-latent.json",
+    ),
+    "lora": Benchmark(
+        ("glyphs-lora.yaml", "benchmark-lora.yaml"),
+        "benchmark-lora",
+        "Fidelity and cost against retraining: text-LoRA family",
+        "results-lora.json",
     ),
     "marketplace": Benchmark(
         ("marketplace.yaml", "benchmark-marketplace.yaml"),

@@ -27,7 +27,7 @@ def fidelity():
     return module
 
 
-@pytest.mark.parametrize("name", ["digits", "latent", "marketplace"])
+@pytest.mark.parametrize("name", ["digits", "latent", "lora", "marketplace"])
 def test_each_fidelity_benchmark_plans_its_evaluation_in_its_run_folder(tmp_path, fidelity, name):
     benchmark = fidelity.BENCHMARKS[name]
     presets = [f"config/presets/{file}" for file in benchmark.configfiles]
@@ -35,7 +35,7 @@ def test_each_fidelity_benchmark_plans_its_evaluation_in_its_run_folder(tmp_path
     jobs = planned_jobs(result.stdout)
     assert jobs["evaluation_report"] == 1 and jobs["counterfactual"] == 1
     assert f"results/{benchmark.run}/evaluation/report.json" in result.stdout
-    assert jobs.get("prepare_family", 0) == (name == "latent")
+    assert jobs.get("prepare_family", 0) == (name in ("latent", "lora"))
 
 
 def test_the_marketplace_report_ranks_every_planted_contributor_per_ranking(fidelity):
@@ -60,7 +60,7 @@ def test_the_marketplace_report_ranks_every_planted_contributor_per_ranking(fide
     assert rows["noise"] == "| noise | -2 [-3, -1] |"  # only the ranking with intervals has a value column
 
 
-@pytest.mark.parametrize("name", ["digits", "latent", "marketplace"])
+@pytest.mark.parametrize("name", ["digits", "latent", "lora", "marketplace"])
 def test_every_row_of_the_written_section_has_its_tables_columns(fidelity, name):
     # The committed figures through the section writer: a verdict or value outside its table's columns would break
     # the rendering (the LDS target once trailed the last cell).
