@@ -861,3 +861,33 @@ def test_train_full_accumulates_inrun_in_the_text_family_and_the_replay_reproduc
     )
     np.testing.assert_allclose(replayed["value"], values["value"], rtol=1e-12)
     assert logged[0] == "replayed run ends 0 (max abs weight difference) from the saved full model"
+
+
+def test_stored_utilities_follow_the_prepared_folders_content_not_its_path(tmp_path, latent_spec, text_spec):
+    import shutil
+
+    from diffcredit.utility import UtilitySettings
+
+    def fingerprint(spec):
+        settings = UtilitySettings(
+            mode="sft",
+            steps=1,
+            batch_size=8,
+            lr=1e-3,
+            model_config={},
+            schedule={},
+            property="fid",
+            seed=0,
+            family=spec,
+        )
+        return settings.fingerprint()
+
+    for name, spec in (("latent", latent_spec), ("text", text_spec)):
+        moved = {**spec, "directory": str(shutil.copytree(spec["directory"], tmp_path / name))}
+        assert fingerprint(moved) == fingerprint(spec)  # a copied run folder reuses its records
+    weights = next((tmp_path / "latent" / "autoencoder").glob("*.safetensors"))
+    raw = weights.read_bytes()
+    weights.write_bytes(raw[:-1] + bytes([raw[-1] ^ 0xFF]))  # the same path, other weights
+    assert fingerprint({**latent_spec, "directory": str(tmp_path / "latent")}) != fingerprint(latent_spec)
+    (tmp_path / "text" / "captions.tsv").write_text("item\tcaption\n")
+    assert fingerprint({**text_spec, "directory": str(tmp_path / "text")}) != fingerprint(text_spec)

@@ -67,10 +67,15 @@ class UtilitySettings:
             raise ValueError(f"unknown utility mode {self.mode!r}: choose one of {', '.join(MODES)}")
 
     def fingerprint(self, start_model: str | Path | None = None) -> str:
-        """A digest of the settings and the starting model's weights: records of other settings never match."""
+        """A digest of the settings, the prepared family folder's content and the starting model's weights: records
+        of other settings or other weights never match."""
         fields = asdict(self)
         if fields["family"] is None:
             del fields["family"]  # pixel-family records keep the keys they had before families existed
+        else:  # the prepared folder by its content: a run folder copied elsewhere reuses its records
+            from diffcredit.families import family_digest
+
+            fields["family"] = {**fields["family"], "directory": family_digest(fields["family"]["directory"])}
         digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
         if start_model is not None:
             for weights in sorted(Path(start_model).glob("*.safetensors")):
