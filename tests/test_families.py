@@ -863,26 +863,21 @@ def test_train_full_accumulates_inrun_in_the_text_family_and_the_replay_reproduc
     assert logged[0] == "replayed run ends 0 (max abs weight difference) from the saved full model"
 
 
-def test_stored_utilities_follow_the_prepared_folders_content_not_its_path(tmp_path, latent_spec, text_spec):
+def test_stored_utilities_follow_the_prepared_folders_content_not_its_path(tmp_path, glyphs, latent_spec, text_spec):
     import shutil
 
-    from diffcredit.utility import UtilitySettings
+    from diffcredit.stages import utility_settings
 
-    def fingerprint(spec):
-        settings = UtilitySettings(
-            mode="sft",
-            steps=1,
-            batch_size=8,
-            lr=1e-3,
-            model_config={},
-            schedule={},
-            property="fid",
-            seed=0,
-            family=spec,
-        )
-        return settings.fingerprint()
+    def fingerprint(spec):  # the settings as the coalition jobs make them, the family's UNet config included
+        workflow = {"mode": "sft", "steps": 1, "batch_size": 8, "lr": 1e-3, "schedule": {}, "property": "fid"}
+        return utility_settings(glyphs[0], {**workflow, "seed": 0, "family": spec}).fingerprint()
 
-    for name, spec in (("latent", latent_spec), ("text", text_spec)):
+    from diffcredit.families import prepare_family
+
+    model = {"family": "text_lora", "text_lora": {"captions": "glyphs", "rank": 2, "steps": 2, "batch_size": 8}}
+    prepare_family(model, tmp_path / "standin", data=glyphs[0], seed=0, device="cpu", log=lambda _: None)
+    standin = {"model": model, "directory": str(tmp_path / "standin")}  # the base trained inside the folder
+    for name, spec in (("latent", latent_spec), ("text", text_spec), ("moved-standin", standin)):
         moved = {**spec, "directory": str(shutil.copytree(spec["directory"], tmp_path / name))}
         assert fingerprint(moved) == fingerprint(spec)  # a copied run folder reuses its records
     weights = next((tmp_path / "latent" / "autoencoder").glob("*.safetensors"))

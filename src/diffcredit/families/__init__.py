@@ -384,7 +384,8 @@ class TextLoraFamily(Family):
     ) -> None:
         if base.autoencoder is not None and latents is None:
             raise ValueError("the base model has a vae: pass the cache of the items' latents (latents=...)")
-        super().__init__(dict(base.unet.config), base.schedule)
+        # the base UNet's config as kwargs; where it was loaded from (``_name_or_path``) is not what it is
+        super().__init__({k: v for k, v in base.unet.config.items() if k != "_name_or_path"}, base.schedule)
         self.base = base
         self.captions = dict(captions)
         self.heldout_captions = dict(heldout_captions or {})
