@@ -7,6 +7,8 @@ numpy at import time: the CLI imports it and must start fast, so pandas, PIL and
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 from collections.abc import Iterable
@@ -97,6 +99,12 @@ class ContributorData:
                 f"{', '.join(sorted(known)[:10])}{' ...' if len(known) > 10 else ''}"
             )
         return self._take(np.isin(self.contributors, members))
+
+    def digest(self) -> str:
+        """SHA-256 of the items: their ids, contributors and float32 pixels, in order."""
+        digest = hashlib.sha256(json.dumps([self.item_ids.tolist(), self.contributors.tolist()]).encode())
+        digest.update(np.ascontiguousarray(self.images).tobytes())
+        return digest.hexdigest()
 
     def counts(self) -> pd.Series:
         """Items per contributor, in :attr:`contributor_ids` order."""
@@ -392,8 +400,6 @@ def check_reference(reference: ContributorData, train: ContributorData) -> str |
 
 def image_digests(images: np.ndarray) -> list[str]:
     """A SHA-256 of each image's float32 pixels [C, H, W]: equal exactly for exact copies."""
-    import hashlib
-
     pixels = np.ascontiguousarray(images, dtype=np.float32)
     return [hashlib.sha256(image.tobytes()).hexdigest() for image in pixels]
 

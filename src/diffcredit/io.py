@@ -81,6 +81,17 @@ def atomic_dir(path: PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
+def folder_digest(*folders: PathLike) -> str:
+    """SHA-256 over the files below ``folders``, each as its relative path and bytes: what they hold, not where they
+    lie. Hidden files (Snakemake's ``.snakemake_timestamp``, a killed writer's temporary file) are left out."""
+    digest = hashlib.sha256()
+    for root in map(Path, folders):
+        files = (p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+        for path in sorted(files):
+            digest.update(f"{path.relative_to(root).as_posix()}\0{file_digest(path)}\n".encode())
+    return digest.hexdigest()
+
+
 def file_digest(path: PathLike) -> str:
     """SHA-256 of a file's bytes, as hex (what ``sha256sum`` prints)."""
     digest = hashlib.sha256()

@@ -11,7 +11,10 @@ model is comes from the settings' family (:mod:`diffcredit.families`).
 
 Each measured coalition is stored as one small JSON record keyed by (settings fingerprint, member set, repeat) and
 written atomically. A killed job therefore loses at most the coalition in progress, and a coalition shared by two plans,
-two budgets or two batchings is computed once.
+two budgets or two batchings is computed once. The fingerprint holds the settings and the weights the coalition
+starts from (a prepared family folder by its content, not its path); the record holds digests of the coalition's
+items and of the reference folder, and a record whose inputs differ from today's is measured again rather than
+trusted.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import pandas as pd
 
 from diffcredit.contributors import ContributorData
 from diffcredit.families import Family
-from diffcredit.io import file_digest, save_npz, write_json
+from diffcredit.io import file_digest, folder_digest, save_npz, write_json
 from diffcredit.seeds import derive_seed
 
 MODES = ("sft", "finetune", "retrain")
@@ -261,14 +264,21 @@ def evaluate_coalitions(
 
     prop = load_property(settings.property, reference_dir, **settings.property_options)
     fingerprint = settings.fingerprint(start_model)
+    reference = folder_digest(reference_dir)
     planned = coalitions["repeats"].to_numpy(int) if "repeats" in coalitions else np.ones(len(coalitions), int)
     counts = np.maximum(planned, repeats)
     rows = []
     for coalition, members_cell, count in zip(coalitions["coalition"], coalitions["members"], counts, strict=True):
         members = [m for m in str(members_cell).split(",") if m] if isinstance(members_cell, str) else []
+        # what a measurement is made of besides the settings: a record of other items or another reference is stale
+        # (records stored before the check carry no inputs and are trusted)
+        inputs = {"items": data.subset(members).digest(), "reference": reference}
         for repeat in range(int(count)):
             key = record_key(fingerprint, members, repeat)
             record = store.get(key)
+            if record is not None and record.get("inputs", inputs) != inputs:
+                log(f"{coalition} repeat {repeat}: stored for other items or another reference; measuring again")
+                record = None
             fresh = record is None
             if fresh:
                 kept = keep_dir / coalition / f"repeat{repeat}" if keep else None
@@ -286,6 +296,7 @@ def evaluate_coalitions(
                     keep_dir=kept,
                     keep=keep,
                 )
+                record["inputs"] = inputs
                 preview_path = store.path(key).with_suffix(".npz")
                 save_npz(preview_path, samples=samples[:preview])
                 store.put(key, record)

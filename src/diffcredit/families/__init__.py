@@ -24,7 +24,6 @@ unchanged; the others add the concepts of :mod:`.autoencoder`, :mod:`.text_condi
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from collections.abc import Sequence
 from functools import lru_cache
@@ -724,19 +723,13 @@ def _read_summary(directory: str | Path, name: str) -> dict:
 
 
 def family_digest(directory: str | Path) -> str:
-    """SHA-256 over the files of a prepared family folder and of the staged folders its summary names (a base, an
+    """A digest of the files of a prepared family folder and of the staged folders its summary names (a base, an
     autoencoder): what the folder holds, not where it lies, so a copied run folder keeps its stored utilities and
     weights replaced under the same path do not."""
-    from diffcredit.io import file_digest
+    from diffcredit.io import folder_digest
 
     summary = json.loads((Path(directory) / "family.json").read_text())
-    staged = [summary.get(key) for key in ("base", "autoencoder")]
-    digest = hashlib.sha256()
-    for root in [directory, *(folder for folder in staged if folder)]:
-        root = Path(root)
-        for path in sorted(p for p in root.rglob("*") if p.is_file()):
-            digest.update(f"{path.relative_to(root).as_posix()}\0{file_digest(path)}\n".encode())
-    return digest.hexdigest()
+    return folder_digest(directory, *(summary[key] for key in ("base", "autoencoder") if summary.get(key)))
 
 
 def _weights_file(folder: str | Path) -> Path:
