@@ -109,3 +109,20 @@ def test_evaluate_plans_every_baseline_in_a_family(tmp_path):
     jobs = planned_jobs(snakemake(workdir, "-n", "baselines", *config).stdout)
     assert jobs["trak_features"] == 2 and jobs["baseline_trak"] == 6 and jobs["baseline_inrun"] == 1
     assert jobs["ensemble_member"] == 6
+
+
+def test_replacing_a_staged_base_prepares_the_family_again(tmp_path):
+    from diffcredit.families import text_conditioning as tc
+    from diffcredit.glyphs import LETTERS, caption
+
+    workdir = workflow_copy(tmp_path)
+    stage_glyphs(workdir, "glyphs8.npz", "--size", "8", "--variants", "1")
+    staged = workdir / "resources" / "base"
+    tc.save_base(tc.tiny_base([caption(letter) for letter in LETTERS], sample_size=8, seed=0), staged)
+    (workdir / "staged.yaml").write_text("model:\n  text_lora:\n    base: resources/base\n")
+    configs = ("--configfile", str(CONFIGS / "tiny-text-lora.yaml"), "staged.yaml")
+    snakemake(workdir, "--cores", "1", "results/tiny-text-lora/family", *configs)
+    assert planned_jobs(snakemake(workdir, "-n", "results/tiny-text-lora/family", *configs).stdout) == {}
+    tc.save_base(tc.tiny_base([caption(letter) for letter in LETTERS], sample_size=8, seed=1), staged)  # replaced
+    jobs = planned_jobs(snakemake(workdir, "-n", "--cores", "1", *configs).stdout)
+    assert jobs["prepare_family"] == jobs["train_full"] == jobs["recover"] == 1

@@ -1,6 +1,7 @@
 # Parse-time helpers: paths, the coalition plans (static, so `snakemake -n` lists every coalition job of the current
 # round), the adaptive rounds, settings handed to the scripts, and resources scaled by attempt.
 from functools import lru_cache
+from pathlib import Path
 
 from diffcredit import rounds, stages
 from diffcredit.contributors import contributor_ids
@@ -18,6 +19,16 @@ START_MODEL = {"sft": f"{RUN}/models/recovered", "finetune": f"{RUN}/models/full
 # the pixel family, which has nothing to prepare.
 FAMILY = None if config["model"]["family"] == "pixel" else {"model": config["model"], "directory": f"{RUN}/family"}
 FAMILY_INPUT = [] if FAMILY is None else FAMILY["directory"]
+
+
+def staged_files():
+    """The files of the staged base or autoencoder folder the family section names (none when the workflow trains
+    its stand-in): replacing them reruns the family's preparation and every stage after it."""
+    section = config["model"].get(config["model"]["family"]) or {}
+    folders = [Path(section[key]) for key in ("base", "autoencoder") if section.get(key)]
+    return sorted(str(p) for folder in folders for p in folder.rglob("*") if p.is_file())
+
+
 # The stages that run alone on the critical path (the family's preparation, training, recovery, the feature extractor)
 # compute with two torch threads, 1.3-1.7x faster per step than one on these models (benchmarks/bench_threads.py); the
 # coalition jobs keep one each and run side by side. The count reaches torch as a parameter because Snakemake lowers
