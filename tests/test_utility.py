@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -88,3 +89,18 @@ def test_records_stored_before_the_inputs_were_recorded_are_trusted(setting, tmp
         assert set(record.pop("inputs")) == {"items", "reference"}
         store.put(key, record)
     assert not _measure(data, settings, reference, store, lambda _: None)["fresh"].any()
+
+
+def test_a_file_the_property_reads_enters_the_fingerprint_by_its_content(setting, tmp_path):
+    settings = setting[3]
+
+    def fingerprint(path):
+        options = {"predictor": str(path), "quantile": 0.9}
+        return dataclasses.replace(settings, property="aesthetic", property_options=options).fingerprint()
+
+    (tmp_path / "a.pt").write_bytes(b"head 1")
+    (tmp_path / "b.pt").write_bytes(b"head 1")
+    assert fingerprint(tmp_path / "a.pt") == fingerprint(tmp_path / "b.pt")  # the same predictor elsewhere
+    before = fingerprint(tmp_path / "a.pt")
+    (tmp_path / "a.pt").write_bytes(b"head 2")
+    assert fingerprint(tmp_path / "a.pt") != before  # replaced under the same path

@@ -111,7 +111,7 @@ def test_evaluate_plans_every_baseline_in_a_family(tmp_path):
     assert jobs["ensemble_member"] == 6
 
 
-def test_replacing_a_staged_base_prepares_the_family_again(tmp_path):
+def test_replacing_staged_files_reruns_the_stages_that_read_them(tmp_path):
     from diffcredit.families import text_conditioning as tc
     from diffcredit.glyphs import LETTERS, caption
 
@@ -125,4 +125,6 @@ def test_replacing_a_staged_base_prepares_the_family_again(tmp_path):
     assert planned_jobs(snakemake(workdir, "-n", "results/tiny-text-lora/family", *configs).stdout) == {}
     tc.save_base(tc.tiny_base([caption(letter) for letter in LETTERS], sample_size=8, seed=1), staged)  # replaced
     jobs = planned_jobs(snakemake(workdir, "-n", "--cores", "1", *configs).stdout)
-    assert jobs["prepare_family"] == jobs["train_full"] == jobs["recover"] == 1
+    assert jobs["prepare_family"] == jobs["train_full"] == jobs["recover"] == 1 and "prepare_data" not in jobs
+    stage_glyphs(workdir, "glyphs8.npz", "--size", "8", "--variants", "2")  # other items
+    assert planned_jobs(snakemake(workdir, "-n", "--cores", "1", *configs).stdout)["prepare_data"] == 1

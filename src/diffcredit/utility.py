@@ -12,7 +12,7 @@ model is comes from the settings' family (:mod:`diffcredit.families`).
 Each measured coalition is stored as one small JSON record keyed by (settings fingerprint, member set, repeat) and
 written atomically. A killed job therefore loses at most the coalition in progress, and a coalition shared by two plans,
 two budgets or two batchings is computed once. The fingerprint holds the settings and the weights the coalition
-starts from (a prepared family folder by its content, not its path); the record holds digests of the coalition's
+starts from (a prepared family folder and a file the property reads by their content, not their path); the record holds digests of the coalition's
 items and of the reference folder, and a record whose inputs differ from today's is measured again rather than
 trusted.
 """
@@ -73,6 +73,11 @@ class UtilitySettings:
         """A digest of the settings, the prepared family folder's content and the starting model's weights: records
         of other settings or other weights never match."""
         fields = asdict(self)
+        # a local file the property reads (an aesthetic predictor) by its content, as the start model's weights
+        fields["property_options"] = {
+            key: file_digest(value) if isinstance(value, str) and Path(value).is_file() else value
+            for key, value in fields["property_options"].items()
+        }
         if fields["family"] is None:
             del fields["family"]  # pixel-family records keep the keys they had before families existed
         else:  # the prepared folder by its content: a run folder copied elsewhere reuses its records

@@ -134,6 +134,7 @@ rule baseline_heuristic:
     input:
         train=rules.prepare_data.output.train,
         reference=rules.reference.output[0],
+        predictor=local_files(heuristic_predictor()),
     output:
         f"{RUN}/baselines/{{heuristic}}/values.csv",
     log:
@@ -161,6 +162,7 @@ rule baseline_add_one_in:
         reference=rules.reference.output[0],
         start=START_MODEL[config["utility"]["mode"]],
         family=FAMILY_INPUT,
+        scoring=property_files(),
     output:
         f"{RUN}/baselines/add_one_in/values.csv",
     log:

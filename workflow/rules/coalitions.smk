@@ -27,6 +27,7 @@ rule coalition_utilities:
         reference=rules.reference.output[0],
         start_model=start_model,
         family=FAMILY_INPUT,
+        scoring=property_files(),
     output:
         f"{RUN}/{{mode}}/{{plan}}/batches/{{batch}}.tsv",
     log:

@@ -21,12 +21,32 @@ FAMILY = None if config["model"]["family"] == "pixel" else {"model": config["mod
 FAMILY_INPUT = [] if FAMILY is None else FAMILY["directory"]
 
 
-def staged_files():
-    """The files of the staged base or autoencoder folder the family section names (none when the workflow trains
-    its stand-in): replacing them reruns the family's preparation and every stage after it."""
+def local_files(*paths):
+    """The files behind the local paths the config names (a file, or every file below a folder; None and paths that
+    do not exist name none, and the stage reading them says what is missing): as inputs, replacing them reruns the
+    stages that read them and everything after."""
+    found = []
+    for path in filter(None, paths):
+        path = Path(path)
+        found += [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return [str(p) for p in found]
+
+
+def reference_files():
+    """The trusted reference's image folder or arrays and its manifest, if the config names one."""
+    reference = config["data"]["reference"] or {}
+    return [reference.get("path"), reference.get("manifest")]
+
+
+def property_files():
+    """The local files the property reads at scoring time (the aesthetic predictor)."""
+    return local_files(config["utility"]["property_options"].get("predictor"))
+
+
+def staged_family():
+    """The staged base or autoencoder folder of the family (none when the workflow trains its stand-in)."""
     section = config["model"].get(config["model"]["family"]) or {}
-    folders = [Path(section[key]) for key in ("base", "autoencoder") if section.get(key)]
-    return sorted(str(p) for folder in folders for p in folder.rglob("*") if p.is_file())
+    return local_files(section.get("base"), section.get("autoencoder"))
 
 
 # The stages that run alone on the critical path (the family's preparation, training, recovery, the feature extractor)

@@ -1,4 +1,6 @@
 rule prepare_data:
+    input:
+        local_files(config["data"]["path"], config["data"]["manifest"]),
     output:
         train=f"{RUN}/data/train.npz",
         heldout=f"{RUN}/data/heldout.npz",
@@ -24,6 +26,7 @@ rule reference:
     input:
         train=reference_training_data,
         heldout=rules.prepare_data.output.heldout,
+        staged=local_files(config["features"]["extractor"], *reference_files()),
     output:
         directory(f"{RUN}/reference"),
     log:

@@ -10,6 +10,7 @@ rule counterfactual_runs:
         train=rules.prepare_data.output.train,
         reference=rules.reference.output[0],
         family=FAMILY_INPUT,
+        scoring=property_files(),
     output:
         f"{RUN}/evaluation/counterfactual/{{ranking}}.tsv",
     log:

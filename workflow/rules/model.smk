@@ -7,7 +7,7 @@ rule prepare_family:
     input:
         train=rules.prepare_data.output.train,
         heldout=rules.prepare_data.output.heldout,
-        staged=staged_files(),
+        staged=staged_family(),
     output:
         directory(f"{RUN}/family"),
     log:
