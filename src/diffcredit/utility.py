@@ -12,9 +12,9 @@ model is comes from the settings' family (:mod:`diffcredit.families`).
 Each measured coalition is stored as one small JSON record keyed by (settings fingerprint, member set, repeat) and
 written atomically. A killed job therefore loses at most the coalition in progress, and a coalition shared by two plans,
 two budgets or two batchings is computed once. The fingerprint holds the settings and the weights the coalition
-starts from (a prepared family folder and a file the property reads by their content, not their path); the record holds digests of the coalition's
-items and of the reference folder, and a record whose inputs differ from today's is measured again rather than
-trusted.
+starts from (a prepared family folder and a file the property reads by their content, not their path); the record
+holds digests of the coalition's items and of the reference folder, and a record whose inputs differ from today's is
+measured again rather than trusted.
 """
 
 from __future__ import annotations

@@ -33,9 +33,9 @@ def local_files(*paths):
 
 
 def reference_files():
-    """The trusted reference's image folder or arrays and its manifest, if the config names one."""
+    """The files of the trusted reference (its image folder or arrays, its manifest), if the config names one."""
     reference = config["data"]["reference"] or {}
-    return [reference.get("path"), reference.get("manifest")]
+    return local_files(reference.get("path"), reference.get("manifest"))
 
 
 def property_files():

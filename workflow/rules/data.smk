@@ -26,7 +26,7 @@ rule reference:
     input:
         train=reference_training_data,
         heldout=rules.prepare_data.output.heldout,
-        staged=local_files(config["features"]["extractor"], *reference_files()),
+        staged=local_files(config["features"]["extractor"]) + reference_files(),
     output:
         directory(f"{RUN}/reference"),
     log:
