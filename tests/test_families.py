@@ -866,13 +866,12 @@ def test_train_full_accumulates_inrun_in_the_text_family_and_the_replay_reproduc
 def test_stored_utilities_follow_the_prepared_folders_content_not_its_path(tmp_path, glyphs, latent_spec, text_spec):
     import shutil
 
+    from diffcredit.families import prepare_family
     from diffcredit.stages import utility_settings
 
     def fingerprint(spec):  # the settings as the coalition jobs make them, the family's UNet config included
         workflow = {"mode": "sft", "steps": 1, "batch_size": 8, "lr": 1e-3, "schedule": {}, "property": "fid"}
         return utility_settings(glyphs[0], {**workflow, "seed": 0, "family": spec}).fingerprint()
-
-    from diffcredit.families import prepare_family
 
     model = {"family": "text_lora", "text_lora": {"captions": "glyphs", "rank": 2, "steps": 2, "batch_size": 8}}
     prepare_family(model, tmp_path / "standin", data=glyphs[0], seed=0, device="cpu", log=lambda _: None)

@@ -83,7 +83,8 @@ class UtilitySettings:
         else:  # the prepared folder by its content: a run folder copied elsewhere reuses its records
             from diffcredit.families import family_digest
 
-            fields["family"] = {**fields["family"], "directory": family_digest(fields["family"]["directory"])}
+            family = fields["family"]
+            fields["family"] = {**family, "directory": family_digest(family["directory"], family["model"]["family"])}
         digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
         if start_model is not None:
             for weights in sorted(Path(start_model).glob("*.safetensors")):

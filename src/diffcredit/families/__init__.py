@@ -722,13 +722,13 @@ def _read_summary(directory: str | Path, name: str) -> dict:
     return summary
 
 
-def family_digest(directory: str | Path) -> str:
-    """A digest of the files of a prepared family folder and of the staged folders its summary names (a base, an
-    autoencoder): what the folder holds, not where it lies, so a copied run folder keeps its stored utilities and
-    weights replaced under the same path do not."""
+def family_digest(directory: str | Path, name: str) -> str:
+    """A digest of the files of a folder prepared for family ``name`` and of the staged folders its summary names (a
+    base, an autoencoder): what the folder holds, not where it lies, so a copied run folder keeps its stored
+    utilities and weights replaced under the same path do not."""
     from diffcredit.io import folder_digest
 
-    summary = json.loads((Path(directory) / "family.json").read_text())
+    summary = _read_summary(directory, name)
     return folder_digest(directory, *(summary[key] for key in ("base", "autoencoder") if summary.get(key)))
 
 
